@@ -1,0 +1,5 @@
+"""``python -m stampclf``."""
+
+from .cli import main
+
+main()

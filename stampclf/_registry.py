@@ -1,0 +1,52 @@
+"""Where shipped models live and how a model name or path resolves to a file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ._errors import ModelError
+
+__all__ = ["model_dirs", "list_models", "resolve_model", "MODELS_ENV"]
+
+#: Extra folders of ``<name>.onnx`` files, searched first (``os.pathsep``-separated).
+MODELS_ENV = "STAMPCLF_MODELS"
+
+
+def model_dirs() -> list[Path]:
+    """Folders searched for shipped models, in order."""
+    dirs = [Path(p) for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p]
+    here = Path(__file__).resolve().parent
+    dirs.append(here / "_exported")  # inside an installed wheel
+    dirs.append(here.parent / "exported")  # a source checkout / editable install
+    return [d for d in dirs if d.is_dir()]
+
+
+def list_models() -> list[str]:
+    """Names of the shipped models (``stampclf.Classifier(name)`` accepts them)."""
+    names: set[str] = set()
+    for d in model_dirs():
+        names.update(p.stem for p in d.glob("*.onnx"))
+    return sorted(names)
+
+
+def resolve_model(model: str | os.PathLike[str]) -> Path:
+    """A shipped model name or a path to an ``.onnx`` file, as a path.
+
+    Raises
+    ------
+    ModelError
+        If *model* is neither; the message lists the shipped models.
+    """
+    text = os.fspath(model)
+    if text.endswith(".onnx") or os.sep in text or (os.altsep and os.altsep in text):
+        path = Path(text)
+        if not path.exists():
+            raise ModelError(f"{text}: model file does not exist")
+        return path
+    for d in model_dirs():
+        candidate = d / f"{text}.onnx"
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(list_models()) or "none found"
+    raise ModelError(f"unknown model {text!r}; shipped models: {shipped} (or give a path to an .onnx file)")

@@ -1,0 +1,160 @@
+"""Classify files into one output: the library call behind ``stampclf classify``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+
+from . import metrics as _metrics
+from ._errors import InputError, StampclfError
+from .classifier import Classifier
+from .io import open_inputs, open_writer
+
+__all__ = ["RunSummary", "classify_files", "Progress"]
+
+
+@dataclass
+class RunSummary:
+    """What a run did: rows by status, files that failed, metrics when labelled."""
+
+    rows: int = 0
+    flagged: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    files: int = 0
+    file_errors: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] | None = None
+    output: str | None = None
+
+
+class Progress:
+    """A one-line progress bar on a terminal (stderr); silent otherwise."""
+
+    def __init__(self, total: int | None, stream: TextIO | None = None, enabled: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.total, self.done, self.t0, self._last = total, 0, time.perf_counter(), 0.0
+
+    def update(self, n: int) -> None:
+        """Count *n* more rows and redraw at most 10 times a second."""
+        self.done += n
+        now = time.perf_counter()
+        if not self.enabled or (now - self._last < 0.1 and self.done != self.total):
+            return
+        self._last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        if self.total:
+            frac = min(self.done / self.total, 1.0)
+            bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+            eta = (self.total - self.done) / rate if rate > 0 else 0.0
+            line = f"\r[{bar}] {self.done:,}/{self.total:,} {rate:,.0f} rows/s eta {eta:,.0f}s"
+        else:
+            line = f"\r{self.done:,} rows {rate:,.0f} rows/s"
+        self.stream.write(line)
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the line."""
+        if self.enabled and self.done:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _count_rows(groups: list[tuple[list[str], Any]]) -> int | None:
+    import h5py
+
+    total = 0
+    for paths, opener in groups:
+        if getattr(opener, "images", False):
+            return None
+        try:
+            with h5py.File(paths[0], "r") as f:
+                total += max((d.shape[0] for d in f.values() if hasattr(d, "shape") and d.shape), default=0)
+        except (OSError, KeyError):
+            return None
+    return total
+
+
+def classify_files(
+    clf: Classifier,
+    paths: list[str],
+    output: str | None = None,
+    batch_size: int | None = None,
+    layout: str = "auto",
+    channels_last: bool = False,
+    keep_going: bool = False,
+    evaluate: bool = False,
+    progress: bool | None = None,
+) -> RunSummary:
+    """Classify every input into one CSV/HDF5 output, written atomically.
+
+    Parameters
+    ----------
+    clf
+        The classifier.
+    paths
+        HDF5 files, image files or folders of images, classified in this order.
+    output
+        ``.csv`` or ``.h5`` path; ``None`` or ``"-"`` for CSV on stdout.
+    keep_going
+        Report a file that cannot be read and go on with the others (the run
+        still ends with an error); otherwise stop at the first bad file and
+        write no output.
+    evaluate
+        Compute metrics against the inputs' labels.
+    progress
+        Show a progress bar (default: when stderr is a terminal).
+    """
+    if not paths:
+        raise InputError("no input files given")
+    summary = RunSummary(output=output)
+    groups = open_inputs(paths, clf.card, layout, channels_last)
+    bar = Progress(_count_rows(groups) if progress is not False else None, enabled=progress)
+    y_true: list[np.ndarray] = []
+    y_prob: list[np.ndarray] = []
+    t0 = time.perf_counter()
+    writer = open_writer(output, clf.classes, clf.name, clf.version)
+    try:
+        for _group, opener in groups:
+            try:
+                reader = opener()
+                for pred in clf._classify_reader(reader, batch_size or clf.batch_size):
+                    writer.write(pred.ids, pred.labels, pred.proba, pred.status, pred.file)
+                    summary.rows += len(pred)
+                    summary.flagged += sum(1 for s in pred.status if s.startswith("flagged"))
+                    summary.failed += sum(1 for s in pred.status if s.startswith("failed"))
+                    if evaluate and pred.true_labels is not None:
+                        y_true.append(pred.true_labels)
+                        y_prob.append(pred.proba)
+                    bar.update(len(pred))
+                summary.files += 1
+            except StampclfError as exc:
+                if not keep_going:
+                    raise
+                summary.file_errors.append(str(exc))
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    summary.seconds = time.perf_counter() - t0
+    if evaluate:
+        if not y_true:
+            raise InputError(f"--evaluate: no labels in {', '.join(paths)} (expected a 'labels' dataset)")
+        summary.metrics = evaluate_predictions(clf, np.concatenate(y_true), np.concatenate(y_prob))
+    return summary
+
+
+def evaluate_predictions(clf: Classifier, y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
+    """Metrics of scored rows (failed rows are counted, not scored)."""
+    ok = np.isfinite(proba).all(axis=1)
+    pred = np.array([clf.classes.index(c) for c in clf._decide(proba[ok])], dtype=np.int64)
+    out = _metrics.summary(y_true[ok], proba[ok], pred, clf.classes, clf._positive)
+    out["unscored"] = int((~ok).sum())
+    out["threshold"] = clf.threshold
+    return out

@@ -1,0 +1,264 @@
+"""`Classifier`: a model card, an ONNX Runtime session, preprocessing and batching."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from ._card import ModelCard, read_card
+from ._errors import InputError
+from ._registry import resolve_model
+from ._session import create_session
+from .io import InputBatch, open_inputs
+from .preprocess import OK, prepare_stamps
+
+__all__ = ["Classifier", "Predictions"]
+
+DEFAULT_BATCH_SIZE = 1024
+
+
+@dataclass
+class Predictions:
+    """Results for a batch of rows, in input order.
+
+    Attributes
+    ----------
+    ids
+        Row ids (from the input, or row numbers).
+    labels
+        Predicted class name per row; ``""`` where the row failed.
+    proba
+        ``(n, n_classes)`` probabilities; NaN where the row failed.
+    status
+        ``"ok"``, ``"flagged: <reason>"`` or ``"failed: <reason>"``.
+    true_labels
+        Class indices from the input file, when it has labels.
+    file
+        The input the rows came from.
+    """
+
+    ids: np.ndarray
+    labels: np.ndarray
+    proba: np.ndarray
+    status: np.ndarray
+    true_labels: np.ndarray | None = None
+    file: str = ""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """Run *items* in a reader thread, at most *depth* ahead of the consumer."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=work, name="stampclf-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+class Classifier:
+    """Classify stamps or images with a shipped or local ONNX model.
+
+    Parameters
+    ----------
+    model
+        A shipped model name (see `stampclf.list_models`) or a path to an ``.onnx`` file.
+    device
+        ``"auto"`` (CUDA when it really works, else CPU), ``"cpu"`` or ``"cuda"``.
+    threads
+        CPU threads for inference; default: the CPUs this process may use.
+    batch_size
+        Rows per inference call.
+    threshold
+        Decision threshold on the positive class (binary models); default: the card's.
+    verify
+        Check the weights against the card's sha256 when loading.
+
+    Examples
+    --------
+    >>> clf = Classifier("hits")                     # doctest: +SKIP
+    >>> clf.predict_proba(stamps)[:, clf.classes.index("real")]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] = "hits",
+        device: str = "auto",
+        threads: int | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        threshold: float | None = None,
+        verify: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise InputError(f"threshold {threshold} is not in [0, 1]")
+        self.path = resolve_model(model)
+        self.card: ModelCard
+        self.card, data = read_card(self.path, verify=verify)
+        info = create_session(data, device, threads, source=str(self.path))
+        self.session = info.session
+        self.device = info.device
+        self.notice = info.notice
+        self.threads = info.threads
+        self.batch_size = batch_size
+        self.threshold = self.card.threshold if threshold is None else float(threshold)
+        self._input = self.session.get_inputs()[0].name
+        self._output = self.session.get_outputs()[0].name
+        self._positive = (
+            self.card.classes.index(self.card.positive_class) if self.card.positive_class else None
+        )
+
+    # --- card views --------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """Model name from the card."""
+        return self.card.name
+
+    @property
+    def version(self) -> str:
+        """Model version from the card."""
+        return self.card.version
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names, in the order of the probability columns."""
+        return list(self.card.classes)
+
+    def __repr__(self) -> str:
+        return f"Classifier({self.name!r} v{self.version}, device={self.device!r}, classes={self.classes})"
+
+    # --- core --------------------------------------------------------------------------
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        out = np.empty((len(x), len(self.card.classes)), dtype=np.float32)
+        for start in range(0, len(x), self.batch_size):
+            chunk = x[start : start + self.batch_size]
+            out[start : start + len(chunk)] = self.session.run([self._output], {self._input: chunk})[0]
+        return out
+
+    def _decide(self, proba: np.ndarray) -> np.ndarray:
+        if self._positive is not None and len(self.card.classes) == 2:
+            other = 1 - self._positive
+            idx = np.where(proba[:, self._positive] >= self.threshold, self._positive, other)
+        else:
+            idx = proba.argmax(axis=1)
+        return np.asarray(self.card.classes, dtype=object)[idx]
+
+    def _prepare(self, batch: InputBatch, what: str) -> tuple[np.ndarray, np.ndarray]:
+        if batch.x is not None:
+            status = batch.status if batch.status is not None else np.full(len(batch), OK, dtype=object)
+            return batch.x, status
+        return prepare_stamps(batch.stamps, self.card.input, self.card.preprocessing, what)  # type: ignore[arg-type]
+
+    def _predict_prepared(self, x: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        proba = self._run(x) if len(x) else np.empty((0, len(self.card.classes)), np.float32)
+        failed = np.array([s.startswith("failed") for s in status], dtype=bool)
+        labels = self._decide(proba) if len(x) else np.empty(0, dtype=object)
+        if failed.any():
+            proba[failed] = np.nan
+            labels[failed] = ""
+        return proba, labels
+
+    def classify(self, stamps: np.ndarray, ids: np.ndarray | None = None) -> Predictions:
+        """Classify an in-memory array of raw stamps ``(N, C, H, W)`` in the card's channel order."""
+        if self.card.kind != "stamp":
+            x = np.asarray(stamps, dtype=np.float32)
+            if x.ndim != 4 or x.shape[1:] != self.card.shape:
+                raise InputError(f"images: expected preprocessed shape (N, {self.card.shape}), got {x.shape}")
+            status = np.full(len(x), OK, dtype=object)
+        else:
+            x, status = prepare_stamps(stamps, self.card.input, self.card.preprocessing)
+        proba, labels = self._predict_prepared(x, status)
+        if ids is None:
+            ids = np.arange(len(x))
+        elif len(ids) != len(x):
+            raise InputError(f"ids: {len(ids)} ids for {len(x)} stamps")
+        return Predictions(np.asarray(ids), labels, proba, status)
+
+    def predict_proba(self, stamps: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(N, n_classes)``; rows that could not be scored are NaN."""
+        return self.classify(stamps).proba
+
+    def predict(self, stamps: np.ndarray) -> np.ndarray:
+        """Predicted class names; ``""`` for rows that could not be scored."""
+        return self.classify(stamps).labels
+
+    def classify_file(
+        self,
+        path: str | os.PathLike[str] | list[str],
+        batch_size: int | None = None,
+        layout: str = "auto",
+        channels_last: bool = False,
+    ) -> Iterator[Predictions]:
+        """Stream predictions for a file (or image files/folders), batch by batch.
+
+        Reading and preprocessing run in a background thread, overlapped with inference.
+        """
+        paths = [os.fspath(p) for p in path] if isinstance(path, list) else [os.fspath(path)]
+        for group, opener in open_inputs(paths, self.card, layout, channels_last):
+            yield from self._classify_reader(opener(), batch_size or self.batch_size)
+
+    def _classify_reader(self, reader: Any, batch_size: int) -> Iterator[Predictions]:
+        what = reader.path
+
+        def prepared() -> Iterator[tuple[InputBatch, np.ndarray, np.ndarray]]:
+            for batch in reader.batches(batch_size):
+                x, status = self._prepare(batch, what)
+                yield batch, x, status
+
+        try:
+            for batch, x, status in _prefetch(prepared()):
+                proba, labels = self._predict_prepared(x, status)
+                yield Predictions(batch.ids, labels, proba, status, self._label_index(batch.labels, what), what)
+        finally:
+            reader.close()
+
+    def _label_index(self, labels: np.ndarray | None, what: str) -> np.ndarray | None:
+        if labels is None:
+            return None
+        if labels.dtype.kind in "iu":
+            bad = (labels < 0) | (labels >= len(self.card.classes))
+            if bad.any():
+                raise InputError(f"{what}: label {labels[bad][0]} is not a class index 0..{len(self.classes) - 1}")
+            return labels.astype(np.int64)
+        names = [v.decode() if isinstance(v, bytes) else str(v) for v in labels]
+        try:
+            return np.array([self.card.classes.index(v) for v in names], dtype=np.int64)
+        except ValueError:
+            unknown = next(v for v in names if v not in self.card.classes)
+            raise InputError(f"{what}: label {unknown!r} is not one of {self.classes}") from None
+
+
+ProgressCallback = Callable[[int], None]

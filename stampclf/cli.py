@@ -1,0 +1,188 @@
+"""The ``stampclf`` command: thin typer commands over the library."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import traceback
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from . import __version__
+from ._errors import StampclfError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="stampclf",
+    help="Classify astronomical image stamps (and images) with ONNX models that carry their own model card.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state: dict[str, bool] = {"debug": False}
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"stampclf: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    """Run *fn*, turning errors into one line and an exit code (traceback with --debug)."""
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        return fn()
+    except StampclfError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("stampclf: interrupted; no output written", err=True)
+        raise typer.Exit(130) from None
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader of stdout went away (e.g. `| head`): not an error
+        raise typer.Exit(0) from None
+    except Exception as exc:  # noqa: BLE001 - last line of defence
+        if _state["debug"]:
+            traceback.print_exc()
+        _fail(f"internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for a traceback)", 1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"stampclf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def classify(
+    files: Annotated[list[str], typer.Argument(help="HDF5 stamp files, image files or folders of images.")],
+    output: Annotated[
+        Optional[str], typer.Option("--output", "-o", help="Output .csv or .h5 (default: CSV on stdout).")
+    ] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Shipped model name or path to an .onnx file.")] = "hits",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Rows per inference call.")] = 1024,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: all allowed).")] = None,
+    threshold: Annotated[
+        Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="Decision threshold (default: the card's).")
+    ] = None,
+    layout: Annotated[str, typer.Option("--layout", help="HDF5 layout: auto, channels or stacked.")] = "auto",
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Stacked stamps are (N, H, W, C).")] = False,
+    evaluate: Annotated[bool, typer.Option("--evaluate", help="Print metrics against the input's labels.")] = False,
+    keep_going: Annotated[bool, typer.Option("--keep-going", help="Report a bad file and classify the rest.")] = False,
+    progress: Annotated[
+        Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No notices, progress or summary on stderr.")] = False,
+) -> None:
+    """Classify stamps or images; one output row per input row, in input order."""
+
+    def run() -> int:
+        from ._run import classify_files
+        from .classifier import Classifier
+
+        clf = Classifier(model, device=device, threads=threads, batch_size=batch_size, threshold=threshold)
+        if clf.notice and not quiet:
+            typer.echo(f"stampclf: {clf.notice}", err=True)
+        s = classify_files(
+            clf, files, output, batch_size, layout, channels_last, keep_going, evaluate, False if quiet else progress
+        )
+        for err in s.file_errors:
+            typer.echo(f"stampclf: error: {err}", err=True)
+        if not quiet:
+            rate = s.rows / s.seconds if s.seconds > 0 else 0.0
+            typer.echo(
+                f"stampclf: {s.rows:,} rows from {s.files} input(s) with {clf.name} v{clf.version} on {clf.device} "
+                f"in {s.seconds:.2f} s ({rate:,.0f} rows/s); flagged {s.flagged:,}, failed {s.failed:,}"
+                + (f"; written to {output}" if output and output != "-" else ""),
+                err=True,
+            )
+        if s.metrics is not None:
+            _print_metrics(s.metrics)
+        return 2 if s.file_errors else 0
+
+    code = _guard(run)
+    if code:
+        raise typer.Exit(code)
+
+
+def _print_metrics(m: dict[str, Any]) -> None:
+    keys = ("n", "accuracy", "precision", "recall", "f1", "roc_auc", "unscored", "threshold")
+    lines = [f"{k:>10}: {m[k]:.4f}" if isinstance(m[k], float) else f"{k:>10}: {m[k]}" for k in keys if k in m]
+    typer.echo("\n".join(["evaluation:", *lines]), err=True)
+
+
+@app.command()
+def models() -> None:
+    """List the shipped models with version, task and classes."""
+
+    def run() -> None:
+        from ._card import read_card
+        from ._registry import list_models, resolve_model
+
+        for name in list_models():
+            card, _ = read_card(resolve_model(name), verify=False)
+            acc = card.metrics.get("test", {}).get("accuracy")
+            acc_s = f"  test accuracy {acc:.4f}" if isinstance(acc, float) else ""
+            typer.echo(f"{name:<16} v{card.version:<8} {card.task:<22} {'/'.join(card.classes)}{acc_s}")
+
+    _guard(run)
+
+
+@app.command()
+def info(model: Annotated[str, typer.Argument(help="Shipped model name or path to an .onnx file.")]) -> None:
+    """Print a model's card (JSON)."""
+
+    def run() -> None:
+        from ._card import read_card
+        from ._registry import resolve_model
+
+        card, _ = read_card(resolve_model(model))
+        typer.echo(json.dumps(card.to_dict(), indent=2, sort_keys=True))
+
+    _guard(run)
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option("--model", "-m", help="Shipped model name or path.")] = "hits",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 1024,
+    n: Annotated[int, typer.Option("--n", min=1, help="Rows to time.")] = 100_000,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1)] = None,
+) -> None:
+    """Print rows/s for in-memory inference and for end-to-end file classification."""
+
+    def run() -> None:
+        from ._bench import run_bench
+
+        for line in run_bench(model, device, batch_size, n, threads):
+            typer.echo(line)
+
+    _guard(run)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,86 @@
+"""Readers (HDF5 stamps, image files) and writers (CSV, HDF5) used by the classifier."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .._errors import InputError
+from ._base import InputBatch, Reader
+from ._hdf5 import LAYOUTS, HDF5Reader
+from ._images import IMAGE_SUFFIXES, ImageReader
+from ._writers import OUTPUT_FORMATS, ResultWriter, open_writer
+
+__all__ = [
+    "InputBatch",
+    "Reader",
+    "HDF5Reader",
+    "ImageReader",
+    "ResultWriter",
+    "open_writer",
+    "open_inputs",
+    "LAYOUTS",
+    "OUTPUT_FORMATS",
+]
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
+
+
+def _is_hdf5(path: str) -> bool:
+    if path.lower().endswith(_HDF5_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8) == _HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def input_kind(path: str) -> str:
+    """``"hdf5"``, ``"image"`` or ``"dir"`` for a path given on the command line."""
+    if os.path.isdir(path):
+        return "dir"
+    if not os.path.exists(path):
+        raise InputError(f"{path}: file does not exist")
+    if _is_hdf5(path):
+        return "hdf5"
+    if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
+        return "image"
+    raise InputError(
+        f"{path}: unknown input type (expected HDF5 stamps or an image: {', '.join(sorted(IMAGE_SUFFIXES))})"
+    )
+
+
+def open_inputs(
+    paths: list[str], card: Any, layout: str = "auto", channels_last: bool = False
+) -> list[tuple[list[str], Any]]:
+    """Group *paths* into readers to open, in input order.
+
+    Returns ``(paths, opener)`` pairs: HDF5 files one each, runs of consecutive
+    image files and folders together. Openers are called lazily so that one bad
+    file does not stop the files before it.
+    """
+    groups: list[tuple[list[str], Any]] = []
+    for path in paths:
+        kind = input_kind(path)
+        if kind == "hdf5":
+            if card.kind != "stamp":
+                raise InputError(f"{path}: HDF5 stamps given but model {card.name!r} classifies images")
+            groups.append(([path], lambda p=path: HDF5Reader(p, card.input, layout, channels_last)))
+            continue
+        if card.kind != "image":
+            raise InputError(
+                f"{path}: model {card.name!r} classifies {card.shape[0]}-channel stamps from HDF5, not images"
+            )
+        if groups and groups[-1][0] and getattr(groups[-1][1], "images", False):
+            groups[-1][0].append(path)
+            continue
+        group: list[str] = [path]
+
+        def opener(g: list[str] = group) -> ImageReader:
+            return ImageReader(g, card.preprocessing, card.shape)
+
+        opener.images = True  # type: ignore[attr-defined]
+        groups.append((group, opener))
+    return groups

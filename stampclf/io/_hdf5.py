@@ -1,0 +1,188 @@
+"""HDF5 stamp files: HiTS layout (one dataset per channel) and stacked layout."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import numpy as np
+
+from .._errors import InputError
+from ._base import InputBatch
+
+__all__ = ["HDF5Reader", "LAYOUTS"]
+
+LAYOUTS = ("auto", "channels", "stacked")
+_ID_NAMES = ("ID", "id", "ids", "candid")
+_LABEL_NAMES = ("labels", "label")
+_STACKED_NAME = "stamps"
+
+
+def _open(path: str) -> Any:
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise InputError(f"{path}: file does not exist") from None
+    except PermissionError:
+        raise InputError(f"{path}: no permission to read") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory") from None
+    except OSError as exc:
+        text = str(exc)
+        if "signature" in text or "file signature" in text:
+            raise InputError(f"{path}: not an HDF5 file") from None
+        raise InputError(f"{path}: cannot open as HDF5 (truncated or corrupt: {text})") from None
+
+
+class HDF5Reader:
+    """Stream stamps from an HDF5 file in batches.
+
+    Parameters
+    ----------
+    path
+        HDF5 file.
+    card_input
+        The model card's ``input`` section: ``channels`` and, for the per-channel
+        layout, ``hdf5_datasets`` (dataset name of each channel, in order).
+    layout
+        ``"auto"``, ``"channels"`` (one dataset per channel, e.g. HiTS
+        ``temp_images``...) or ``"stacked"`` (``stamps`` of shape (N, C, H, W)).
+    channels_last
+        The stacked dataset is (N, H, W, C).
+    """
+
+    def __init__(
+        self, path: str, card_input: dict[str, Any], layout: str = "auto", channels_last: bool = False
+    ) -> None:
+        if layout not in LAYOUTS:
+            raise InputError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        self.path = str(path)
+        self._file = _open(self.path)
+        try:
+            self._setup(card_input, layout, channels_last)
+        except BaseException:
+            self._file.close()
+            raise
+
+    # ------------------------------------------------------------------------------
+    def _dataset(self, name: str) -> Any:
+        import h5py
+
+        obj = self._file.get(name)
+        if obj is None:
+            return None
+        if not isinstance(obj, h5py.Dataset):
+            raise InputError(f"{self.path}: {name!r} is a group, not a dataset")
+        return obj
+
+    def _setup(self, card_input: dict[str, Any], layout: str, channels_last: bool) -> None:
+        names: list[str] = list(card_input.get("hdf5_datasets") or card_input["channels"])
+        self.channels = list(card_input["channels"])
+        h, w = int(card_input["height"]), int(card_input["width"])
+        if layout == "auto":
+            if self._dataset(_STACKED_NAME) is not None:
+                layout = "stacked"
+            elif any(self._dataset(n) is not None for n in names):
+                layout = "channels"
+            else:
+                found = ", ".join(sorted(self._file.keys())) or "nothing"
+                raise InputError(
+                    f"{self.path}: unknown layout: no {_STACKED_NAME!r} dataset and none of "
+                    f"{names} (found: {found})"
+                )
+        self.layout = layout
+        if layout == "stacked":
+            ds = self._dataset(_STACKED_NAME)
+            if ds is None:
+                raise InputError(f"{self.path}: dataset {_STACKED_NAME!r} not found")
+            if ds.ndim != 4:
+                raise InputError(
+                    f"{self.path}: dataset {_STACKED_NAME!r} has shape {ds.shape}; expected "
+                    f"(N, C, H, W){' channels-last (N, H, W, C)' if channels_last else ''}"
+                )
+            n_ch = ds.shape[3] if channels_last else ds.shape[1]
+            if n_ch != len(self.channels):
+                raise InputError(
+                    f"{self.path}: dataset {_STACKED_NAME!r} has {n_ch} channel(s) (shape {ds.shape}) "
+                    f"but the model needs {len(self.channels)}: {self.channels}"
+                    + ("" if channels_last else " (channels-last data? use --channels-last)")
+                )
+            self._datasets = [ds]
+            self._channels_last = channels_last
+        else:
+            missing = [n for n in names if self._dataset(n) is None]
+            if missing:
+                raise InputError(f"{self.path}: missing dataset(s) {missing} for channels {self.channels}")
+            self._datasets = [self._dataset(n) for n in names]
+            lengths = {n: d.shape[0] if d.ndim else 0 for n, d in zip(names, self._datasets)}
+            if len(set(lengths.values())) > 1:
+                raise InputError(f"{self.path}: channel datasets disagree in length: {lengths}")
+            for n, d in zip(names, self._datasets):
+                if d.ndim not in (2, 3):
+                    raise InputError(
+                        f"{self.path}: dataset {n!r} has shape {d.shape}; expected (N, H, W) or (N, H*W)"
+                    )
+                if d.ndim == 2 and math.isqrt(d.shape[1]) ** 2 != d.shape[1]:
+                    raise InputError(
+                        f"{self.path}: dataset {n!r} has shape {d.shape}: {d.shape[1]} pixels per "
+                        f"row is not a square stamp (expected {h * w} for {h}x{w})"
+                    )
+        for d, n in zip(self._datasets, names):
+            if d.dtype.kind not in "fiu":
+                raise InputError(f"{self.path}: dataset {d.name!r} has dtype {d.dtype}; expected numbers")
+        self.n_rows = int(self._datasets[0].shape[0])
+        self._ids = self._find(_ID_NAMES, "ids")
+        self._labels = self._find(_LABEL_NAMES, "labels")
+        self.has_labels = self._labels is not None
+
+    def _find(self, candidates: tuple[str, ...], what: str) -> Any:
+        for name in candidates:
+            ds = self._dataset(name)
+            if ds is not None:
+                if ds.ndim != 1 or ds.shape[0] != self.n_rows:
+                    raise InputError(
+                        f"{self.path}: {what} dataset {name!r} has shape {ds.shape} but there are "
+                        f"{self.n_rows} stamps"
+                    )
+                return ds
+        return None
+
+    # ------------------------------------------------------------------------------
+    def read_block(self, start: int, stop: int) -> InputBatch:
+        """Rows ``start:stop`` as a batch of raw stamps."""
+        if self.layout == "stacked":
+            block = self._datasets[0][start:stop]
+            stamps = np.moveaxis(block, 3, 1) if self._channels_last else block
+        else:
+            parts = [d[start:stop] for d in self._datasets]
+            stamps = np.stack(
+                [p.reshape(p.shape[0], math.isqrt(p.shape[1]), -1) if p.ndim == 2 else p for p in parts],
+                axis=1,
+            )
+        if self._ids is not None:
+            ids = self._ids[start:stop]
+            if ids.dtype.kind in "SO":
+                ids = np.array([i.decode() if isinstance(i, bytes) else str(i) for i in ids], dtype=object)
+        else:
+            ids = np.arange(start, stop)
+        labels = self._labels[start:stop] if self._labels is not None else None
+        return InputBatch(ids=ids, stamps=stamps, labels=labels)
+
+    def block_rows(self, batch_size: int) -> int:
+        """Rows per read: a multiple of the file's chunking, at least *batch_size*."""
+        chunk = self._datasets[0].chunks
+        rows = chunk[0] if chunk else 1
+        return max(rows, int(math.ceil(batch_size / rows)) * rows)
+
+    def batches(self, batch_size: int) -> Iterator[InputBatch]:
+        """Yield batches of *batch_size* rows (the last may be shorter)."""
+        if batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        for start in range(0, self.n_rows, batch_size):
+            yield self.read_block(start, min(start + batch_size, self.n_rows))
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()

@@ -1,0 +1,155 @@
+"""Result writers: CSV (file or stdout) and HDF5, written atomically.
+
+A file output is written to a temporary file in the target folder and renamed
+over the final name only when complete, so an interrupted run never leaves a
+truncated file under the final name.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import tempfile
+from typing import IO, Any
+
+import numpy as np
+
+from .._errors import InputError
+
+__all__ = ["ResultWriter", "open_writer", "OUTPUT_FORMATS", "columns_for"]
+
+OUTPUT_FORMATS = ("csv", "h5")
+
+
+def columns_for(classes: list[str]) -> list[str]:
+    """Output column names for a model with these classes."""
+    return ["id", "label", *[f"p_{c}" for c in classes], "status", "model", "model_version", "file"]
+
+
+def _format_of(path: str | None) -> str:
+    if path is None or path == "-":
+        return "csv"
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".csv":
+        return "csv"
+    if ext in (".h5", ".hdf5"):
+        return "h5"
+    raise InputError(f"{path}: unknown output format {ext or '(no extension)'!r}; use .csv, .h5 or -")
+
+
+class ResultWriter:
+    """Append prediction batches to CSV or HDF5; `commit` makes the file appear."""
+
+    def __init__(self, path: str | None, classes: list[str], model: str, version: str) -> None:
+        self.path = None if path in (None, "-") else str(path)
+        self.format = _format_of(path)
+        self.classes = list(classes)
+        self.model, self.version = model, version
+        self.rows = 0
+        self._tmp: str | None = None
+        self._fh: IO[str] | None = None
+        self._h5: Any = None
+        if self.path is not None:
+            folder = os.path.dirname(os.path.abspath(self.path))
+            if not os.path.isdir(folder):
+                raise InputError(f"{self.path}: output folder {folder} does not exist")
+            if os.path.isdir(self.path):
+                raise InputError(f"{self.path}: output path is a folder")
+            try:
+                fd, self._tmp = tempfile.mkstemp(
+                    prefix=f".{os.path.basename(self.path)}.", suffix=".part", dir=folder
+                )
+            except PermissionError:
+                raise InputError(f"{self.path}: no permission to write in {folder}") from None
+            os.close(fd)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get normal permissions
+        if self.format == "csv":
+            self._fh = open(self._tmp, "w", newline="") if self._tmp else sys.stdout
+            self._csv = csv.writer(self._fh, lineterminator="\n")
+            self._csv.writerow(columns_for(self.classes))
+        else:
+            self._open_h5()
+
+    def _open_h5(self) -> None:
+        import h5py
+
+        self._h5 = h5py.File(self._tmp, "w")
+        self._h5.attrs["model"] = self.model
+        self._h5.attrs["model_version"] = self.version
+        self._h5.attrs["classes"] = self.classes
+        text = h5py.string_dtype("utf-8")
+        for name in ("id", "label", "status", "model", "model_version", "file"):
+            self._h5.create_dataset(name, (0,), maxshape=(None,), dtype=text, chunks=(65536,))
+        for c in self.classes:
+            self._h5.create_dataset(f"p_{c}", (0,), maxshape=(None,), dtype="f4", chunks=(65536,))
+
+    def write(self, ids: np.ndarray, labels: np.ndarray, proba: np.ndarray, status: np.ndarray, file: str) -> None:
+        """Append one batch of rows."""
+        n = len(ids)
+        if self._h5 is not None:
+            cols: dict[str, Any] = {
+                "id": [str(i) for i in ids],
+                "label": [str(x) for x in labels],
+                "status": [str(s) for s in status],
+                "model": [self.model] * n,
+                "model_version": [self.version] * n,
+                "file": [file] * n,
+            }
+            for k, c in enumerate(self.classes):
+                cols[f"p_{c}"] = proba[:, k]
+            for name, values in cols.items():
+                ds = self._h5[name]
+                ds.resize((self.rows + n,))
+                ds[self.rows :] = values
+        else:
+            fmt = [[("" if not np.isfinite(v) else f"{v:.7g}") for v in row] for row in proba.tolist()]
+            self._csv.writerows(
+                [str(i), str(lab), *p, str(s), self.model, self.version, file]
+                for i, lab, p, s in zip(ids, labels, fmt, status)
+            )
+        self.rows += n
+
+    def commit(self) -> None:
+        """Finish the output and move it under its final name."""
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+        if self._fh is not None:
+            self._fh.flush()
+            if self._tmp:
+                os.fsync(self._fh.fileno())
+                self._fh.close()
+            self._fh = None
+        if self._tmp:
+            os.replace(self._tmp, self.path)  # type: ignore[arg-type]
+            self._tmp = None
+
+    def abort(self) -> None:
+        """Drop the partial output; the final name is left untouched."""
+        try:
+            if self._h5 is not None:
+                self._h5.close()
+            if self._fh is not None and self._tmp:
+                self._fh.close()
+        finally:
+            self._h5 = self._fh = None
+            if self._tmp and os.path.exists(self._tmp):
+                os.unlink(self._tmp)
+            self._tmp = None
+
+    def __enter__(self) -> ResultWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def open_writer(path: str | None, classes: list[str], model: str, version: str) -> ResultWriter:
+    """A `ResultWriter` for *path* (``None`` or ``"-"``: CSV on stdout)."""
+    return ResultWriter(path, classes, model, version)

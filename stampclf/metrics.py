@@ -1,0 +1,98 @@
+"""Classification metrics in numpy, shared by training reports and ``--evaluate``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["roc_auc", "roc_curve", "confusion_matrix", "summary", "threshold_at_fpr", "expected_calibration_error"]
+
+
+def roc_curve(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False and true positive rates over all thresholds, and the thresholds (descending)."""
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tps = np.cumsum(y)[distinct]
+    fps = (distinct + 1) - tps
+    p, n = max(int(y.sum()), 1), max(int((~y).sum()), 1)
+    return np.r_[0.0, fps / n], np.r_[0.0, tps / p], np.r_[np.inf, s[distinct]]
+
+
+def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve (NaN when only one class is present)."""
+    y = np.asarray(y_true).astype(bool)
+    if y.all() or not y.any():
+        return float("nan")
+    fpr, tpr, _ = roc_curve(y, score)
+    return float(np.trapezoid(tpr, fpr))
+
+
+def threshold_at_fpr(y_true: np.ndarray, score: np.ndarray, fpr_target: float) -> float:
+    """Smallest threshold whose false positive rate is at most *fpr_target*."""
+    fpr, _, thr = roc_curve(y_true, score)
+    ok = np.flatnonzero(fpr <= fpr_target)
+    return float(min(thr[ok[-1]], 1.0))
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts ``[true, predicted]``."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    return cm
+
+
+def summary(
+    y_true: np.ndarray, proba: np.ndarray, y_pred: np.ndarray, classes: list[str], positive: int | None = None
+) -> dict[str, object]:
+    """Accuracy, precision, recall, F1, ROC AUC, per-class figures and the confusion matrix.
+
+    With a *positive* class index (binary task) precision/recall/F1/AUC are for
+    that class; otherwise they are macro averages (AUC one-vs-rest).
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    k = len(classes)
+    cm = confusion_matrix(y_true, y_pred, k)
+    tp = np.diag(cm).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prec = np.where(cm.sum(0) > 0, tp / cm.sum(0), 0.0)
+        rec = np.where(cm.sum(1) > 0, tp / cm.sum(1), 0.0)
+        f1 = np.where(prec + rec > 0, 2 * prec * rec / (prec + rec), 0.0)
+    aucs = [roc_auc(y_true == i, proba[:, i]) for i in range(k)]
+    out: dict[str, object] = {
+        "n": int(len(y_true)),
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else float("nan"),
+        "per_class": {
+            c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(cm[i].sum())}
+            for i, c in enumerate(classes)
+        },
+        "confusion_matrix": cm.tolist(),
+    }
+    if positive is not None:
+        out.update(precision=float(prec[positive]), recall=float(rec[positive]), f1=float(f1[positive]))
+        out["roc_auc"] = aucs[positive]
+    else:
+        present = cm.sum(1) > 0
+        out.update(
+            precision=float(prec[present].mean()),
+            recall=float(rec[present].mean()),
+            f1=float(f1[present].mean()),
+            roc_auc=float(np.nanmean([a for a in aucs if np.isfinite(a)])) if any(np.isfinite(aucs)) else float("nan"),
+        )
+    return out
+
+
+def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, bins: int = 15) -> float:
+    """ECE of the top-class confidence over equal-width bins."""
+    conf = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == np.asarray(y_true)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)

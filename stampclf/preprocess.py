@@ -1,0 +1,239 @@
+"""Preprocessing shared by training and runtime (pure numpy and Pillow).
+
+Training code in ``train/`` imports these functions, so a model sees exactly the
+same numbers in training and in deployment. Every parameter comes from the
+``preprocessing`` section of the model card.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+from ._errors import InputError
+
+__all__ = [
+    "OK",
+    "fit_size",
+    "normalise",
+    "prepare_stamps",
+    "load_image",
+    "image_to_array",
+]
+
+#: Status of a row that needed no intervention.
+OK = "ok"
+
+_MAD_TO_SIGMA = 1.4826  # sigma of a Gaussian from its median absolute deviation
+
+
+def _check_numeric(x: np.ndarray, what: str) -> None:
+    if x.dtype.kind not in "fiu":
+        raise InputError(f"{what}: dtype {x.dtype} is not numeric (expected float or integer pixels)")
+
+
+def fit_size(stamps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre-crop or NaN-pad the last two axes to ``(height, width)``.
+
+    Padding is NaN so that the NaN policy treats it like any masked pixel.
+    """
+    h, w = stamps.shape[-2:]
+    out = stamps
+    if h > height or w > width:
+        top, left = max((h - height) // 2, 0), max((w - width) // 2, 0)
+        out = out[..., top : top + min(h, height), left : left + min(w, width)]
+    h, w = out.shape[-2:]
+    if h < height or w < width:
+        top, left = (height - h) // 2, (width - w) // 2
+        padded = np.full(out.shape[:-2] + (height, width), np.nan, dtype=np.float32)
+        padded[..., top : top + h, left : left + w] = out
+        out = padded
+    return out
+
+
+def _robust_centre_scale(flat: np.ndarray, finite_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median and robust sigma of each row of ``flat`` (rows, pixels), NaN-aware."""
+    centre = np.empty(flat.shape[0], dtype=np.float32)
+    sigma = np.empty(flat.shape[0], dtype=np.float32)
+    clean = finite_rows
+    if clean.any():
+        rows = flat[clean]
+        med = np.median(rows, axis=1)
+        mad = np.median(np.abs(rows - med[:, None]), axis=1)
+        centre[clean], sigma[clean] = med, mad * _MAD_TO_SIGMA
+        # a stamp with many identical pixels (zero-filled mask) has MAD 0: fall back to std
+        zero = clean.copy()
+        zero[clean] = sigma[clean] <= 0
+        if zero.any():
+            sigma[zero] = flat[zero].std(axis=1)
+    dirty = ~finite_rows
+    if dirty.any():
+        rows = np.where(np.isfinite(flat[dirty]), flat[dirty], np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows are handled below
+            med = np.nanmedian(rows, axis=1)
+            mad = np.nanmedian(np.abs(rows - med[:, None]), axis=1)
+            sig = mad * _MAD_TO_SIGMA
+            std = np.nanstd(rows, axis=1)
+        sig = np.where(sig > 0, sig, std)
+        centre[dirty], sigma[dirty] = np.nan_to_num(med), sig
+    sigma = np.where(np.isfinite(sigma) & (sigma > 0), sigma, 1.0).astype(np.float32)
+    return centre, sigma
+
+
+def normalise(stamps: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """Scale each stamp and channel as the card's ``normalisation`` says.
+
+    Methods
+    -------
+    ``robust_asinh``
+        ``asinh((x - median) / (softening * sigma))`` with sigma from the median
+        absolute deviation: in units of the stamp's own noise, so a bright
+        neighbour cannot squash the candidate the way min-max scaling does.
+    ``minmax``
+        ``(x - min) / (max - min)`` per stamp and channel (Deep-HiTS).
+    ``none``
+        unchanged.
+
+    Non-finite pixels stay non-finite; `prepare_stamps` applies the NaN policy.
+    """
+    method = spec.get("method", "none")
+    x = stamps.astype(np.float32, copy=False)
+    n, c = x.shape[:2]
+    flat = x.reshape(n * c, -1)
+    finite = np.isfinite(flat)
+    finite_rows = finite.all(axis=1)
+    if method == "none":
+        return x
+    if method == "robust_asinh":
+        centre, sigma = _robust_centre_scale(flat, finite_rows)
+        soft = float(spec.get("softening", 1.0))
+        out = np.arcsinh((flat - centre[:, None]) / (sigma[:, None] * soft))
+    elif method == "minmax":
+        masked = np.where(finite, flat, np.nan)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: filled below
+            lo = np.nan_to_num(np.nanmin(masked, axis=1)) if flat.size else flat[:, 0]
+            hi = np.nan_to_num(np.nanmax(masked, axis=1)) if flat.size else flat[:, 0]
+        span = np.where(hi > lo, hi - lo, 1.0)
+        out = (flat - lo[:, None]) / span[:, None]
+    else:
+        raise InputError(f"unknown normalisation method {method!r} in model card")
+    return out.astype(np.float32, copy=False).reshape(x.shape)
+
+
+def prepare_stamps(
+    stamps: np.ndarray, card_input: dict[str, Any], spec: dict[str, Any], what: str = "stamps"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Turn raw stamps into model input and a status per row.
+
+    Parameters
+    ----------
+    stamps
+        ``(N, C, H, W)`` pixels in the card's channel order.
+    card_input, spec
+        The card's ``input`` and ``preprocessing`` sections.
+    what
+        Name of the data in error messages (file and dataset).
+
+    Returns
+    -------
+    x
+        ``(N, C, height, width)`` float32, finite.
+    status
+        Object array of ``"ok"``, ``"flagged: <reason>"`` or ``"failed: <reason>"``.
+    """
+    stamps = np.asarray(stamps)
+    _check_numeric(stamps, what)
+    if stamps.ndim != 4:
+        raise InputError(f"{what}: expected 4 axes (N, C, H, W), got shape {stamps.shape}")
+    n_ch = len(card_input["channels"])
+    if stamps.shape[1] != n_ch:
+        raise InputError(
+            f"{what}: {stamps.shape[1]} channel(s) but the model needs {n_ch}: {card_input['channels']}"
+        )
+    height, width = int(card_input["height"]), int(card_input["width"])
+    n = stamps.shape[0]
+    reasons: list[list[str]] = [[] for _ in range(n)]
+    x = stamps.astype(np.float32, copy=False)
+    if x.shape[2:] != (height, width):
+        if spec.get("size_policy", "strict") != "crop_or_pad":
+            raise InputError(
+                f"{what}: stamps are {x.shape[2]}x{x.shape[3]} but the model needs {height}x{width}"
+            )
+        if n and x.shape[2] * x.shape[3] == 0:
+            raise InputError(f"{what}: stamps are empty ({x.shape[2]}x{x.shape[3]} pixels)")
+        note = f"resized {x.shape[2]}x{x.shape[3]}->{height}x{width}"
+        x = fit_size(x, height, width)
+        for r in reasons:
+            r.append(note)
+    x = normalise(x, spec.get("normalisation", {"method": "none"}))
+    bad = ~np.isfinite(x)
+    status = np.full(n, OK, dtype=object)
+    if bad.any():
+        policy = spec.get("nan_policy", {})
+        fill = float(policy.get("fill", 0.0))
+        max_frac = float(policy.get("max_bad_fraction", 1.0))
+        per_row = bad.reshape(n, -1).sum(axis=1)
+        frac = per_row / float(x[0].size)
+        x = np.where(bad, np.float32(fill), x)
+        for i in np.flatnonzero(per_row):
+            if frac[i] > max_frac:
+                status[i] = f"failed: {int(per_row[i])} of {x[0].size} pixels not finite"
+                reasons[i] = []
+            else:
+                reasons[i].append(f"{int(per_row[i])} non-finite pixels replaced")
+    for i, r in enumerate(reasons):
+        if r and status[i] == OK:
+            status[i] = "flagged: " + "; ".join(r)
+    return np.ascontiguousarray(x, dtype=np.float32), status
+
+
+# --- images ------------------------------------------------------------------------
+def image_to_array(img: Any, spec: dict[str, Any]) -> np.ndarray:
+    """Resize, centre-crop and normalise a Pillow image to ``(C, H, W)`` float32.
+
+    ``spec`` keys: ``resize`` (shorter side, pixels, optional), ``crop`` (square
+    side), ``mode`` (``"RGB"``), ``scale`` (multiplier, e.g. 1/255), ``mean`` and
+    ``std`` (per channel, after scaling).
+    """
+    from PIL import Image
+
+    img = img.convert(spec.get("mode", "RGB"))
+    resize = spec.get("resize")
+    if resize:
+        w, h = img.size
+        s = float(resize) / min(w, h)
+        new = (max(1, round(w * s)), max(1, round(h * s)))
+        if new != img.size:
+            img = img.resize(new, Image.Resampling.BILINEAR)
+    crop = spec.get("crop")
+    if crop:
+        w, h = img.size
+        left, top = (w - crop) // 2, (h - crop) // 2
+        img = img.crop((left, top, left + crop, top + crop))
+    arr = np.asarray(img, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    arr = arr.transpose(2, 0, 1) * np.float32(spec.get("scale", 1.0 / 255.0))
+    mean = np.asarray(spec.get("mean", [0.0] * arr.shape[0]), dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.get("std", [1.0] * arr.shape[0]), dtype=np.float32)[:, None, None]
+    return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
+
+
+def load_image(path: Any, spec: dict[str, Any]) -> np.ndarray:
+    """Read an image file and apply `image_to_array`; raise `InputError` naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return image_to_array(img, spec)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file does not exist") from None
+    except PermissionError:
+        raise InputError(f"{path}: no permission to read") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None

@@ -1,0 +1,65 @@
+"""Training data: a registry of loaders keyed by the `ModelSpec.dataset` name.
+
+Each loader returns a `DataBundle` of torch datasets whose inputs are already
+preprocessed with ``stampclf.preprocess`` (the runtime's own implementation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["DataBundle", "register_dataset", "load_dataset", "array_sha256"]
+
+
+@dataclass
+class DataBundle:
+    """Train/validation/test splits plus where they came from.
+
+    ``augment`` (optional) maps a training batch ``(x, y)`` to an augmented one
+    and runs inside the training loop.
+    """
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    provenance: dict[str, Any]
+    augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None
+    extra_tests: dict[str, Dataset] = field(default_factory=dict)
+
+
+_LOADERS: dict[str, Callable[..., DataBundle]] = {}
+
+
+def register_dataset(name: str) -> Callable[[Callable[..., DataBundle]], Callable[..., DataBundle]]:
+    """Register a loader ``fn(spec, options: dict, seed: int) -> DataBundle``."""
+
+    def wrap(fn: Callable[..., DataBundle]) -> Callable[..., DataBundle]:
+        if name in _LOADERS:
+            raise ValueError(f"dataset {name!r} is already registered")
+        _LOADERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def load_dataset(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
+    """Load the data of a registered model's ``spec.dataset``."""
+    from . import hits, images  # noqa: F401 - importing registers the loaders
+
+    if spec.dataset not in _LOADERS:
+        raise KeyError(f"no loader for dataset {spec.dataset!r}; known: {', '.join(sorted(_LOADERS))}")
+    return _LOADERS[spec.dataset](spec, options, seed)
+
+
+def array_sha256(*arrays: np.ndarray) -> str:
+    """sha256 over the bytes of *arrays* (data provenance for simulated sets)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()

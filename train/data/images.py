@@ -1,0 +1,1 @@
+"""Image training data (folder per class, or folder + labels CSV)."""

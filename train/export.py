@@ -1,0 +1,236 @@
+"""Export a trained model to ONNX with its model card, and check the export.
+
+Usage
+-----
+    python train/export.py --model hits [--checkpoint runs/hits/checkpoint.pt] [--out exported]
+    python -m train.export --model hits
+
+Writes ``<out>/<model>.onnx`` (dynamic batch axis, softmax with the fitted
+temperature inside the graph, card in ``metadata_props``) and copies the
+training figures to ``<out>/<model>/``. Runs ``onnx.checker`` (full check) and
+compares ONNX Runtime with PyTorch at batch sizes 1, 7 and 256; fails if the
+largest absolute difference in probabilities exceeds 1e-5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `train` and `stampclf` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import stampclf
+from stampclf._card import CARD_KEY, ModelCard, graph_sha256, read_card, read_onnx_parts
+from train.registry import ModelSpec, create_model, get_spec, list_models
+
+__all__ = ["export", "main", "Deployable", "TOLERANCE"]
+
+#: Largest accepted |p_onnx - p_torch|.
+TOLERANCE = 1e-5
+#: ONNX Runtime 1.20+ reads IR version 10; newer `onnx` writes newer IR by default.
+IR_VERSION = 10
+
+
+class Deployable(nn.Module):
+    """The trained network plus calibration: logits / T -> softmax probabilities."""
+
+    def __init__(self, net: nn.Module, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("inv_t", torch.tensor(1.0 / temperature, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(x) * self.inv_t, dim=1)
+
+
+def load_trained(spec: ModelSpec, checkpoint: Path) -> Deployable:
+    """Build the registered model and load a checkpoint written by ``train.py``."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    net = create_model(spec.name)
+    net.load_state_dict(state["state_dict"])
+    model = Deployable(net, float(state.get("temperature", torch.tensor(1.0))))
+    return model.eval()
+
+
+def to_onnx_bytes(model: nn.Module, shape: tuple[int, int, int], input_name: str) -> bytes:
+    """Export with the torch.export-based exporter, batch axis dynamic; no card yet."""
+    import onnx
+
+    example = torch.zeros((2, *shape), dtype=torch.float32)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        dynamo=True,
+        input_names=[input_name],
+        output_names=["probabilities"],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        optimize=True,
+        verbose=False,
+    )
+    proto = program.model_proto
+    proto.ir_version = min(proto.ir_version, IR_VERSION)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str) -> ModelCard:
+    """The model card from the registry spec and the training report."""
+    import onnx
+
+    versions = {
+        **report.get("versions", {}),
+        "torch_export": torch.__version__,
+        "onnx": onnx.__version__,
+        "stampclf": stampclf.__version__,
+        "python_export": platform.python_version(),
+    }
+    test = report["metrics"]["test"]
+    return ModelCard(
+        name=spec.name,
+        version=spec.version,
+        task=spec.task,
+        description=spec.description,
+        input=dict(spec.input),
+        preprocessing=dict(spec.preprocessing),
+        classes=list(spec.classes),
+        positive_class=spec.positive_class,
+        threshold=float(report.get("threshold", 0.5)),
+        operating_points=report.get("operating_points", {}),
+        calibration=report.get("calibration", {}),
+        training={
+            "command": report["command"],
+            "seed": report["seed"],
+            "device": report.get("device", "cpu"),
+            "recipe": report.get("recipe", {}),
+            "best_epoch": report.get("best_epoch"),
+            "train_seconds": round(float(report.get("train_seconds", 0.0)), 1),
+            "data": report["data"],
+            "parameters": report.get("parameters"),
+        },
+        metrics={k: _strip(v) for k, v in report["metrics"].items()},
+        report={
+            "history": report.get("history", {}),
+            "figures": [f"{spec.name}/{f}" for f in report.get("figures", [])],
+            "test_confusion_matrix": test.get("confusion_matrix"),
+        },
+        versions=versions,
+        date=report.get("date", ""),
+        weights_sha256=weights_sha,
+    )
+
+
+def _strip(m: Any) -> Any:
+    """Drop the confusion matrix from metric blocks (kept once under ``report``)."""
+    if isinstance(m, dict):
+        return {k: v for k, v in m.items() if k != "confusion_matrix"}
+    return m
+
+
+def attach_card(model_bytes: bytes, card: ModelCard) -> bytes:
+    """Store the card under `CARD_KEY` in ``metadata_props``."""
+    import onnx
+
+    proto = onnx.load_from_string(model_bytes)
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = CARD_KEY, card.to_json()
+    proto.producer_name = "stampclf"
+    proto.producer_version = stampclf.__version__
+    proto.model_version = int(card.version.split(".")[0])
+    proto.doc_string = card.description
+    return proto.SerializeToString()
+
+
+def parity(model: nn.Module, path: Path, shape: tuple[int, int, int], seed: int = 0) -> float:
+    """Largest |p_onnx - p_torch| over batches of 1, 7 and 256 random inputs."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for n in (1, 7, 256):
+        x = rng.normal(0.0, 1.5, size=(n, *shape)).astype(np.float32)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        got = sess.run(None, {name: x})[0]
+        diff = float(np.abs(ref - got).max())
+        print(f"[export] batch {n:>3}: max |p_onnx - p_torch| = {diff:.2e}")
+        worst = max(worst, diff)
+    return worst
+
+
+def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path | None = None) -> Path:
+    """Export *spec* from *checkpoint*; returns the ONNX path. Raises on a failed check."""
+    report_path = report_path or checkpoint.parent / "report.json"
+    report = json.loads(report_path.read_text())
+    model = load_trained(spec, checkpoint)
+    shape = (len(spec.input["channels"]), int(spec.input["height"]), int(spec.input["width"]))
+    raw = to_onnx_bytes(model, shape, "stamps" if spec.input.get("kind", "stamp") == "stamp" else "images")
+    graph, _ = read_onnx_parts(raw)
+    card = build_card(spec, report, graph_sha256(graph))
+    data = attach_card(raw, card)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f"{spec.name}.onnx"
+    fd, tmp = tempfile.mkstemp(prefix=f".{spec.name}.", suffix=".onnx", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        read_card(tmp, verify=True)  # the runtime's own reader accepts it
+        worst = parity(model, Path(tmp), shape)
+        if not worst <= TOLERANCE:
+            raise RuntimeError(f"ONNX/PyTorch mismatch {worst:.2e} > {TOLERANCE:.0e}")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"[export] largest absolute difference in probabilities: {worst:.2e} (tolerance {TOLERANCE:.0e})")
+    figs = out_dir / spec.name
+    figs.mkdir(exist_ok=True)
+    for f in report.get("figures", []):
+        shutil.copy2(checkpoint.parent / f, figs / f)
+    (figs / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    print(f"[export] wrote {final} ({final.stat().st_size / 1e6:.2f} MB), figures in {figs}/")
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Export a trained model to ONNX with its model card.")
+    p.add_argument("--model", required=True, help=f"registered model: {', '.join(list_models())}")
+    p.add_argument("--checkpoint", type=Path, default=None, help="default runs/<model>/checkpoint.pt")
+    p.add_argument("--report", type=Path, default=None, help="default: report.json next to the checkpoint")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "exported")
+    args = p.parse_args(argv)
+    try:
+        spec = get_spec(args.model)
+    except KeyError as exc:
+        print(f"export: error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    ckpt = args.checkpoint or Path("runs") / spec.name / "checkpoint.pt"
+    if not ckpt.is_file():
+        print(f"export: error: checkpoint {ckpt} not found; train first: python train/train.py --model {spec.name}",
+              file=sys.stderr)
+        return 2
+    try:
+        export(spec, ckpt, args.out, args.report)
+    except RuntimeError as exc:
+        print(f"export: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The model registry: ``@register_model`` builders, one ``create_model`` door.
+
+Each registered model carries a frozen `ModelSpec`: everything its card needs
+that does not come from training (task, classes, input, preprocessing) and the
+training recipe. Tests parametrize over `list_models()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.nn as nn
+
+__all__ = ["ModelSpec", "register_model", "create_model", "get_spec", "list_models"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Static description of a registered model.
+
+    Attributes
+    ----------
+    name
+        Registry and shipped-file name (``exported/<name>.onnx``).
+    builder
+        Returns a fresh, untrained ``nn.Module`` mapping ``(N, C, H, W)`` to logits.
+    task
+        e.g. ``"real-bogus"``, ``"image-classification"``.
+    classes
+        Class names in logit order.
+    input
+        The card's ``input`` section (channels, height, width, kind, ...).
+    preprocessing
+        The card's ``preprocessing`` section, applied by ``stampclf.preprocess``.
+    dataset
+        Key of the data loader in ``train.data`` (e.g. ``"hits_sim"``).
+    recipe
+        Training defaults: epochs, batch_size, lr, weight_decay, ... (CLI can override).
+    positive_class
+        For binary tasks, the class the threshold applies to.
+    version
+        Model version written to the card.
+    description
+        One paragraph for the card and the README.
+    """
+
+    name: str
+    builder: Callable[[], nn.Module]
+    task: str
+    classes: tuple[str, ...]
+    input: dict[str, Any]
+    preprocessing: dict[str, Any]
+    dataset: str
+    recipe: dict[str, Any] = field(default_factory=dict)
+    positive_class: str | None = None
+    version: str = "1.0.0"
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, **spec: Any) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
+    """Register a builder under *name* with its `ModelSpec` fields.
+
+    Raises
+    ------
+    ValueError
+        If *name* is already registered.
+    """
+
+    def wrap(builder: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = ModelSpec(name=name, builder=builder, **spec)
+        return builder
+
+    return wrap
+
+
+def _load_all() -> None:
+    from . import models  # noqa: F401 - importing registers the builders
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The `ModelSpec` of *name*; ``KeyError`` lists the registered names."""
+    _load_all()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def create_model(name: str) -> nn.Module:
+    """A fresh, untrained instance of model *name*."""
+    return get_spec(name).builder()

@@ -1,0 +1,332 @@
+"""Train a registered model with a fixed seed and write a checkpoint and a report.
+
+Usage
+-----
+    python train/train.py --model hits [--epochs N] [--seed 0] [--out runs/hits] [--set key=value ...]
+
+Writes ``<out>/checkpoint.pt`` (a plain state dict, loaded with ``weights_only=True``),
+``<out>/report.json`` (history, validation and test metrics, calibration, operating
+points, provenance, the exact command) and PNG figures: learning curves, confusion
+matrix and ROC curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+if __package__ in (None, ""):  # run as a script: make `train` and `stampclf` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from stampclf import metrics as M
+from train.data import DataBundle, load_dataset
+from train.registry import ModelSpec, create_model, get_spec, list_models
+
+__all__ = ["train", "main", "predict_logits", "fit_temperature"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch; deterministic kernels where torch has them."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _batches(ds: Dataset, batch_size: int, shuffle: bool, gen: torch.Generator, workers: int) -> Iterator[Any]:
+    if isinstance(ds, TensorDataset):  # in-memory: index tensors directly, far faster than a DataLoader
+        n = len(ds)
+        order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            yield tuple(t[idx] for t in ds.tensors)
+    else:
+        yield from DataLoader(
+            ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers,
+            persistent_workers=False, drop_last=False,
+        )
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, ds: Dataset, batch_size: int, device: str, workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of a whole dataset, in order."""
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    logits, labels = [], []
+    for x, y in _batches(ds, batch_size, False, gen, workers):
+        logits.append(model(x.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature T in [0.05, 20] minimising the NLL of ``softmax(logits / T)`` (Guo+2017).
+
+    A bounded grid search rather than gradient descent: on separable data the
+    unconstrained optimum runs off to T -> 0.
+    """
+    z = torch.from_numpy(logits).double()
+    y = torch.from_numpy(labels).long()
+    grid = torch.logspace(np.log10(0.05), np.log10(20.0), 241, dtype=torch.float64)
+    nll = torch.stack([F.cross_entropy(z / t, y) for t in grid])
+    return float(grid[int(nll.argmin())])
+
+
+def _softmax(z: np.ndarray, t: float) -> np.ndarray:
+    z = z / t
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _decide(proba: np.ndarray, spec: ModelSpec, threshold: float) -> np.ndarray:
+    if spec.positive_class is not None and len(spec.classes) == 2:
+        pos = spec.classes.index(spec.positive_class)
+        return np.where(proba[:, pos] >= threshold, pos, 1 - pos)
+    return proba.argmax(axis=1)
+
+
+def evaluate_split(
+    model: nn.Module, ds: Dataset, spec: ModelSpec, t: float, threshold: float, batch_size: int, device: str, workers: int
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Metrics of one split with calibrated probabilities; also returns (proba, labels)."""
+    logits, y = predict_logits(model, ds, batch_size, device, workers)
+    proba = _softmax(logits, t)
+    pos = spec.classes.index(spec.positive_class) if spec.positive_class else None
+    m = M.summary(y, proba, _decide(proba, spec, threshold), list(spec.classes), pos)
+    m["ece"] = M.expected_calibration_error(y, proba)
+    if len(spec.classes) > 2:
+        top3 = np.argsort(-proba, axis=1)[:, :3]
+        m["top3_accuracy"] = float((top3 == y[:, None]).any(axis=1).mean())
+    return m, proba, y
+
+
+def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """Train *spec* and write checkpoint, report and figures to ``args.out``. Returns the report."""
+    out = Path(args.out or f"runs/{spec.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    recipe = {**spec.recipe, **options}
+    epochs = int(args.epochs or recipe.get("epochs", 10))
+    bs = int(recipe.get("batch_size", 256))
+    workers = int(recipe.get("workers", 0))
+    t_start = time.time()
+    print(f"[train] {spec.name}: loading data ({spec.dataset})", flush=True)
+    data: DataBundle = load_dataset(spec, options, args.seed)
+    print(f"[train] data: train {len(data.train)}, val {len(data.val)}, test {len(data.test)} "
+          f"({time.time() - t_start:.0f} s)", flush=True)
+
+    model = create_model(spec.name).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=float(recipe.get("lr", 1e-3)), weight_decay=float(recipe.get("weight_decay", 1e-4)))
+    steps_per_epoch = max(1, -(-len(data.train) // bs))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(recipe.get("lr", 1e-3)), total_steps=epochs * steps_per_epoch, pct_start=0.15)
+    smoothing = float(recipe.get("label_smoothing", 0.0))
+    class_weights = recipe.get("class_weights")
+    weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
+    gen = torch.Generator().manual_seed(args.seed)
+    history: dict[str, list[float]] = {"train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": [], "lr": []}
+    best_loss, best_state, best_epoch = float("inf"), None, -1
+    for epoch in range(epochs):
+        model.train()
+        t0, tot, correct, loss_sum = time.time(), 0, 0, 0.0
+        for x, y in _batches(data.train, bs, True, gen, workers):
+            if data.augment is not None:
+                x, y = data.augment(x, y, gen)
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            tot += len(y)
+        vlogits, vy = predict_logits(model, data.val, bs * 2, device, workers)
+        vloss = float(F.cross_entropy(torch.from_numpy(vlogits), torch.from_numpy(vy)))
+        vacc = float((vlogits.argmax(1) == vy).mean())
+        history["train_loss"].append(loss_sum / tot)
+        history["train_accuracy"].append(correct / tot)
+        history["val_loss"].append(vloss)
+        history["val_accuracy"].append(vacc)
+        history["lr"].append(float(sched.get_last_lr()[0]))
+        if vloss < best_loss:
+            best_loss, best_epoch = vloss, epoch
+            best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+        print(f"[train] epoch {epoch + 1}/{epochs} loss {loss_sum / tot:.4f} acc {correct / tot:.4f} "
+              f"val_loss {vloss:.4f} val_acc {vacc:.4f} ({time.time() - t0:.0f} s)", flush=True)
+    assert best_state is not None
+    model.load_state_dict(best_state)
+
+    vlogits, vy = predict_logits(model, data.val, bs * 2, device, workers)
+    temperature = fit_temperature(vlogits, vy)
+    vproba = _softmax(vlogits, temperature)
+    threshold = 0.5
+    operating_points: dict[str, Any] = {}
+    if spec.positive_class is not None and len(spec.classes) == 2:
+        pos = spec.classes.index(spec.positive_class)
+        is_pos = vy == pos
+        for name, fpr in (("fpr_1pct", 0.01), ("fpr_0.1pct", 0.001)):
+            thr = M.threshold_at_fpr(is_pos, vproba[:, pos], fpr)
+            operating_points[name] = {
+                "threshold": thr,
+                "val_fpr": float(((vproba[:, pos] >= thr) & ~is_pos).sum() / max((~is_pos).sum(), 1)),
+                "val_tpr": float(((vproba[:, pos] >= thr) & is_pos).sum() / max(is_pos.sum(), 1)),
+            }
+    val_m, _, _ = evaluate_split(model, data.val, spec, temperature, threshold, bs * 2, device, workers)
+    test_m, tproba, ty = evaluate_split(model, data.test, spec, temperature, threshold, bs * 2, device, workers)
+    extra = {}
+    for name, ds in data.extra_tests.items():
+        extra[name], _, _ = evaluate_split(model, ds, spec, temperature, threshold, bs * 2, device, workers)
+    uncal = M.expected_calibration_error(vy, _softmax(vlogits, 1.0))
+
+    torch.save({"state_dict": best_state, "temperature": torch.tensor(temperature)}, out / "checkpoint.pt")
+    report: dict[str, Any] = {
+        "model": spec.name,
+        "version": spec.version,
+        "parameters": params,
+        "seed": args.seed,
+        "command": "python train/train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "options": options,
+        "recipe": {**recipe, "epochs": epochs},
+        "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(0)})",
+        "best_epoch": best_epoch + 1,
+        "history": history,
+        "temperature": temperature,
+        "calibration": {"method": "temperature scaling on the validation split", "temperature": temperature,
+                        "ece_val_before": uncal, "ece_val_after": val_m["ece"], "ece_test": test_m["ece"]},
+        "threshold": threshold,
+        "operating_points": operating_points,
+        "metrics": {"val": val_m, "test": test_m, **extra},
+        "data": data.provenance,
+        "train_seconds": time.time() - t_start,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
+    }
+    report["figures"] = write_figures(out, spec, history, test_m, tproba, ty)
+    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=float))
+    print(f"[train] test: " + ", ".join(f"{k} {test_m[k]:.4f}" for k in ("accuracy", "precision", "recall", "f1", "roc_auc")), flush=True)
+    print(f"[train] wrote {out}/checkpoint.pt, report.json and figures in {time.time() - t_start:.0f} s", flush=True)
+    return report
+
+
+def write_figures(out: Path, spec: ModelSpec, history: dict[str, list[float]], test_m: dict[str, Any],
+                  proba: np.ndarray, y: np.ndarray) -> list[str]:
+    """Learning curves, confusion matrix and ROC curve(s) as PNG; returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names: list[str] = []
+    ep = np.arange(1, len(history["train_loss"]) + 1)
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax[0].plot(ep, history["train_loss"], label="train")
+    ax[0].plot(ep, history["val_loss"], label="validation")
+    ax[0].set(xlabel="epoch", ylabel="cross-entropy", title=f"{spec.name}: loss")
+    ax[1].plot(ep, history["train_accuracy"], label="train")
+    ax[1].plot(ep, history["val_accuracy"], label="validation")
+    ax[1].set(xlabel="epoch", ylabel="accuracy", title=f"{spec.name}: accuracy")
+    for a in ax:
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=90)
+    plt.close(fig)
+    names.append("learning_curves.png")
+
+    cm = np.asarray(test_m["confusion_matrix"], dtype=float)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    k = len(spec.classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * k, 1.0 + 0.55 * k))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), spec.classes, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(k), spec.classes, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true", title=f"{spec.name}: test confusion matrix")
+    fig.tight_layout()
+    fig.savefig(out / "confusion_matrix.png", dpi=90)
+    plt.close(fig)
+    names.append("confusion_matrix.png")
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    targets = [spec.classes.index(spec.positive_class)] if spec.positive_class else range(k)
+    for i in targets:
+        if (y == i).any() and (y != i).any():
+            fpr, tpr, _ = M.roc_curve(y == i, proba[:, i])
+            ax.plot(fpr, tpr, label=f"{spec.classes[i]} (AUC {M.roc_auc(y == i, proba[:, i]):.4f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    if spec.positive_class:
+        ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{spec.name}: test ROC")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=90)
+    plt.close(fig)
+    names.append("roc.png")
+    return names
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values parsed as JSON where possible (numbers, lists), else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        k, v = pair.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help=f"registered model: {', '.join(list_models())}")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe or data option, e.g. --set n_train=20000")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec = get_spec(args.model)
+    except KeyError as exc:
+        print(f"train: error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    train(spec, args, parse_options(args.options))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
