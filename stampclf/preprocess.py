@@ -53,15 +53,34 @@ def fit_size(stamps: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
+def _median_rows_inplace(rows: np.ndarray) -> np.ndarray:
+    """Median of each row of a finite 2-D array, partitioning *rows* in place.
+
+    Bitwise equal to ``np.median(rows, axis=1)`` for finite input: the middle
+    element, or the float mean of the two middle elements for an even count.
+    """
+    m = rows.shape[1]
+    k = m // 2
+    if m % 2:
+        rows.partition(k, axis=1)
+        return rows[:, k].copy()
+    rows.partition((k - 1, k), axis=1)
+    return (rows[:, k - 1] + rows[:, k]) / 2
+
+
 def _robust_centre_scale(flat: np.ndarray, finite_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Median and robust sigma of each row of ``flat`` (rows, pixels), NaN-aware."""
     centre = np.empty(flat.shape[0], dtype=np.float32)
     sigma = np.empty(flat.shape[0], dtype=np.float32)
     clean = finite_rows
     if clean.any():
-        rows = flat[clean]
-        med = np.median(rows, axis=1)
-        mad = np.median(np.abs(rows - med[:, None]), axis=1)
+        # One scratch copy, partitioned in place twice (median, then MAD): the same
+        # numbers as np.median, several times faster (no NaN check, no extra copies).
+        work = flat.copy() if clean.all() else flat[clean]
+        med = _median_rows_inplace(work)
+        np.subtract(work, med[:, None], out=work)
+        np.abs(work, out=work)
+        mad = _median_rows_inplace(work)
         centre[clean], sigma[clean] = med, mad * _MAD_TO_SIGMA
         # a stamp with many identical pixels (zero-filled mask) has MAD 0: fall back to std
         zero = clean.copy()
@@ -110,7 +129,10 @@ def normalise(stamps: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     if method == "robust_asinh":
         centre, sigma = _robust_centre_scale(flat, finite_rows)
         soft = float(spec.get("softening", 1.0))
-        out = np.arcsinh((flat - centre[:, None]) / (sigma[:, None] * soft))
+        # in place on one buffer: the same arithmetic as asinh((flat - c) / (s * soft))
+        out = np.subtract(flat, centre[:, None])
+        np.divide(out, sigma[:, None] * soft, out=out)
+        np.arcsinh(out, out=out)
     elif method == "minmax":
         masked = np.where(finite, flat, np.nan)
         with np.errstate(invalid="ignore"), warnings.catch_warnings():
