@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ import numpy as np
 from . import metrics as _metrics
 from ._errors import InputError, StampclfError
 from .classifier import Classifier
-from .io import open_inputs, open_writer
+from .io import LAYOUTS, open_inputs, open_writer
 
 __all__ = ["RunSummary", "classify_files", "Progress"]
 
@@ -74,9 +75,18 @@ def _count_rows(groups: list[tuple[list[str], Any]]) -> int | None:
         try:
             with h5py.File(paths[0], "r") as f:
                 total += max((d.shape[0] for d in f.values() if hasattr(d, "shape") and d.shape), default=0)
-        except (OSError, KeyError):
+        except Exception:  # noqa: BLE001 - only an estimate for the bar; the reader reports real problems
             return None
     return total
+
+
+def _check_output(output: str | None, paths: list[str]) -> None:
+    """Refuse an output path that is one of the inputs (the rename would replace it)."""
+    if output in (None, "-") or not os.path.exists(output):
+        return
+    for p in paths:
+        if os.path.exists(p) and os.path.samefile(p, output):
+            raise InputError(f"{output}: output would overwrite the input file {p}")
 
 
 def classify_files(
@@ -102,8 +112,12 @@ def classify_files(
         ``.csv`` or ``.h5`` path; ``None`` or ``"-"`` for CSV on stdout.
     keep_going
         Report a file that cannot be read and go on with the others (the run
-        still ends with an error); otherwise stop at the first bad file and
-        write no output.
+        still ends with an error, listed in ``summary.file_errors``); otherwise
+        stop at the first bad file and write no output. A file that fails
+        half-way contributes no rows (file outputs; rows already streamed to
+        stdout cannot be taken back). An unreadable image is a bad file too:
+        with *keep_going* its row stays in the output as ``failed``. When every
+        input fails no output file is written.
     evaluate
         Compute metrics against the inputs' labels.
     progress
@@ -111,6 +125,9 @@ def classify_files(
     """
     if not paths:
         raise InputError("no input files given")
+    if layout not in LAYOUTS:
+        raise InputError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    _check_output(output, paths)
     summary = RunSummary(output=output)
     groups = open_inputs(paths, clf.card, layout, channels_last)
     bar = Progress(_count_rows(groups) if progress is not False else None, enabled=progress)
@@ -120,30 +137,52 @@ def classify_files(
     writer = open_writer(output, clf.classes, clf.name, clf.version)
     try:
         for _group, opener in groups:
+            writer.mark()
+            rows = flagged = failed = 0
+            truth: list[np.ndarray] = []
+            prob: list[np.ndarray] = []
             try:
                 reader = opener()
                 for pred in clf._classify_reader(reader, batch_size or clf.batch_size):
+                    if getattr(opener, "images", False):
+                        # an image that cannot be read is a bad input file, not a bad stamp
+                        unreadable = [str(s)[len("failed: ") :] for s in pred.status if str(s).startswith("failed")]
+                        if unreadable and not keep_going:
+                            raise InputError(unreadable[0])
+                        summary.file_errors.extend(unreadable)
                     writer.write(pred.ids, pred.labels, pred.proba, pred.status, pred.file)
-                    summary.rows += len(pred)
-                    summary.flagged += sum(1 for s in pred.status if s.startswith("flagged"))
-                    summary.failed += sum(1 for s in pred.status if s.startswith("failed"))
+                    rows += len(pred)
+                    flagged += sum(1 for s in pred.status if s.startswith("flagged"))
+                    failed += sum(1 for s in pred.status if s.startswith("failed"))
                     if evaluate and pred.true_labels is not None:
-                        y_true.append(pred.true_labels)
-                        y_prob.append(pred.proba)
+                        truth.append(pred.true_labels)
+                        prob.append(pred.proba)
                     bar.update(len(pred))
-                summary.files += 1
             except StampclfError as exc:
                 if not keep_going:
                     raise
                 summary.file_errors.append(str(exc))
-        writer.commit()
+                if not writer.rollback():
+                    summary.file_errors.append(f"{rows} row(s) of the failed input were already written to stdout")
+                continue
+            summary.files += 1
+            summary.rows += rows
+            summary.flagged += flagged
+            summary.failed += failed
+            y_true.extend(truth)
+            y_prob.extend(prob)
+        if summary.files == 0 and summary.file_errors and writer.path is not None:
+            writer.abort()  # every input failed: an empty file would look like "nothing found"
+            summary.output = None
+        else:
+            writer.commit()
     except BaseException:
         writer.abort()
         raise
     finally:
         bar.close()
     summary.seconds = time.perf_counter() - t0
-    if evaluate:
+    if evaluate and summary.files:
         if not y_true:
             raise InputError(f"--evaluate: no labels in {', '.join(paths)} (expected a 'labels' dataset)")
         summary.metrics = evaluate_predictions(clf, np.concatenate(y_true), np.concatenate(y_prob))

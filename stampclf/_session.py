@@ -113,7 +113,7 @@ def _cuda_unusable_reason(ort: Any) -> str | None:
     if hasattr(ort, "preload_dlls"):
         try:
             ort.preload_dlls()  # finds CUDA/cuDNN shipped as NVIDIA pip packages
-        except Exception:  # noqa: BLE001 - best effort; the session check below decides
+        except Exception:  # noqa: BLE001, S110 - best effort; the session check below decides
             pass
     return None
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
 from ._card import ModelCard, read_card
-from ._errors import InputError
+from ._errors import InputError, ModelError
 from ._registry import resolve_model
 from ._session import create_session
 from .io import InputBatch, open_inputs
-from .preprocess import OK, prepare_stamps
+from .io._base import DUPLICATE_ID, duplicate_rows
+from .preprocess import OK, merge_status, prepare_stamps
 
 __all__ = ["Classifier", "Predictions"]
 
@@ -137,9 +139,24 @@ class Classifier:
         self.threshold = self.card.threshold if threshold is None else float(threshold)
         self._input = self.session.get_inputs()[0].name
         self._output = self.session.get_outputs()[0].name
+        self._check_graph()
         self._positive = (
             self.card.classes.index(self.card.positive_class) if self.card.positive_class else None
         )
+
+    def _check_graph(self) -> None:
+        """The graph's fixed input/output sizes must agree with the card (else ORT fails mid-run)."""
+        got_in = self.session.get_inputs()[0].shape
+        got_out = self.session.get_outputs()[0].shape
+        want_in, want_out = (None, *self.card.shape), (None, len(self.card.classes))
+        for got, want, what in ((got_in, want_in, "input"), (got_out, want_out, "output")):
+            fixed = [
+                (g, w) for g, w in zip(got, want, strict=False) if isinstance(g, int) and w is not None and g != w
+            ]
+            if len(got) != len(want) or fixed:
+                raise ModelError(
+                    f"{self.path}: graph {what} shape {got} does not match the model card (expects {list(want)})"
+                )
 
     # --- card views --------------------------------------------------------------------
     @property
@@ -180,7 +197,10 @@ class Classifier:
         if batch.x is not None:
             status = batch.status if batch.status is not None else np.full(len(batch), OK, dtype=object)
             return batch.x, status
-        return prepare_stamps(batch.stamps, self.card.input, self.card.preprocessing, what)  # type: ignore[arg-type]
+        x, status = prepare_stamps(batch.stamps, self.card.input, self.card.preprocessing, what)  # type: ignore[arg-type]
+        if batch.status is not None:  # what the reader noticed, e.g. duplicate ids
+            status = merge_status(status, batch.status)
+        return x, status
 
     def _predict_prepared(self, x: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         proba = self._run(x) if len(x) else np.empty((0, len(self.card.classes)), np.float32)
@@ -192,7 +212,15 @@ class Classifier:
         return proba, labels
 
     def classify(self, stamps: np.ndarray, ids: np.ndarray | None = None) -> Predictions:
-        """Classify an in-memory array of raw stamps ``(N, C, H, W)`` in the card's channel order."""
+        """Classify an in-memory array of raw stamps ``(N, C, H, W)`` in the card's channel order.
+
+        Rows whose id repeats an earlier row's are kept and flagged ``duplicate id``.
+        """
+        if ids is not None:
+            ids = np.asarray(ids)
+            n = len(stamps) if hasattr(stamps, "__len__") else -1
+            if ids.ndim != 1 or len(ids) != n:
+                raise InputError(f"ids: shape {ids.shape} for {n} stamps (need one id per stamp)")
         if self.card.kind != "stamp":
             x = np.asarray(stamps, dtype=np.float32)
             if x.ndim != 4 or x.shape[1:] != self.card.shape:
@@ -200,12 +228,14 @@ class Classifier:
             status = np.full(len(x), OK, dtype=object)
         else:
             x, status = prepare_stamps(stamps, self.card.input, self.card.preprocessing)
-        proba, labels = self._predict_prepared(x, status)
         if ids is None:
             ids = np.arange(len(x))
-        elif len(ids) != len(x):
-            raise InputError(f"ids: {len(ids)} ids for {len(x)} stamps")
-        return Predictions(np.asarray(ids), labels, proba, status)
+        else:
+            dup = duplicate_rows(ids)
+            if dup.any():
+                status = merge_status(status, np.where(dup, DUPLICATE_ID, OK).astype(object))
+        proba, labels = self._predict_prepared(x, status)
+        return Predictions(ids, labels, proba, status)
 
     def predict_proba(self, stamps: np.ndarray) -> np.ndarray:
         """Class probabilities ``(N, n_classes)``; rows that could not be scored are NaN."""
@@ -227,7 +257,7 @@ class Classifier:
         Reading and preprocessing run in a background thread, overlapped with inference.
         """
         paths = [os.fspath(p) for p in path] if isinstance(path, list) else [os.fspath(path)]
-        for group, opener in open_inputs(paths, self.card, layout, channels_last):
+        for _group, opener in open_inputs(paths, self.card, layout, channels_last):
             yield from self._classify_reader(opener(), batch_size or self.batch_size)
 
     def _classify_reader(self, reader: Any, batch_size: int) -> Iterator[Predictions]:
@@ -248,6 +278,8 @@ class Classifier:
     def _label_index(self, labels: np.ndarray | None, what: str) -> np.ndarray | None:
         if labels is None:
             return None
+        if labels.dtype.kind == "f" and np.isfinite(labels).all() and (labels == np.round(labels)).all():
+            labels = labels.astype(np.int64)  # labels stored as 0.0/1.0
         if labels.dtype.kind in "iu":
             bad = (labels < 0) | (labels >= len(self.card.classes))
             if bad.any():

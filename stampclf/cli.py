@@ -6,7 +6,8 @@ import json
 import signal
 import sys
 import traceback
-from typing import Annotated, Any, Callable, Optional
+from collections.abc import Callable
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -115,7 +116,8 @@ def classify(
             typer.echo(
                 f"stampclf: {s.rows:,} rows from {s.files} input(s) with {clf.name} v{clf.version} on {clf.device} "
                 f"in {s.seconds:.2f} s ({rate:,.0f} rows/s); flagged {s.flagged:,}, failed {s.failed:,}"
-                + (f"; written to {output}" if output and output != "-" else ""),
+                + (f"; written to {s.output}" if s.output and s.output != "-" else "")
+                + ("; no output written" if output and output != "-" and not s.output else ""),
                 err=True,
             )
         if s.metrics is not None:

@@ -19,6 +19,7 @@ __all__ = [
     "fit_size",
     "normalise",
     "prepare_stamps",
+    "merge_status",
     "load_image",
     "image_to_array",
 ]
@@ -32,6 +33,22 @@ _MAD_TO_SIGMA = 1.4826  # sigma of a Gaussian from its median absolute deviation
 def _check_numeric(x: np.ndarray, what: str) -> None:
     if x.dtype.kind not in "fiu":
         raise InputError(f"{what}: dtype {x.dtype} is not numeric (expected float or integer pixels)")
+
+
+def merge_status(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Combine two per-row statuses: a failure wins, flag reasons are joined.
+
+    Used to add what a reader noticed (e.g. a duplicate id) to what preprocessing found.
+    """
+    out = np.array(first, dtype=object, copy=True)
+    for i, (a, b) in enumerate(zip(first, second, strict=True)):
+        if b == OK or a.startswith("failed"):
+            continue
+        if a == OK or b.startswith("failed"):
+            out[i] = b
+        else:
+            out[i] = f"{a}; {b.removeprefix('flagged: ')}"
+    return out
 
 
 def fit_size(stamps: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -167,7 +184,10 @@ def prepare_stamps(
     status
         Object array of ``"ok"``, ``"flagged: <reason>"`` or ``"failed: <reason>"``.
     """
-    stamps = np.asarray(stamps)
+    try:
+        stamps = np.asarray(stamps)
+    except (ValueError, TypeError) as exc:  # ragged nested lists and the like
+        raise InputError(f"{what}: not an array of stamps ({exc})") from None
     _check_numeric(stamps, what)
     if stamps.ndim != 4:
         raise InputError(f"{what}: expected 4 axes (N, C, H, W), got shape {stamps.shape}")
@@ -179,7 +199,9 @@ def prepare_stamps(
     height, width = int(card_input["height"]), int(card_input["width"])
     n = stamps.shape[0]
     reasons: list[list[str]] = [[] for _ in range(n)]
-    x = stamps.astype(np.float32, copy=False)
+    # float64 values beyond float32 range become inf here and are then handled by the NaN policy
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = stamps.astype(np.float32, copy=False)
     if x.shape[2:] != (height, width):
         if spec.get("size_policy", "strict") != "crop_or_pad":
             raise InputError(
@@ -191,7 +213,10 @@ def prepare_stamps(
         x = fit_size(x, height, width)
         for r in reasons:
             r.append(note)
-    x = normalise(x, spec.get("normalisation", {"method": "none"}))
+    if n == 0:
+        return np.zeros((0, n_ch, height, width), dtype=np.float32), np.full(0, OK, dtype=object)
+    with np.errstate(over="ignore", invalid="ignore"):  # extreme values overflow to inf: NaN policy below
+        x = normalise(x, spec.get("normalisation", {"method": "none"}))
     bad = ~np.isfinite(x)
     status = np.full(n, OK, dtype=object)
     if bad.any():
@@ -205,7 +230,7 @@ def prepare_stamps(
             if frac[i] > max_frac:
                 status[i] = f"failed: {int(per_row[i])} of {x[0].size} pixels not finite"
                 reasons[i] = []
-            else:
+            elif policy.get("flag", True):
                 reasons[i].append(f"{int(per_row[i])} non-finite pixels replaced")
     for i, r in enumerate(reasons):
         if r and status[i] == OK:

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
-__all__ = ["InputBatch", "Reader"]
+__all__ = ["InputBatch", "Reader", "DUPLICATE_ID", "duplicate_rows"]
+
+#: Status note of a row whose id already appeared earlier in the same file.
+DUPLICATE_ID = "flagged: duplicate id"
+
+
+def duplicate_rows(ids: np.ndarray) -> np.ndarray:
+    """True for every row whose id appeared in an earlier row (the first one stays unflagged)."""
+    dup = np.zeros(len(ids), dtype=bool)
+    if len(ids) > 1:
+        try:
+            _, first = np.unique(ids, return_index=True)
+        except TypeError:  # unorderable mixed objects: compare as text
+            _, first = np.unique(np.array([str(i) for i in ids]), return_index=True)
+        dup[:] = True
+        dup[first] = False
+    return dup
 
 
 @dataclass

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
-from .._errors import InputError
-from ._base import InputBatch
+from .._errors import InputError, StampclfError
+from ..preprocess import OK
+from ._base import DUPLICATE_ID, InputBatch, duplicate_rows
 
 __all__ = ["HDF5Reader", "LAYOUTS"]
 
@@ -16,6 +18,8 @@ LAYOUTS = ("auto", "channels", "stacked")
 _ID_NAMES = ("ID", "id", "ids", "candid")
 _LABEL_NAMES = ("labels", "label")
 _STACKED_NAME = "stamps"
+# what h5py raises on damaged files (truncated, corrupt metadata or chunks)
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 
 
 def _open(path: str) -> Any:
@@ -62,6 +66,12 @@ class HDF5Reader:
         self._file = _open(self.path)
         try:
             self._setup(card_input, layout, channels_last)
+        except StampclfError:
+            self._file.close()
+            raise
+        except _H5_ERRORS as exc:
+            self._file.close()
+            raise InputError(f"{self.path}: cannot read HDF5 file (truncated or corrupt: {_one_line(exc)})") from None
         except BaseException:
             self._file.close()
             raise
@@ -116,10 +126,10 @@ class HDF5Reader:
             if missing:
                 raise InputError(f"{self.path}: missing dataset(s) {missing} for channels {self.channels}")
             self._datasets = [self._dataset(n) for n in names]
-            lengths = {n: d.shape[0] if d.ndim else 0 for n, d in zip(names, self._datasets)}
+            lengths = {n: d.shape[0] if d.ndim else 0 for n, d in zip(names, self._datasets, strict=True)}
             if len(set(lengths.values())) > 1:
                 raise InputError(f"{self.path}: channel datasets disagree in length: {lengths}")
-            for n, d in zip(names, self._datasets):
+            for n, d in zip(names, self._datasets, strict=True):
                 if d.ndim not in (2, 3):
                     raise InputError(
                         f"{self.path}: dataset {n!r} has shape {d.shape}; expected (N, H, W) or (N, H*W)"
@@ -129,13 +139,22 @@ class HDF5Reader:
                         f"{self.path}: dataset {n!r} has shape {d.shape}: {d.shape[1]} pixels per "
                         f"row is not a square stamp (expected {h * w} for {h}x{w})"
                     )
-        for d, n in zip(self._datasets, names):
+            sizes = {
+                n: d.shape[1:] if d.ndim == 3 else (math.isqrt(d.shape[1]),) * 2
+                for n, d in zip(names, self._datasets, strict=True)
+            }
+            if len(set(sizes.values())) > 1:
+                raise InputError(f"{self.path}: channel datasets disagree in stamp size: {sizes}")
+        for d in self._datasets:
             if d.dtype.kind not in "fiu":
                 raise InputError(f"{self.path}: dataset {d.name!r} has dtype {d.dtype}; expected numbers")
         self.n_rows = int(self._datasets[0].shape[0])
         self._ids = self._find(_ID_NAMES, "ids")
         self._labels = self._find(_LABEL_NAMES, "labels")
         self.has_labels = self._labels is not None
+        # Duplicate ids are kept (one output row per input row) but flagged; reading the
+        # 1-D id column once is cheap next to the stamps.
+        self._dup = duplicate_rows(self._ids[()]) if self._ids is not None else None
 
     def _find(self, candidates: tuple[str, ...], what: str) -> Any:
         for name in candidates:
@@ -151,7 +170,21 @@ class HDF5Reader:
 
     # ------------------------------------------------------------------------------
     def read_block(self, start: int, stop: int) -> InputBatch:
-        """Rows ``start:stop`` as a batch of raw stamps."""
+        """Rows ``start:stop`` as a batch of raw stamps.
+
+        Raises
+        ------
+        InputError
+            If h5py cannot read the rows (a truncated or corrupt file), naming the file.
+        """
+        try:
+            return self._read_block(start, stop)
+        except _H5_ERRORS as exc:
+            raise InputError(
+                f"{self.path}: cannot read rows {start}-{stop - 1} (truncated or corrupt HDF5: {_one_line(exc)})"
+            ) from None
+
+    def _read_block(self, start: int, stop: int) -> InputBatch:
         if self.layout == "stacked":
             block = self._datasets[0][start:stop]
             stamps = np.moveaxis(block, 3, 1) if self._channels_last else block
@@ -164,11 +197,16 @@ class HDF5Reader:
         if self._ids is not None:
             ids = self._ids[start:stop]
             if ids.dtype.kind in "SO":
-                ids = np.array([i.decode() if isinstance(i, bytes) else str(i) for i in ids], dtype=object)
+                ids = np.array(
+                    [i.decode(errors="replace") if isinstance(i, bytes) else str(i) for i in ids], dtype=object
+                )
         else:
             ids = np.arange(start, stop)
         labels = self._labels[start:stop] if self._labels is not None else None
-        return InputBatch(ids=ids, stamps=stamps, labels=labels)
+        status = None
+        if self._dup is not None and self._dup[start:stop].any():
+            status = np.where(self._dup[start:stop], DUPLICATE_ID, OK).astype(object)
+        return InputBatch(ids=ids, stamps=stamps, labels=labels, status=status)
 
     def block_rows(self, batch_size: int) -> int:
         """Rows per read: a multiple of the file's chunking, at least *batch_size*."""
@@ -186,3 +224,8 @@ class HDF5Reader:
     def close(self) -> None:
         """Close the file."""
         self._file.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or exc.__class__.__name__

@@ -47,6 +47,8 @@ class ResultWriter:
         self.classes = list(classes)
         self.model, self.version = model, version
         self.rows = 0
+        self._mark: int | None = None
+        self._mark_rows = 0
         self._tmp: str | None = None
         self._fh: IO[str] | None = None
         self._h5: Any = None
@@ -108,9 +110,35 @@ class ResultWriter:
             fmt = [[("" if not np.isfinite(v) else f"{v:.7g}") for v in row] for row in proba.tolist()]
             self._csv.writerows(
                 [str(i), str(lab), *p, str(s), self.model, self.version, file]
-                for i, lab, p, s in zip(ids, labels, fmt, status)
+                for i, lab, p, s in zip(ids, labels, fmt, status, strict=True)
             )
         self.rows += n
+
+    def mark(self) -> None:
+        """Remember the current end of the output; `rollback` returns to it."""
+        if self._fh is not None and self._tmp:
+            self._fh.flush()
+            self._mark = self._fh.tell()
+        else:
+            self._mark = None
+        self._mark_rows = self.rows
+
+    def rollback(self) -> bool:
+        """Drop the rows written since `mark` (e.g. of an input that failed half-way).
+
+        Returns False when that is impossible (CSV on stdout: those rows are already out).
+        """
+        if self._h5 is not None:
+            for name in self._h5:
+                self._h5[name].resize((self._mark_rows,))
+        elif self._tmp and self._fh is not None and self._mark is not None:
+            self._fh.flush()
+            self._fh.seek(self._mark)
+            self._fh.truncate()
+        elif self.rows != self._mark_rows:
+            return False
+        self.rows = self._mark_rows
+        return True
 
     def commit(self) -> None:
         """Finish the output and move it under its final name."""
