@@ -21,6 +21,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +65,8 @@ def load_trained(spec: ModelSpec, checkpoint: Path) -> Deployable:
     return model.eval()
 
 
-def to_onnx_bytes(model: nn.Module, shape: tuple[int, int, int], input_name: str) -> bytes:
-    """Export with the torch.export-based exporter, batch axis dynamic; no card yet."""
-    import onnx
-
-    example = torch.zeros((2, *shape), dtype=torch.float32)
-    program = torch.onnx.export(
+def _export(model: nn.Module, example: torch.Tensor, input_name: str) -> Any:
+    return torch.onnx.export(
         model,
         (example,),
         dynamo=True,
@@ -79,6 +76,16 @@ def to_onnx_bytes(model: nn.Module, shape: tuple[int, int, int], input_name: str
         optimize=True,
         verbose=False,
     )
+
+
+def to_onnx_bytes(model: nn.Module, shape: tuple[int, int, int], input_name: str) -> bytes:
+    """Export with the torch.export-based exporter, batch axis dynamic; no card yet."""
+    import onnx
+
+    example = torch.zeros((2, *shape), dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.export's own deprecation chatter, not actionable here
+        program = _export(model, example, input_name)
     proto = program.model_proto
     proto.ir_version = min(proto.ir_version, IR_VERSION)
     onnx.checker.check_model(proto, full_check=True)

@@ -1,0 +1,133 @@
+"""Training side: registry, tiny training run, ONNX export with card, parity, classify."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from stampclf import Classifier, read_card  # noqa: E402
+from train import export as export_mod  # noqa: E402
+from train import train as train_mod  # noqa: E402
+from train.registry import create_model, get_spec, list_models, register_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write_split(path: Path, n: int, seed: int) -> None:
+    """HiTS-layout file where 'real' rows have a PSF-like bump in the difference."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    yy, xx = np.mgrid[:21, :21]
+    psf = np.exp(-((yy - 10) ** 2 + (xx - 10) ** 2) / 4.0).astype(np.float32)
+    with h5py.File(path, "w") as f:
+        for k in ("temp_images", "sci_images", "diff_images", "SNR_images"):
+            a = rng.normal(100, 5, (n, 21, 21)).astype("f4")
+            if k in ("diff_images", "SNR_images", "sci_images"):
+                a[y == 1] += 40 * psf
+            f[k] = a
+        f["labels"] = y
+        f["ID"] = np.arange(n) + 1000
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Train `hits` for one short epoch on tiny data and export it."""
+    d = tmp_path_factory.mktemp("hits_run")
+    files = []
+    for name, n, seed in (("train", 768, 1), ("val", 256, 2), ("test", 256, 3)):
+        _write_split(d / f"{name}.h5", n, seed)
+        files.append(str(d / f"{name}.h5"))
+    run = d / "run"
+    rc = train_mod.main(
+        ["--model", "hits", "--epochs", "2", "--seed", "3", "--out", str(run), "--device", "cpu",
+         "--set", "data=" + ",".join(files), "--set", "batch_size=128"]
+    )
+    assert rc == 0
+    out = d / "exported"
+    assert export_mod.main(["--model", "hits", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(out)]) == 0
+    return {"run": run, "onnx": out / "hits.onnx", "test": Path(files[2]), "dir": out}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_builds_and_runs(name: str) -> None:
+    spec = get_spec(name)
+    model = create_model(name).eval()
+    c, h, w = len(spec.input["channels"]), spec.input["height"], spec.input["width"]
+    with torch.no_grad():
+        out = model(torch.randn(3, c, h, w))
+    assert out.shape == (3, len(spec.classes))
+    assert torch.isfinite(out).all()
+    assert spec.positive_class is None or spec.positive_class in spec.classes
+
+
+def test_registry_refuses_duplicate_names() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("hits", task="x", classes=("a", "b"), input={}, preprocessing={}, dataset="hits_sim")(lambda: None)
+
+
+def test_unknown_model_lists_registered() -> None:
+    with pytest.raises(KeyError, match="hits"):
+        get_spec("no-such-model")
+
+
+def test_training_writes_report_and_figures(trained: dict[str, Path]) -> None:
+    run = trained["run"]
+    report = json.loads((run / "report.json").read_text())
+    for f in ("learning_curves.png", "confusion_matrix.png", "roc.png", "checkpoint.pt"):
+        assert (run / f).stat().st_size > 1000, f
+    assert report["seed"] == 3
+    assert len(report["history"]["val_loss"]) == 2
+    assert report["metrics"]["test"]["accuracy"] > 0.9  # the bump is easy to see
+    assert "fpr_1pct" in report["operating_points"]
+    assert 0.05 <= report["temperature"] <= 20
+
+
+def test_export_card_round_trip(trained: dict[str, Path]) -> None:
+    card, _ = read_card(trained["onnx"])
+    assert card.name == "hits"
+    assert card.channels == ["template", "science", "difference", "snr_difference"]
+    assert card.classes == ["bogus", "real"] and card.positive_class == "real"
+    assert card.training["seed"] == 3 and "train/train.py" in card.training["command"]
+    assert card.preprocessing["normalisation"]["method"] == "robust_asinh"
+    assert "test" in card.metrics and "accuracy" in card.metrics["test"]
+    assert all((trained["dir"] / f).is_file() for f in card.report["figures"])
+    # the runtime's reader and the onnx package agree on the card
+    import onnx
+
+    proto = onnx.load(str(trained["onnx"]))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["stampclf.card"]) == card.to_dict()
+
+
+def test_export_parity_within_tolerance(trained: dict[str, Path]) -> None:
+    spec = get_spec("hits")
+    model = export_mod.load_trained(spec, trained["run"] / "checkpoint.pt")
+    assert export_mod.parity(model, trained["onnx"], (4, 21, 21), seed=5) <= export_mod.TOLERANCE
+
+
+def test_export_without_checkpoint_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_mod.main(["--model", "hits", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert "train first" in capsys.readouterr().err
+
+
+def test_exported_model_classifies_with_high_accuracy(trained: dict[str, Path]) -> None:
+    clf = Classifier(trained["onnx"], device="cpu")
+    preds = list(clf.classify_file(trained["test"]))
+    y = np.concatenate([p.true_labels for p in preds])
+    labels = np.concatenate([p.labels for p in preds])
+    assert (np.array([clf.classes.index(v) for v in labels]) == y).mean() > 0.9
+
+
+def test_export_module_entry_point_help() -> None:
+    for argv in (["-m", "train.export", "--help"], [str(ROOT / "train" / "export.py"), "--help"]):
+        r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "--checkpoint" in r.stdout
