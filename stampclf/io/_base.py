@@ -34,6 +34,7 @@ class InputBatch:
     Exactly one of ``stamps`` (raw pixels, ``(n, C, H, W)``, the card's channel
     order) and ``x`` (already preprocessed model input) is set. ``status`` holds
     a per-row status from reading (e.g. an unreadable image) or is None.
+    ``extra`` holds extra output columns of the reader (e.g. alerts' ``object_id``).
     """
 
     ids: np.ndarray
@@ -41,6 +42,7 @@ class InputBatch:
     x: np.ndarray | None = None
     labels: np.ndarray | None = None
     status: np.ndarray | None = None
+    extra: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
