@@ -1,0 +1,204 @@
+"""Runtime: Python API, CLI (CliRunner and a real subprocess), both HDF5 layouts, outputs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import stampclf
+from stampclf import Classifier, ModelError
+from stampclf.cli import app
+
+from conftest import make_stamps, write_hits_h5
+
+runner = CliRunner()
+
+
+def _rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_public_api_names() -> None:
+    for name in ("Classifier", "list_models", "ModelCard", "read_card", "__version__"):
+        assert name in stampclf.__all__
+    assert isinstance(stampclf.list_models(), list)
+
+
+def test_classifier_card_and_predictions(tiny_model_path: Path) -> None:
+    clf = Classifier(tiny_model_path, device="cpu")
+    assert clf.card.name == clf.name == "tiny"
+    assert clf.classes == ["bogus", "real"]
+    x = make_stamps(20, seed=1)
+    p = clf.predict_proba(x)
+    assert p.shape == (20, 2) and np.allclose(p.sum(1), 1, atol=1e-6)
+    labels = clf.predict(x)
+    assert set(labels) <= {"bogus", "real"}
+    expected = np.where(p[:, 1] >= clf.threshold, "real", "bogus")
+    assert (labels == expected).all()
+
+
+def test_threshold_changes_decisions(tiny_model_path: Path) -> None:
+    x = make_stamps(50, seed=2)
+    always = Classifier(tiny_model_path, device="cpu", threshold=0.0).predict(x)
+    never = Classifier(tiny_model_path, device="cpu", threshold=1.0).predict(x)
+    assert (always == "real").all()
+    assert (never == "bogus").sum() >= 49  # only p == 1.0 exactly would pass
+
+
+def test_batch_size_invariance(tiny_model_path: Path) -> None:
+    x = make_stamps(300, seed=3)
+    ref = Classifier(tiny_model_path, device="cpu", batch_size=4096).predict_proba(x)
+    for bs in (1, 7):
+        assert np.array_equal(Classifier(tiny_model_path, device="cpu", batch_size=bs).predict_proba(x), ref)
+
+
+def test_classify_file_streams_in_input_order(tiny_model_path: Path, tmp_path: Path) -> None:
+    path = write_hits_h5(tmp_path / "s.h5", n=37, seed=4)
+    clf = Classifier(tiny_model_path, device="cpu", batch_size=8)
+    batches = list(clf.classify_file(path))
+    assert [len(b) for b in batches] == [8, 8, 8, 8, 5]
+    ids = np.concatenate([b.ids for b in batches])
+    assert list(ids) == list(range(1000, 1037))
+    with h5py.File(path) as f:
+        stamps = np.stack([f[k][...] for k in ("temp_images", "sci_images", "diff_images", "SNR_images")], 1)
+    assert np.array_equal(np.concatenate([b.proba for b in batches]), clf.predict_proba(stamps))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(layout="channels"),
+        dict(layout="channels", flatten=True),
+        dict(layout="channels", id_name="ID"),
+        dict(layout="stacked"),
+    ],
+    ids=["hits", "hits-flat", "hits-ID", "stacked"],
+)
+def test_layouts_give_same_results(tiny_model_path: Path, tmp_path: Path, kwargs: dict) -> None:
+    stamps = make_stamps(12, seed=5)
+    ref = write_hits_h5(tmp_path / "ref.h5", stamps=stamps)
+    path = write_hits_h5(tmp_path / "x.h5", stamps=stamps, **kwargs)
+    a = runner.invoke(app, ["classify", str(ref), "--model", str(tiny_model_path), "--quiet"])
+    b = runner.invoke(app, ["classify", str(path), "--model", str(tiny_model_path), "--quiet"])
+    assert a.exit_code == 0 and b.exit_code == 0, b.output
+    ra, rb = _rows(a.stdout), _rows(b.stdout)
+    assert len(rb) == 12
+    assert [r["p_real"] for r in ra] == [r["p_real"] for r in rb]
+
+
+def test_channels_last_option(tiny_model_path: Path, tmp_path: Path) -> None:
+    stamps = make_stamps(6, seed=6)
+    ref = write_hits_h5(tmp_path / "ref.h5", stamps=stamps, layout="stacked")
+    last = write_hits_h5(tmp_path / "last.h5", stamps=stamps, layout="stacked", channels_last=True)
+    a = runner.invoke(app, ["classify", str(ref), "-m", str(tiny_model_path), "-q"])
+    b = runner.invoke(app, ["classify", str(last), "-m", str(tiny_model_path), "-q", "--channels-last"])
+    assert b.exit_code == 0, b.output
+    assert a.stdout == b.stdout.replace(str(last), str(ref))
+
+
+def test_csv_output_columns_and_provenance(tiny_model_path: Path, tmp_path: Path) -> None:
+    path = write_hits_h5(tmp_path / "s.h5", n=5)
+    out = tmp_path / "out.csv"
+    r = runner.invoke(app, ["classify", str(path), "-m", str(tiny_model_path), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = _rows(out.read_text())
+    assert list(rows[0]) == ["id", "label", "p_bogus", "p_real", "status", "model", "model_version", "file"]
+    assert {r["model"] for r in rows} == {"tiny"} and {r["model_version"] for r in rows} == {"0.0.1"}
+    assert [r["id"] for r in rows] == ["1000", "1001", "1002", "1003", "1004"]
+    assert "5 rows" in r.stderr
+
+
+def test_hdf5_output_matches_csv(tiny_model_path: Path, tmp_path: Path) -> None:
+    path = write_hits_h5(tmp_path / "s.h5", n=9)
+    r1 = runner.invoke(app, ["classify", str(path), "-m", str(tiny_model_path), "-o", str(tmp_path / "o.h5")])
+    r2 = runner.invoke(app, ["classify", str(path), "-m", str(tiny_model_path), "-q"])
+    assert r1.exit_code == 0 and r2.exit_code == 0
+    rows = _rows(r2.stdout)
+    with h5py.File(tmp_path / "o.h5") as f:
+        assert f.attrs["model"] == "tiny"
+        assert [x.decode() for x in f["label"][...]] == [r["label"] for r in rows]
+        assert np.allclose(f["p_real"][...], [float(r["p_real"]) for r in rows], rtol=1e-6)
+        assert all(x.decode() == "0.0.1" for x in f["model_version"][...])
+
+
+def test_evaluate_prints_metrics(tiny_model_path: Path, tmp_path: Path) -> None:
+    path = write_hits_h5(tmp_path / "s.h5", n=40)
+    r = runner.invoke(app, ["classify", str(path), "-m", str(tiny_model_path), "-q", "--evaluate"])
+    assert r.exit_code == 0, r.output
+    for key in ("accuracy", "precision", "recall", "f1", "roc_auc"):
+        assert key in r.stderr
+
+
+def test_evaluate_without_labels_is_an_error(tiny_model_path: Path, tmp_path: Path) -> None:
+    path = write_hits_h5(tmp_path / "s.h5", n=4, labels=None)
+    r = runner.invoke(app, ["classify", str(path), "-m", str(tiny_model_path), "-q", "--evaluate"])
+    assert r.exit_code == 2 and "labels" in r.stderr
+
+
+def test_version_models_info(tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and stampclf.__version__ in r.stdout
+    monkeypatch.setenv("STAMPCLF_MODELS", str(tiny_model_path.parent))
+    r = runner.invoke(app, ["models"])
+    assert r.exit_code == 0 and tiny_model_path.stem in r.stdout
+    r = runner.invoke(app, ["info", str(tiny_model_path)])
+    assert r.exit_code == 0 and '"weights_sha256"' in r.stdout and '"channels"' in r.stdout
+
+
+def test_shipped_name_resolution(tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAMPCLF_MODELS", str(tiny_model_path.parent))
+    assert Classifier(tiny_model_path.stem, device="cpu").name == "tiny"
+    with pytest.raises(ModelError, match="shipped models"):
+        Classifier("definitely-not-a-model")
+
+
+def test_device_cuda_without_gpu_is_a_clear_error(tiny_model_path: Path, tmp_path: Path) -> None:
+    from stampclf._session import _gpu_present
+
+    if _gpu_present():
+        pytest.skip("a GPU is present")
+    path = write_hits_h5(tmp_path / "s.h5", n=3)
+    r = runner.invoke(app, ["classify", str(path), "-m", str(tiny_model_path), "--device", "cuda"])
+    assert r.exit_code == 2
+    assert "CUDA cannot be used" in r.stderr and "Traceback" not in r.output
+
+
+def test_device_auto_falls_back_with_one_clean_line(tiny_model_path: Path, tmp_path: Path) -> None:
+    path = write_hits_h5(tmp_path / "s.h5", n=3)
+    r = subprocess.run(
+        [sys.executable, "-m", "stampclf", "classify", str(path), "-m", str(tiny_model_path), "-o", str(tmp_path / "o.csv")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) <= 2, lines  # at most the device notice and the summary
+    assert not any("onnxruntime" in ln.lower() and "error" in ln.lower() for ln in lines)
+
+
+def test_subprocess_cli_never_imports_torch(tiny_model_path: Path, tmp_path: Path) -> None:
+    path = write_hits_h5(tmp_path / "s.h5", n=3)
+    code = (
+        "import sys\n"
+        "from stampclf.cli import app\n"
+        f"try:\n    app(['classify', {str(path)!r}, '-m', {str(tiny_model_path)!r}, '-q', '-o', {str(tmp_path / 'o.h5')!r}])\n"
+        "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "import stampclf\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_console_script_help() -> None:
+    r = subprocess.run([sys.executable, "-m", "stampclf", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "classify" in r.stdout
