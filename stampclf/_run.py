@@ -134,7 +134,8 @@ def classify_files(
     y_true: list[np.ndarray] = []
     y_prob: list[np.ndarray] = []
     t0 = time.perf_counter()
-    writer = open_writer(output, clf.classes, clf.name, clf.version)
+    extra = tuple(dict.fromkeys(c for _g, op in groups for c in getattr(op, "extra_columns", ())))
+    writer = open_writer(output, clf.classes, clf.name, clf.version, extra)
     try:
         for _group, opener in groups:
             writer.mark()
@@ -150,7 +151,7 @@ def classify_files(
                         if unreadable and not keep_going:
                             raise InputError(unreadable[0])
                         summary.file_errors.extend(unreadable)
-                    writer.write(pred.ids, pred.labels, pred.proba, pred.status, pred.file)
+                    writer.write(pred.ids, pred.labels, pred.proba, pred.status, pred.file, pred.extra)
                     rows += len(pred)
                     flagged += sum(1 for s in pred.status if s.startswith("flagged"))
                     failed += sum(1 for s in pred.status if s.startswith("failed"))

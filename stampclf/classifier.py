@@ -42,6 +42,8 @@ class Predictions:
         Class indices from the input file, when it has labels.
     file
         The input the rows came from.
+    extra
+        Reader-specific columns, e.g. ``object_id`` for alert packets.
     """
 
     ids: np.ndarray
@@ -50,6 +52,7 @@ class Predictions:
     status: np.ndarray
     true_labels: np.ndarray | None = None
     file: str = ""
+    extra: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -271,7 +274,9 @@ class Classifier:
         try:
             for batch, x, status in _prefetch(prepared()):
                 proba, labels = self._predict_prepared(x, status)
-                yield Predictions(batch.ids, labels, proba, status, self._label_index(batch.labels, what), what)
+                yield Predictions(
+                    batch.ids, labels, proba, status, self._label_index(batch.labels, what), what, batch.extra
+                )
         finally:
             reader.close()
 

@@ -1,4 +1,4 @@
-"""Readers (HDF5 stamps, image files) and writers (CSV, HDF5) used by the classifier."""
+"""Readers (HDF5 stamps, image files, Avro alerts, FITS cut-outs) and writers (CSV, HDF5)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import os
 from typing import Any
 
 from .._errors import InputError
+from ._alerts import AVRO_MAGIC, AlertReader
 from ._base import InputBatch, Reader
+from ._cutouts import cutouts_to_input, decode_fits
+from ._fits import FITSReader, channel_of, is_fits
 from ._hdf5 import LAYOUTS, HDF5Reader
 from ._images import IMAGE_SUFFIXES, ImageReader
 from ._writers import OUTPUT_FORMATS, ResultWriter, open_writer
@@ -16,6 +19,10 @@ __all__ = [
     "Reader",
     "HDF5Reader",
     "ImageReader",
+    "AlertReader",
+    "FITSReader",
+    "cutouts_to_input",
+    "decode_fits",
     "ResultWriter",
     "open_writer",
     "open_inputs",
@@ -37,18 +44,33 @@ def _is_hdf5(path: str) -> bool:
         return False
 
 
+def _is_avro(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == AVRO_MAGIC
+    except OSError:
+        return path.lower().endswith(".avro")
+
+
 def input_kind(path: str) -> str:
-    """``"hdf5"``, ``"image"`` or ``"dir"`` for a path given on the command line."""
+    """``"hdf5"``, ``"alerts"`` (Avro), ``"fits"``, ``"image"`` or ``"dir"`` for a path given on the command line."""
     if os.path.isdir(path):
         return "dir"
     if not os.path.exists(path):
         raise InputError(f"{path}: file does not exist")
     if _is_hdf5(path):
         return "hdf5"
+    if _is_avro(path):
+        return "alerts"
+    if path.lower().endswith(".avro"):
+        raise InputError(f"{path}: not an Avro container file (no 'Obj' header)")
+    if is_fits(path):
+        return "fits"
     if os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
         return "image"
     raise InputError(
-        f"{path}: unknown input type (expected HDF5 stamps or an image: {', '.join(sorted(IMAGE_SUFFIXES))})"
+        f"{path}: unknown input type (expected HDF5 stamps, Avro alerts, FITS cut-outs or an image: "
+        f"{', '.join(sorted(IMAGE_SUFFIXES))})"
     )
 
 
@@ -68,6 +90,23 @@ def open_inputs(
             if card.kind != "stamp":
                 raise InputError(f"{path}: HDF5 stamps given but model {card.name!r} classifies images")
             groups.append(([path], lambda p=path: HDF5Reader(p, card.input, layout, channels_last)))
+            continue
+        if kind in ("alerts", "fits"):
+            if card.kind != "stamp":
+                raise InputError(f"{path}: {kind} cut-outs given but model {card.name!r} classifies images")
+            if kind == "alerts":
+                alerts_opener: Any = lambda p=path: AlertReader(p, card)  # noqa: E731
+                alerts_opener.extra_columns = AlertReader.extra_columns
+                groups.append(([path], alerts_opener))
+                continue
+            # per-channel files (<id>_<channel>.fits) in a row make one reader; other FITS files one each
+            if channel_of(path) and groups and getattr(groups[-1][1], "fits_channels", False):
+                groups[-1][0].append(path)
+                continue
+            fits_group: list[str] = [path]
+            fits_opener: Any = lambda g=fits_group: FITSReader(g, card)  # noqa: E731
+            fits_opener.fits_channels = channel_of(path) is not None
+            groups.append((fits_group, fits_opener))
             continue
         if card.kind != "image":
             raise InputError(

@@ -22,9 +22,9 @@ __all__ = ["ResultWriter", "open_writer", "OUTPUT_FORMATS", "columns_for"]
 OUTPUT_FORMATS = ("csv", "h5")
 
 
-def columns_for(classes: list[str]) -> list[str]:
-    """Output column names for a model with these classes."""
-    return ["id", "label", *[f"p_{c}" for c in classes], "status", "model", "model_version", "file"]
+def columns_for(classes: list[str], extra: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Output column names for a model with these classes (plus reader-specific *extra* columns at the end)."""
+    return ["id", "label", *[f"p_{c}" for c in classes], "status", "model", "model_version", "file", *extra]
 
 
 def _format_of(path: str | None) -> str:
@@ -41,10 +41,13 @@ def _format_of(path: str | None) -> str:
 class ResultWriter:
     """Append prediction batches to CSV or HDF5; `commit` makes the file appear."""
 
-    def __init__(self, path: str | None, classes: list[str], model: str, version: str) -> None:
+    def __init__(
+        self, path: str | None, classes: list[str], model: str, version: str, extra_columns: tuple[str, ...] = ()
+    ) -> None:
         self.path = None if path in (None, "-") else str(path)
         self.format = _format_of(path)
         self.classes = list(classes)
+        self.extra_columns = tuple(extra_columns)
         self.model, self.version = model, version
         self.rows = 0
         self._mark: int | None = None
@@ -71,7 +74,7 @@ class ResultWriter:
         if self.format == "csv":
             self._fh = open(self._tmp, "w", newline="") if self._tmp else sys.stdout
             self._csv = csv.writer(self._fh, lineterminator="\n")
-            self._csv.writerow(columns_for(self.classes))
+            self._csv.writerow(columns_for(self.classes, self.extra_columns))
         else:
             self._open_h5()
 
@@ -83,14 +86,23 @@ class ResultWriter:
         self._h5.attrs["model_version"] = self.version
         self._h5.attrs["classes"] = self.classes
         text = h5py.string_dtype("utf-8")
-        for name in ("id", "label", "status", "model", "model_version", "file"):
+        for name in ("id", "label", "status", "model", "model_version", "file", *self.extra_columns):
             self._h5.create_dataset(name, (0,), maxshape=(None,), dtype=text, chunks=(65536,))
         for c in self.classes:
             self._h5.create_dataset(f"p_{c}", (0,), maxshape=(None,), dtype="f4", chunks=(65536,))
 
-    def write(self, ids: np.ndarray, labels: np.ndarray, proba: np.ndarray, status: np.ndarray, file: str) -> None:
-        """Append one batch of rows."""
+    def write(
+        self,
+        ids: np.ndarray,
+        labels: np.ndarray,
+        proba: np.ndarray,
+        status: np.ndarray,
+        file: str,
+        extra: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """Append one batch of rows; *extra* fills the extra columns (empty where missing)."""
         n = len(ids)
+        more = [[str(v) for v in (extra or {}).get(c, [""] * n)] for c in self.extra_columns]
         if self._h5 is not None:
             cols: dict[str, Any] = {
                 "id": [str(i) for i in ids],
@@ -100,6 +112,7 @@ class ResultWriter:
                 "model_version": [self.version] * n,
                 "file": [file] * n,
             }
+            cols.update(zip(self.extra_columns, more, strict=True))
             for k, c in enumerate(self.classes):
                 cols[f"p_{c}"] = proba[:, k]
             for name, values in cols.items():
@@ -109,8 +122,8 @@ class ResultWriter:
         else:
             fmt = [[("" if not np.isfinite(v) else f"{v:.7g}") for v in row] for row in proba.tolist()]
             self._csv.writerows(
-                [str(i), str(lab), *p, str(s), self.model, self.version, file]
-                for i, lab, p, s in zip(ids, labels, fmt, status, strict=True)
+                [str(i), str(lab), *p, str(s), self.model, self.version, file, *e]
+                for i, lab, p, s, *e in zip(ids, labels, fmt, status, *more, strict=True)
             )
         self.rows += n
 
@@ -178,6 +191,8 @@ class ResultWriter:
             self.abort()
 
 
-def open_writer(path: str | None, classes: list[str], model: str, version: str) -> ResultWriter:
+def open_writer(
+    path: str | None, classes: list[str], model: str, version: str, extra_columns: tuple[str, ...] = ()
+) -> ResultWriter:
     """A `ResultWriter` for *path* (``None`` or ``"-"``: CSV on stdout)."""
-    return ResultWriter(path, classes, model, version)
+    return ResultWriter(path, classes, model, version, extra_columns)
