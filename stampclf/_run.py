@@ -172,6 +172,8 @@ def classify_files(
             summary.failed += failed
             y_true.extend(truth)
             y_prob.extend(prob)
+        if evaluate and summary.files and not y_true:  # before the output appears: an error leaves none
+            raise InputError(f"--evaluate: no labels in {', '.join(paths)} (expected a 'labels' dataset)")
         if summary.files == 0 and summary.file_errors and writer.path is not None:
             writer.abort()  # every input failed: an empty file would look like "nothing found"
             summary.output = None
@@ -183,9 +185,7 @@ def classify_files(
     finally:
         bar.close()
     summary.seconds = time.perf_counter() - t0
-    if evaluate and summary.files:
-        if not y_true:
-            raise InputError(f"--evaluate: no labels in {', '.join(paths)} (expected a 'labels' dataset)")
+    if evaluate and y_true:
         summary.metrics = evaluate_predictions(clf, np.concatenate(y_true), np.concatenate(y_prob))
     return summary
 

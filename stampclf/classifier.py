@@ -14,7 +14,7 @@ import numpy as np
 from ._card import ModelCard, read_card
 from ._errors import InputError, ModelError
 from ._registry import resolve_model
-from ._session import create_session
+from ._session import PRECISIONS, BatchRunner, create_session, to_fp16
 from .io import InputBatch, open_inputs
 from .io._base import DUPLICATE_ID, duplicate_rows
 from .preprocess import OK, merge_status, prepare_stamps
@@ -110,6 +110,11 @@ class Classifier:
         Decision threshold on the positive class (binary models); default: the card's.
     verify
         Check the weights against the card's sha256 when loading.
+    precision
+        ``"fp32"`` (default) or ``"fp16"`` (converted on load; needs ``onnxconverter-common``;
+        for GPUs, and only where an accuracy check accepted it).
+    cuda_graph
+        On CUDA, capture and replay a CUDA graph of the fixed-shape batch.
 
     Examples
     --------
@@ -125,7 +130,11 @@ class Classifier:
         batch_size: int = DEFAULT_BATCH_SIZE,
         threshold: float | None = None,
         verify: bool = True,
+        precision: str = "fp32",
+        cuda_graph: bool = False,
     ) -> None:
+        if precision not in PRECISIONS:
+            raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
@@ -133,7 +142,11 @@ class Classifier:
         self.path = resolve_model(model)
         self.card: ModelCard
         self.card, data = read_card(self.path, verify=verify)
-        info = create_session(data, device, threads, source=str(self.path))
+        if precision == "fp16":
+            data = to_fp16(data, source=str(self.path))
+        info = create_session(data, device, threads, source=str(self.path), cuda_graph=cuda_graph)
+        self._info = info
+        self._runner: BatchRunner | None = None  # made on first use, at the current batch size
         self.session = info.session
         self.device = info.device
         self.notice = info.notice
@@ -151,10 +164,10 @@ class Classifier:
         """The graph's fixed input/output sizes must agree with the card (else ORT fails mid-run)."""
         got_in = self.session.get_inputs()[0].shape
         got_out = self.session.get_outputs()[0].shape
-        want_in, want_out = (None, *self.card.shape), (None, len(self.card.classes))
+        want_in, want_out = ("N", *self.card.shape), ("N", len(self.card.classes))
         for got, want, what in ((got_in, want_in, "input"), (got_out, want_out, "output")):
             fixed = [
-                (g, w) for g, w in zip(got, want, strict=False) if isinstance(g, int) and w is not None and g != w
+                (g, w) for g, w in zip(got, want, strict=False) if isinstance(g, int) and isinstance(w, int) and g != w
             ]
             if len(got) != len(want) or fixed:
                 raise ModelError(
@@ -182,11 +195,10 @@ class Classifier:
 
     # --- core --------------------------------------------------------------------------
     def _run(self, x: np.ndarray) -> np.ndarray:
-        out = np.empty((len(x), len(self.card.classes)), dtype=np.float32)
-        for start in range(0, len(x), self.batch_size):
-            chunk = x[start : start + self.batch_size]
-            out[start : start + len(chunk)] = self.session.run([self._output], {self._input: chunk})[0]
-        return out
+        # fixed batch shape (short batches padded), IOBinding on CUDA: see BatchRunner
+        if self._runner is None or self._runner.batch_size != self.batch_size:
+            self._runner = BatchRunner(self._info, self.batch_size, self.card.shape, len(self.card.classes))
+        return self._runner(x)
 
     def _decide(self, proba: np.ndarray) -> np.ndarray:
         if self._positive is not None and len(self.card.classes) == 2:

@@ -67,6 +67,7 @@ def build_model_bytes(
     seed: int = 0,
     card_json: str | None = None,
     fix_sha: bool = True,
+    validate: bool = True,
 ) -> bytes:
     """Serialised ONNX: ``stamps`` [N,C,H,W] -> GlobalAveragePool -> Flatten -> Gemm -> Softmax.
 
@@ -80,6 +81,8 @@ def build_model_bytes(
         Attach this exact text instead of the card (for invalid-card tests).
     fix_sha
         Set the card's ``weights_sha256`` to the real graph hash.
+    validate
+        Check the card with `ModelCard.from_dict` (off for invalid-card tests).
     """
     import onnx
     from onnx import TensorProto, helper
@@ -116,7 +119,7 @@ def build_model_bytes(
         graph_bytes, _ = read_onnx_parts(model.SerializeToString())
         card["weights_sha256"] = graph_sha256(graph_bytes)
     if card_json is None:
-        card_json = ModelCard.from_dict(card).to_json() if fix_sha else _json(card)
+        card_json = ModelCard.from_dict(card).to_json() if fix_sha and validate else _json(card)
     entry = model.metadata_props.add()
     entry.key, entry.value = CARD_KEY, card_json
     return model.SerializeToString()
