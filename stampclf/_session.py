@@ -9,9 +9,10 @@ from typing import Any
 
 from ._errors import DeviceError, ModelError
 
-__all__ = ["SessionInfo", "create_session", "cpu_count", "DEVICES"]
+__all__ = ["SessionInfo", "BatchRunner", "create_session", "cpu_count", "to_fp16", "DEVICES", "PRECISIONS"]
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "fp16")
 
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
@@ -60,6 +61,7 @@ def create_session(
     threads: int | None = None,
     source: str = "model",
     cuda_options: dict[str, Any] | None = None,
+    cuda_graph: bool = False,
 ) -> SessionInfo:
     """Create an inference session on the requested device.
 
@@ -75,6 +77,9 @@ def create_session(
         Name of the model in error messages.
     cuda_options
         Extra CUDA execution provider options.
+    cuda_graph
+        Capture the CUDA graph on the first run and replay it (needs `BatchRunner`'s
+        fixed shape and bound buffers; ignored on CPU).
     """
     if device not in DEVICES:
         raise DeviceError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
@@ -88,7 +93,10 @@ def create_session(
     if device in ("auto", "cuda"):
         reason = _cuda_unusable_reason(ort)
         if reason is None:
+            # EXHAUSTIVE search pays off because BatchRunner keeps one fixed batch shape
             cuda = dict(cudnn_conv_algo_search="EXHAUSTIVE", do_copy_in_default_stream="1")
+            if cuda_graph:
+                cuda["enable_cuda_graph"] = "1"
             cuda.update(cuda_options or {})
             ort.set_default_logger_severity(4)  # CUDA load failures are reported by us, once
             try:
@@ -124,3 +132,112 @@ def _make(ort: Any, model: bytes, opts: Any, providers: list[Any], source: str) 
     except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors
         msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise ModelError(f"{source}: ONNX Runtime cannot load the model: {msg}") from None
+
+
+def to_fp16(model: bytes, source: str = "model") -> bytes:
+    """The model with float16 weights and arithmetic, float32 inputs and outputs kept.
+
+    Needs the optional ``onnx`` and ``onnxconverter-common`` packages. Use it only
+    where an accuracy check has accepted it (see ``benchmarks/gpu_bench.py``): on
+    CPU, float16 is slower than float32.
+    """
+    try:
+        import onnx
+        from onnxconverter_common import float16
+    except ImportError:
+        raise DeviceError(
+            "--precision fp16 needs the packages onnx and onnxconverter-common (pip install onnxconverter-common)"
+        ) from None
+    try:
+        proto = onnx.load_from_string(model)
+        half = float16.convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
+    except Exception as exc:  # noqa: BLE001 - the converter raises assorted errors
+        raise ModelError(f"{source}: cannot convert to float16: {exc}") from None
+    return half.SerializeToString()
+
+
+def _bucket(n: int, batch_size: int) -> int:
+    """Padded length of a short batch: the next power of two, at most *batch_size*.
+
+    A long run pads its last batch to the full batch shape (already planned); a
+    small call pads to one of a few sizes instead of costing a full batch.
+    """
+    return min(batch_size, 1 << max(0, n - 1).bit_length())
+
+
+class BatchRunner:
+    """Run a session over float32 ``(N, C, H, W)`` input in fixed-shape batches.
+
+    CPU: plain ``session.run``; a short batch is zero-padded to `_bucket` rows so
+    that only a few input shapes (and their memory plans) ever occur.
+
+    CUDA: inputs and outputs are bound once to device buffers of shape
+    ``(batch_size, ...)`` with IOBinding; each call copies one batch in, runs and
+    copies the probabilities out, every time at the same shape (cuDNN's algorithm
+    search and an optional CUDA graph are done once). Rows are independent, so
+    padding does not change any row's result.
+    """
+
+    def __init__(self, info: SessionInfo, batch_size: int, row_shape: tuple[int, ...], n_out: int) -> None:
+        if batch_size < 1:
+            raise DeviceError(f"batch size must be at least 1, got {batch_size}")
+        self.info = info
+        self.session = info.session
+        self.batch_size = int(batch_size)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.row_shape = tuple(int(d) for d in row_shape)
+        self.n_out = int(n_out)
+        self.device = info.device
+        self._binding: Any = None
+        if self.device == "cuda":
+            self._bind()
+
+    def _bind(self) -> None:
+        import numpy as np
+        import onnxruntime as ort
+
+        shape = (self.batch_size, *self.row_shape)
+        self._stage = np.zeros(shape, dtype=np.float32)  # host buffer for padded short batches
+        self._x_dev = ort.OrtValue.ortvalue_from_numpy(self._stage, "cuda", 0)
+        self._y_dev = ort.OrtValue.ortvalue_from_shape_and_type((self.batch_size, self.n_out), np.float32, "cuda", 0)
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, self._x_dev)
+        binding.bind_ortvalue_output(self.output_name, self._y_dev)
+        self._binding = binding
+
+    def warmup(self) -> None:
+        """One full batch of zeros: plans, cuDNN search and graph capture happen here, not in timed runs."""
+        import numpy as np
+
+        self(np.zeros((self.batch_size, *self.row_shape), dtype=np.float32))
+
+    def run_bound(self) -> None:
+        """Run once on whatever the bound device input holds (benchmarks: device-resident input)."""
+        self.session.run_with_iobinding(self._binding)
+
+    def __call__(self, x: Any) -> Any:
+        import numpy as np
+
+        n = len(x)
+        out = np.empty((n, self.n_out), dtype=np.float32)
+        bs = self.batch_size
+        for start in range(0, n, bs):
+            chunk = np.ascontiguousarray(x[start : start + bs], dtype=np.float32)
+            m = len(chunk)
+            if self._binding is not None:
+                if m == bs:
+                    self._x_dev.update_inplace(chunk)
+                else:
+                    self._stage[:m] = chunk
+                    self._stage[m:] = 0.0
+                    self._x_dev.update_inplace(self._stage)
+                self.session.run_with_iobinding(self._binding)
+                out[start : start + m] = self._y_dev.numpy()[:m]
+                continue
+            if m < bs:
+                padded = np.zeros((_bucket(m, bs), *chunk.shape[1:]), dtype=np.float32)
+                padded[:m] = chunk
+                chunk = padded
+            out[start : start + m] = self.session.run([self.output_name], {self.input_name: chunk})[0][:m]
+        return out
