@@ -192,6 +192,21 @@ def _edge_offsets(shape: tuple[int, int], nominal: int, pos: tuple[float, float]
     return top, left
 
 
+def _is_edge_cutout(shape: tuple[int, int], nominal: int, pos: tuple[float, float]) -> bool:
+    """A cut-out smaller than *nominal* because the survey image ended there.
+
+    One axis full and the other short, or both short with the source near the
+    image's low corner; small stamps of another survey are not mistaken for one.
+    """
+    h, w = shape
+    if h > nominal or w > nominal or (h == nominal and w == nominal):
+        return False
+    if (h == nominal) != (w == nominal):
+        return True
+    half = (nominal - 1) / 2.0
+    return (pos[0] - 1) < half and (pos[1] - 1) < half
+
+
 def _row_stamp(
     row: Mapping[str, Any],
     channels: list[str],
@@ -225,7 +240,7 @@ def _row_stamp(
     width = max(s[1] for s in shapes.values())
     if len(set(shapes.values())) > 1:
         notes.append("cut-out sizes differ (" + ", ".join(f"{k} {s[0]}x{s[1]}" for k, s in shapes.items()) + ")")
-    if nominal is not None and pos is not None and (height < nominal or width < nominal):
+    if nominal is not None and pos is not None and _is_edge_cutout((height, width), nominal, pos):
         # Edge cut-out: restore the missing side so the source stays at the centre
         # (a plain centre crop would move it off-centre by up to half the missing size).
         before = _edge_offsets((height, width), nominal, pos)
