@@ -1,7 +1,36 @@
-"""HiTS real/bogus training data: simulated on the fly, or read from HiTS-layout HDF5."""
+"""HiTS real/bogus training data: simulated (in parallel, optionally cached) or read from HiTS-layout HDF5.
+
+Options (``--set key=value``, defaults from the model's recipe)
+-----------------------------------------------------------------
+``n_train``, ``n_val``, ``n_test``
+    Simulated split sizes.
+``data=train.h5,val.h5,test.h5``
+    Read three HiTS-layout files instead of simulating.
+``sim_workers``
+    Processes simulating shards (default: the CPUs this process may use). The data do
+    not depend on it: shards have a fixed size and their own seeds.
+``cache=DIR``
+    Keep simulated, preprocessed splits as ``.npy`` files in DIR and reuse them (several
+    models trained one after another on the same data simulate it once).
+``snr_derived``
+    Fraction of training stamps whose SNR channel is replaced by the difference channel
+    (augmentation, see `HitsAugment`).
+``real_sn=PATH`` | ``real_sn=none``
+    The 87 real HiTS supernovae as an extra test split ``real_sn`` (default: the shared
+    data file ``../shared/data/hits/hits2015_sn_science_stamps.h5`` next to the repository,
+    skipped with a note when absent).
+
+Seeds: split ``k`` (1 train, 2 validation, 3 test) of training seed ``s`` has split seed
+``1000 s + k``; its shard ``j`` is simulated with seed ``10_000 * split_seed + j``.
+``train/evaluate_hits.py`` uses split seed 999, which no training seed produces.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +41,14 @@ from stampclf.preprocess import prepare_stamps
 
 from . import DataBundle, array_sha256, register_dataset
 
+__all__ = ["CHANNEL_KEYS", "SHARD", "stack_channels", "to_tensors", "simulate_prepared", "HitsAugment", "real_sn_path"]
+
 CHANNEL_KEYS = ("temp_images", "sci_images", "diff_images", "SNR_images")
+#: Stamps per simulation shard (a multiple of the simulator's chunk size).
+SHARD = 16_384
+#: Shared-data file with the real HiTS supernovae, relative to the repository root.
+REAL_SN_DEFAULT = Path("..") / "shared" / "data" / "hits" / "hits2015_sn_science_stamps.h5"
+_REPO = Path(__file__).resolve().parents[2]
 
 
 def stack_channels(d: dict[str, np.ndarray]) -> np.ndarray:
@@ -27,13 +63,97 @@ def to_tensors(stamps: np.ndarray, labels: np.ndarray, spec: Any) -> TensorDatas
     return TensorDataset(torch.from_numpy(x), torch.from_numpy(np.asarray(labels, dtype=np.int64)))
 
 
-def rot_flip(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random 90-degree rotation and mirror of each stamp: real/bogus does not depend on orientation."""
-    k = int(torch.randint(0, 4, (1,), generator=gen))
-    x = torch.rot90(x, k, (2, 3))
-    flip = torch.rand(x.shape[0], generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    return x, y
+def _shard(job: tuple[int, int, dict[str, Any], dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Simulate and preprocess one shard (runs in a worker process)."""
+    from .hits_sim import simulate
+
+    n, seed, card_input, preprocessing = job
+    d = simulate(n, seed)
+    x, _ = prepare_stamps(stack_channels(d), card_input, preprocessing, f"simulated shard (seed {seed})")
+    return x, np.asarray(d["labels"], dtype=np.int64), np.asarray(d["kind"], dtype=np.int16)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def simulate_prepared(
+    n: int, split_seed: int, card_input: dict[str, Any], preprocessing: dict[str, Any], workers: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` simulated stamps, preprocessed as the card says: ``(x, labels, kind)``.
+
+    Shards of `SHARD` stamps with seeds ``10_000 * split_seed + j`` run in ``workers``
+    processes; the result does not depend on the number of workers.
+    """
+    jobs = [(min(SHARD, n - i), 10_000 * split_seed + j, card_input, preprocessing) for j, i in enumerate(range(0, n, SHARD))]
+    workers = max(1, min(workers or _cpus(), len(jobs)))
+    if workers == 1:
+        parts = [_shard(job) for job in jobs]
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the parent has torch loaded (threads), and fork would warn or hang
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            parts = list(pool.map(_shard, jobs))
+    if not parts:
+        return np.zeros((0, len(card_input["channels"]), 21, 21), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int16)
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+
+
+def _cached(
+    cache: str | None, n: int, split_seed: int, spec: Any, workers: int | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not cache:
+        return simulate_prepared(n, split_seed, spec.input, spec.preprocessing, workers)
+    from .hits_sim import SIM_VERSION
+
+    key = json.dumps([SIM_VERSION, SHARD, n, split_seed, spec.input, spec.preprocessing], sort_keys=True)
+    stem = Path(cache) / f"hits_sim_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    files = [stem.with_name(stem.name + f"_{part}.npy") for part in ("x", "y", "kind")]
+    if all(f.exists() for f in files):
+        return tuple(np.load(f) for f in files)  # type: ignore[return-value]
+    arrays = simulate_prepared(n, split_seed, spec.input, spec.preprocessing, workers)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for f, a in zip(files, arrays, strict=True):
+        tmp = f.with_name(f.name + f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, a)
+        os.replace(tmp, f)  # no half-written cache file is ever read
+    return arrays
+
+
+class HitsAugment:
+    """Training augmentation for preprocessed HiTS stamps (runs on the batch's device).
+
+    - a random 90 degree rotation (per batch) and a random mirror (per stamp): real/bogus
+      does not depend on orientation;
+    - with probability ``snr_derived`` per stamp, the SNR channel becomes a copy of the
+      difference channel. Alert streams (ZTF, DECam) ship no noise map, so the runtime
+      derives SNR = difference / one robust noise figure, which after the per-channel
+      ``robust_asinh`` scaling *is* the scaled difference. The simulator's SNR uses the
+      per-pixel noise; training on both keeps the model from relying on the difference.
+    """
+
+    on_device = True  # train.py applies it after moving the batch to the device (if it supports that)
+
+    def __init__(self, snr_derived: float = 0.0) -> None:
+        self.snr_derived = float(snr_derived)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        k = int(torch.randint(0, 4, (1,), generator=gen))
+        x = torch.rot90(x, k, (2, 3))
+        n = x.shape[0]
+        flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if self.snr_derived > 0:
+            derived = (torch.rand(n, generator=gen) < self.snr_derived).to(x.device)
+            snr = torch.where(derived[:, None, None], x[:, 2], x[:, 3])
+            x = torch.cat([x[:, :3], snr[:, None]], 1)
+        return x, y
 
 
 def _read_h5(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -45,32 +165,67 @@ def _read_h5(path: str) -> tuple[np.ndarray, np.ndarray]:
     return stack_channels(d), labels
 
 
+def real_sn_path(option: Any) -> Path | None:
+    """The real-SN file from the ``real_sn`` option (None: default, ``"none"``: skip)."""
+    if option is not None and str(option).lower() in ("none", "", "false", "0"):
+        return None
+    return Path(option) if option is not None else (_REPO / REAL_SN_DEFAULT).resolve()
+
+
+def _real_sn(option: Any, spec: Any) -> tuple[dict[str, TensorDataset], dict[str, Any]]:
+    path = real_sn_path(option)
+    if path is None:
+        return {}, {"real_sn": "skipped (real_sn=none)"}
+    if not path.exists():
+        print(f"[data] note: real HiTS supernovae not found at {path}; no real_sn test (set real_sn=PATH)", flush=True)
+        return {}, {"real_sn": f"skipped: {path} not found"}
+    try:
+        from .hits_real import build_real_sn_stamps
+    except ImportError as exc:  # the real-stamp builder is another module; degrade to a note
+        print(f"[data] note: cannot build real SN stamps ({exc}); no real_sn test", flush=True)
+        return {}, {"real_sn": f"skipped: {exc}"}
+    d = build_real_sn_stamps(str(path))
+    stamps = stack_channels(d) if isinstance(d, dict) else np.asarray(d)
+    labels = np.asarray(d["labels"]) if isinstance(d, dict) and "labels" in d else np.ones(len(stamps), np.int64)
+    ds = to_tensors(stamps, labels, spec)
+    return {"real_sn": ds}, {"real_sn": {"file": str(path), "n": len(ds), "sha256": array_sha256(stamps, labels)}}
+
+
 @register_dataset("hits_sim")
 def load_hits(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
     """Simulated HiTS candidates (train/val/test from disjoint seeds) or ``data=train.h5,val.h5,test.h5``."""
     recipe = {**spec.recipe, **options}
+    extra: dict[str, TensorDataset] = {}
     if recipe.get("data"):
         paths = str(recipe["data"]).split(",")
         if len(paths) != 3:
             raise ValueError(f"data= needs three HDF5 files train,val,test; got {recipe['data']!r}")
         splits = [_read_h5(p) for p in paths]
         prov: dict[str, Any] = {"source": "HiTS-layout HDF5 files", "files": paths}
+        prov["sha256"] = {name: array_sha256(x, y) for name, (x, y) in zip(("train", "val", "test"), splits, strict=True)}
+        train, val, test = (to_tensors(x, y, spec) for x, y in splits)
     else:
-        from .hits_sim import SIM_VERSION, simulate
+        from .hits_sim import SIM_VERSION
 
         sizes = [int(recipe["n_train"]), int(recipe["n_val"]), int(recipe["n_test"])]
         seeds = [seed * 1000 + 1, seed * 1000 + 2, seed * 1000 + 3]  # disjoint streams: test never seen
-        splits = []
-        for n, s in zip(sizes, seeds):
-            d = simulate(n, s)
-            splits.append((stack_channels(d), d["labels"]))
+        workers = int(recipe["sim_workers"]) if recipe.get("sim_workers") else None
+        prepared = [_cached(recipe.get("cache"), n, s, spec, workers) for n, s in zip(sizes, seeds, strict=True)]
         prov = {
             "source": "simulated HiTS candidates (train/data/hits_sim.py), conditions from the real HiTS 2015 "
             "campaign (rodrigcd/HiTS_simulations, MIT)",
             "simulator_version": SIM_VERSION,
-            "seeds": {"train": seeds[0], "val": seeds[1], "test": seeds[2]},
+            "split_seeds": {"train": seeds[0], "val": seeds[1], "test": seeds[2]},
+            "shard": {"size": SHARD, "seed": "10000 * split_seed + shard index"},
             "sizes": {"train": sizes[0], "val": sizes[1], "test": sizes[2]},
+            # hash of the preprocessed model input (what the network saw)
+            "sha256": {name: array_sha256(x, y) for name, (x, y, _) in zip(("train", "val", "test"), prepared, strict=True)},
         }
-    prov["sha256"] = {name: array_sha256(x, y) for name, (x, y) in zip(("train", "val", "test"), splits)}
-    train, val, test = (to_tensors(x, y, spec) for x, y in splits)
-    return DataBundle(train=train, val=val, test=test, provenance=prov, augment=rot_flip)
+        train, val, test = (TensorDataset(torch.from_numpy(x), torch.from_numpy(y)) for x, y, _ in prepared)
+        extra, note = _real_sn(recipe.get("real_sn"), spec)
+        prov.update(note)
+    prov["augmentation"] = {"rot90_and_mirror": True, "snr_derived": float(recipe.get("snr_derived", 0.0))}
+    return DataBundle(
+        train=train, val=val, test=test, provenance=prov,
+        augment=HitsAugment(float(recipe.get("snr_derived", 0.0))), extra_tests=extra,
+    )

@@ -1,11 +1,35 @@
-"""HiTS real/bogus models: 21x21 stamps, 4 channels (template, science, difference, SNR-difference)."""
+"""HiTS real/bogus models: 21x21 stamps, 4 channels (template, science, difference, SNR-difference).
+
+All models share the data (``hits_sim``), the preprocessing (the runtime's
+``robust_asinh``) and the recipe, so `docs/hits-models.md` compares architectures only:
+
+``hits``
+    The shipped model: a small rotation-invariant CNN (Deep-HiTS idea, ~40x cheaper).
+``hits-tiny``
+    The same design at half the width: the fastest rotation-invariant variant.
+``hits-deep``
+    Deep-HiTS (Cabrera-Vives+2017) as published: 32,32,64,64,64 filters, ~160 MFLOP/stamp.
+``hits-seed-pytorch``, ``hits-seed-keras``
+    The two seed baselines (no rotation invariance).
+
+Rotation-invariant models run the stamp and its 90/180/270 degree rotations through
+shared convolutions (`Rot4`, inside the graph, so it is exported to ONNX). ``hits`` and
+``hits-tiny`` join the four feature vectors by their mean: the output is then exactly
+invariant to 90 degree rotations. ``hits-deep`` concatenates them as Deep-HiTS does:
+the dense layer sees the four views in cyclic order, so a rotated stamp permutes its
+input blocks and the output is only approximately invariant (learned, not built in).
+"""
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch.nn as nn
 
 from ..registry import register_model
-from ._layers import Rot4
+from ._layers import Rot4, conv_bn_act
+
+__all__ = ["HITS_INPUT", "HITS_PREPROCESSING", "HITS_CLASSES", "HITS_RECIPE"]
 
 HITS_INPUT = {
     "kind": "stamp",
@@ -31,7 +55,20 @@ HITS_PREPROCESSING = {
 
 HITS_CLASSES = ("bogus", "real")
 
-HITS_RECIPE = {"epochs": 12, "batch_size": 512, "lr": 3e-3, "weight_decay": 1e-4, "n_train": 200_000, "n_val": 20_000, "n_test": 100_000}
+#: One recipe for every HiTS model (same data, same knobs). ``snr_derived`` is the
+#: fraction of training stamps whose SNR channel is replaced by the difference channel
+#: (what an alert stream without a noise map gives, see `train.data.hits`).
+HITS_RECIPE = {
+    "epochs": 12,
+    "batch_size": 512,
+    "lr": 3e-3,
+    "weight_decay": 1e-4,
+    "label_smoothing": 0.0,
+    "n_train": 200_000,
+    "n_val": 20_000,
+    "n_test": 100_000,
+    "snr_derived": 0.25,
+}
 
 
 def _hits_spec(description: str, **recipe: object) -> dict[str, object]:
@@ -47,31 +84,121 @@ def _hits_spec(description: str, **recipe: object) -> dict[str, object]:
     )
 
 
-def _rot_features(widths: tuple[int, int, int]) -> nn.Sequential:
+def _small_rot_net(widths: tuple[int, int, int], dense: int) -> nn.Sequential:
+    """Rotation-invariant CNN: conv-BN-LeakyReLU x3 (two max-pools), mean over the 4 views, dense, 2 logits."""
     a, b, c = widths
-    act = nn.LeakyReLU(0.1)
-    return nn.Sequential(
-        nn.Conv2d(4, a, 3, padding=1), act,
+    act = partial(nn.LeakyReLU, 0.1)
+    features = nn.Sequential(
+        conv_bn_act(4, a, 3, act=act),
         nn.MaxPool2d(2),  # 21 -> 10
-        nn.Conv2d(a, b, 3, padding=1), act,
+        conv_bn_act(a, b, 3, act=act),
         nn.MaxPool2d(2),  # 10 -> 5
-        nn.Conv2d(b, c, 3), act,  # 5 -> 3
+        nn.Conv2d(b, c, 3, bias=False), nn.BatchNorm2d(c), nn.LeakyReLU(0.1),  # 5 -> 3
+        nn.Flatten(),
+    )
+    return nn.Sequential(
+        Rot4(features, join="mean"),
+        nn.Linear(c * 9, dense), nn.LeakyReLU(0.1), nn.Dropout(0.3),
+        nn.Linear(dense, 2),
     )
 
 
 @register_model(
     "hits",
     **_hits_spec(
-        "Rotation-invariant CNN for HiTS real/bogus (after Deep-HiTS, Cabrera-Vives+2017, but small): "
-        "the stamp and its 90/180/270 degree rotations go through shared convolutions "
-        "(16, 32, 64 filters, two max-pools), the four feature vectors are concatenated, then dense 64, "
-        "dropout 0.3 and a 2-way softmax."
+        "Rotation-invariant CNN for HiTS real/bogus (after Deep-HiTS, Cabrera-Vives+2017, but ~25x cheaper): "
+        "the stamp and its 90/180/270 degree rotations go through shared convolutions (16, 32, 64 filters "
+        "of 3x3 with batch norm and leaky ReLU, two max-pools); the four feature vectors are averaged, so "
+        "the output is exactly invariant to 90 degree rotations; then dense 64, dropout 0.3 and a 2-way "
+        "softmax with temperature-scaled probabilities."
     ),
 )
 def hits() -> nn.Module:
     """Default HiTS model (see the registry description)."""
+    return _small_rot_net((16, 32, 64), 64)
+
+
+@register_model(
+    "hits-tiny",
+    **_hits_spec(
+        "Half-width variant of `hits`: rotation-invariant CNN (8, 16, 32 filters, mean over the four "
+        "rotations), dense 32, dropout 0.3; the fastest rotation-invariant HiTS model."
+    ),
+)
+def hits_tiny() -> nn.Module:
+    """Half-width `hits`."""
+    return _small_rot_net((8, 16, 32), 32)
+
+
+@register_model(
+    "hits-deep",
+    **_hits_spec(
+        "Deep-HiTS (Cabrera-Vives+2017) as published: the stamp and its 90/180/270 degree rotations go "
+        "through shared convolutions (32 filters 4x4, 32 3x3, max-pool, 64, 64, 64 3x3, max-pool; zero "
+        "padding; leaky ReLU), the four feature vectors are concatenated, then dense 64, 64 with dropout "
+        "0.5 and a 2-way softmax. About 160 MFLOP per stamp."
+    ),
+)
+def hits_deep() -> nn.Module:
+    """Deep-HiTS architecture (concat join, no batch norm)."""
+    act = partial(nn.LeakyReLU, 0.01)
+    features = nn.Sequential(
+        nn.ZeroPad2d(3), nn.Conv2d(4, 32, 4), act(),  # 21 -> 27 -> 24
+        nn.Conv2d(32, 32, 3, padding=1), act(),
+        nn.MaxPool2d(2),  # 24 -> 12
+        nn.Conv2d(32, 64, 3, padding=1), act(),
+        nn.Conv2d(64, 64, 3, padding=1), act(),
+        nn.Conv2d(64, 64, 3, padding=1), act(),
+        nn.MaxPool2d(2),  # 12 -> 6
+        nn.Flatten(),
+    )
     return nn.Sequential(
-        Rot4(_rot_features((16, 32, 64)), join="concat"),
-        nn.Linear(4 * 64 * 9, 64), nn.LeakyReLU(0.1), nn.Dropout(0.3),
+        Rot4(features, join="concat"),
+        nn.Linear(4 * 64 * 36, 64), act(), nn.Dropout(0.5),
+        nn.Linear(64, 64), act(), nn.Dropout(0.5),
         nn.Linear(64, 2),
+    )
+
+
+@register_model(
+    "hits-seed-pytorch",
+    **_hits_spec(
+        "Seed baseline (PyTorch): conv 32 filters 3x3, ReLU, max-pool 2, dropout 0.5, dense 90, ReLU, "
+        "dense 2. Not rotation invariant (rotations and mirrors only as training augmentation)."
+    ),
+)
+def hits_seed_pytorch() -> nn.Module:
+    """The small seed PyTorch net."""
+    return nn.Sequential(
+        nn.Conv2d(4, 32, 3), nn.ReLU(),  # 21 -> 19
+        nn.MaxPool2d(2),  # 19 -> 9
+        nn.Dropout(0.5),
+        nn.Flatten(),
+        nn.Linear(32 * 9 * 9, 90), nn.ReLU(),
+        nn.Linear(90, 2),
+    )
+
+
+@register_model(
+    "hits-seed-keras",
+    **_hits_spec(
+        "Seed baseline (Keras stack): conv 4 filters 1x1, then pairs of 2x2 convolutions with 8, 16 and "
+        "32 filters ('valid' padding, ReLU) with a max-pool after the first two pairs, dense 16 and 8 "
+        "with dropout 0.2, 2-way softmax. Not rotation invariant."
+    ),
+)
+def hits_seed_keras() -> nn.Module:
+    """The seed Keras stack, in PyTorch."""
+    r = nn.ReLU
+    return nn.Sequential(
+        nn.Conv2d(4, 4, 1), r(),
+        nn.Conv2d(4, 8, 2), r(), nn.Conv2d(8, 8, 2), r(),  # 21 -> 19
+        nn.MaxPool2d(2),  # 19 -> 9
+        nn.Conv2d(8, 16, 2), r(), nn.Conv2d(16, 16, 2), r(),  # 9 -> 7
+        nn.MaxPool2d(2),  # 7 -> 3
+        nn.Conv2d(16, 32, 2), r(), nn.Conv2d(32, 32, 2), r(),  # 3 -> 1
+        nn.Flatten(),
+        nn.Linear(32, 16), r(), nn.Dropout(0.2),
+        nn.Linear(16, 8), r(), nn.Dropout(0.2),
+        nn.Linear(8, 2),
     )
