@@ -18,6 +18,8 @@ LAYOUTS = ("auto", "channels", "stacked")
 _ID_NAMES = ("ID", "id", "ids", "candid")
 _LABEL_NAMES = ("labels", "label")
 _STACKED_NAME = "stamps"
+#: Largest read block (bytes of stamps); larger chunks are read batch by batch.
+MAX_BLOCK_BYTES = 64 * 2**20
 # what h5py raises on damaged files (truncated, corrupt metadata or chunks)
 _H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError)
 
@@ -209,21 +211,81 @@ class HDF5Reader:
         return InputBatch(ids=ids, stamps=stamps, labels=labels, status=status)
 
     def block_rows(self, batch_size: int) -> int:
-        """Rows per read: a multiple of the file's chunking, at least *batch_size*."""
+        """Rows per read: a multiple of the file's chunking, at least *batch_size*.
+
+        A block that would exceed `MAX_BLOCK_BYTES` (huge chunks) falls back to
+        *batch_size* rows, so memory stays bounded whatever the file.
+        """
         chunk = self._datasets[0].chunks
         rows = chunk[0] if chunk else 1
-        return max(rows, int(math.ceil(batch_size / rows)) * rows)
+        block = max(rows, int(math.ceil(batch_size / rows)) * rows)
+        row_bytes = sum(d.dtype.itemsize * math.prod(d.shape[1:]) for d in self._datasets)
+        return block if block * row_bytes <= max(MAX_BLOCK_BYTES, batch_size * row_bytes) else batch_size
 
     def batches(self, batch_size: int) -> Iterator[InputBatch]:
-        """Yield batches of *batch_size* rows (the last may be shorter)."""
+        """Yield batches of *batch_size* rows (the last may be shorter).
+
+        Rows are read in blocks aligned with the file's chunks (`block_rows`), so
+        each compressed chunk is read and decompressed once; batches are views
+        sliced from the blocks, with the same boundaries as reading batch by batch.
+        """
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
-        for start in range(0, self.n_rows, batch_size):
-            yield self.read_block(start, min(start + batch_size, self.n_rows))
+        block = self.block_rows(batch_size)
+        carry: InputBatch | None = None  # rows left at the end of the previous block
+        for b0 in range(0, self.n_rows, block):
+            blk = self.read_block(b0, min(b0 + block, self.n_rows))
+            pos = 0
+            if carry is not None:
+                pos = min(batch_size - len(carry), len(blk))
+                yield _join(carry, _take(blk, 0, pos))
+                carry = None
+            while pos + batch_size <= len(blk):
+                yield _take(blk, pos, pos + batch_size)
+                pos += batch_size
+            if pos < len(blk):
+                carry = _take(blk, pos, len(blk))
+        if carry is not None:
+            yield carry
 
     def close(self) -> None:
         """Close the file."""
         self._file.close()
+
+
+def _take(b: InputBatch, start: int, stop: int) -> InputBatch:
+    """Rows ``start:stop`` of a batch (views, no copies)."""
+
+    def cut(a: Any) -> Any:
+        return None if a is None else a[start:stop]
+
+    extra = None if b.extra is None else {k: v[start:stop] for k, v in b.extra.items()}
+    return InputBatch(
+        ids=b.ids[start:stop], stamps=cut(b.stamps), x=cut(b.x), labels=cut(b.labels), status=cut(b.status), extra=extra
+    )
+
+
+def _join(a: InputBatch, b: InputBatch) -> InputBatch:
+    """Rows of *a* then *b* (the one batch that straddles two blocks)."""
+
+    def cat(x: Any, y: Any) -> Any:
+        return None if x is None else np.concatenate([x, y])
+
+    status = None
+    if a.status is not None or b.status is not None:
+        parts = [s if s is not None else np.full(len(t), OK, dtype=object) for s, t in ((a.status, a), (b.status, b))]
+        status = np.concatenate(parts)
+    extra = None
+    if a.extra is not None and b.extra is not None:
+        extra = {k: np.concatenate([v, b.extra[k]]) for k, v in a.extra.items()}
+    return InputBatch(
+        ids=np.concatenate([a.ids, b.ids]),
+        stamps=cat(a.stamps, b.stamps),
+        x=cat(a.x, b.x),
+        labels=cat(a.labels, b.labels),
+        status=status,
+        extra=extra,
+    )
 
 
 def _one_line(exc: BaseException) -> str:

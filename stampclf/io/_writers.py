@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import sys
 import tempfile
 from typing import IO, Any
@@ -25,6 +26,40 @@ OUTPUT_FORMATS = ("csv", "h5")
 def columns_for(classes: list[str], extra: tuple[str, ...] | list[str] = ()) -> list[str]:
     """Output column names for a model with these classes (plus reader-specific *extra* columns at the end)."""
     return ["id", "label", *[f"p_{c}" for c in classes], "status", "model", "model_version", "file", *extra]
+
+
+_CSV_SPECIAL = re.compile(r'[,"\r\n]')
+
+
+def _as_text(values: Any) -> tuple[list[Any], bool]:
+    """Values to print with ``%s`` (the same text as ``str``) and whether they may need quoting."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iu":
+        return arr.tolist(), False  # Python ints print as str(np.int64) does; digits never need quoting
+    if arr.dtype.kind in "OU":
+        return [v if type(v) is str else str(v) for v in arr.tolist()], True
+    return [str(v) for v in values], True  # e.g. float ids: keep numpy's own str()
+
+
+def _csv_text(
+    ids: Any, labels: Any, proba: np.ndarray, status: Any, fixed: list[str], more: list[list[str]]
+) -> str | None:
+    """One batch as CSV lines, the same text as ``csv.writer`` writes, or None if a field needs quoting.
+
+    One ``%`` format per row instead of a list of formatted fields: several times
+    faster, so writing a million rows stays hidden behind inference.
+    """
+    cols = [_as_text(ids), _as_text(labels), _as_text(status), (fixed, True), *((m, True) for m in more)]
+    if any(check and _CSV_SPECIAL.search("".join(col)) for col, check in cols):
+        return None
+    (id_s, _), (lab_s, _), (st_s, _) = cols[:3]
+    tail = ",".join(f.replace("%", "%%") for f in fixed)
+    line = "%s,%s," + "%.7g," * proba.shape[1] + "%s," + tail + "".join(",%s" for _ in more) + "\n"
+    rows = list(map(line.__mod__, zip(id_s, lab_s, *proba.T.tolist(), st_s, *more, strict=True)))
+    for i in np.flatnonzero(~np.isfinite(proba).all(axis=1)).tolist():  # NaN/inf: empty fields
+        p = ["" if not np.isfinite(v) else f"{v:.7g}" for v in proba[i].tolist()]
+        rows[i] = ",".join([str(id_s[i]), lab_s[i], *p, st_s[i], *fixed, *(m[i] for m in more)]) + "\n"
+    return "".join(rows)
 
 
 def _format_of(path: str | None) -> str:
@@ -120,11 +155,15 @@ class ResultWriter:
                 ds.resize((self.rows + n,))
                 ds[self.rows :] = values
         else:
-            fmt = [[("" if not np.isfinite(v) else f"{v:.7g}") for v in row] for row in proba.tolist()]
-            self._csv.writerows(
-                [str(i), str(lab), *p, str(s), self.model, self.version, file, *e]
-                for i, lab, p, s, *e in zip(ids, labels, fmt, status, *more, strict=True)
-            )
+            text = _csv_text(ids, labels, proba, status, [self.model, self.version, file], more)
+            if text is not None:
+                self._fh.write(text)  # type: ignore[union-attr]
+            else:  # some field needs CSV quoting: let the csv module do it
+                fmt = [[("" if not np.isfinite(v) else f"{v:.7g}") for v in row] for row in proba.tolist()]
+                self._csv.writerows(
+                    [str(i), str(lab), *p, str(s), self.model, self.version, file, *e]
+                    for i, lab, p, s, *e in zip(ids, labels, fmt, status, *more, strict=True)
+                )
         self.rows += n
 
     def mark(self) -> None:

@@ -1,0 +1,267 @@
+"""The fast paths give the same answers as the plain ones.
+
+Chunk-aligned HDF5 blocks, padded fixed-shape batches, the prefetch queue and the
+preprocessing pool, the vectorised CSV writer, and (with a GPU) IOBinding, CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import csv
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stampclf import Classifier
+from stampclf._session import BatchRunner, _bucket, create_session
+from stampclf.classifier import _ordered_map, _prefetch
+from stampclf.io import HDF5Reader
+from stampclf.io._writers import ResultWriter
+from stampclf.preprocess import _median_rows_inplace, normalise
+
+from conftest import HITS_INPUT, make_stamps, write_hits_h5
+
+
+# --- preprocessing --------------------------------------------------------------------
+@pytest.mark.parametrize("width", [441, 440, 1, 2, 9])
+def test_partition_median_is_numpy_median(width: int) -> None:
+    rng = np.random.default_rng(width)
+    rows = rng.normal(0, 1, (50, width)).astype(np.float32)
+    rows[::3] = np.round(rows[::3])  # ties
+    expected = np.median(rows, axis=1)
+    got = _median_rows_inplace(rows.copy())
+    assert got.dtype == expected.dtype and np.array_equal(got, expected)
+
+
+def test_robust_asinh_matches_the_formula() -> None:
+    x = make_stamps(40, seed=5)
+    x[3, 1] = 7.0  # constant channel: MAD 0, falls back to std, then to 1
+    x[4, 2, :10] = 0.0
+    flat = x.reshape(-1, 441).astype(np.float64)
+    med = np.median(flat, axis=1, keepdims=True)
+    sig = np.median(np.abs(flat - med), axis=1, keepdims=True) * 1.4826
+    std = flat.std(axis=1, keepdims=True)
+    sig = np.where(sig > 0, sig, std)
+    sig = np.where(sig > 0, sig, 1.0)
+    expected = np.arcsinh((flat - med) / (sig * 0.5)).reshape(x.shape)
+    got = normalise(x, {"method": "robust_asinh", "softening": 0.5})
+    assert got.dtype == np.float32
+    assert np.allclose(got, expected, atol=2e-5)
+
+
+# --- HDF5 blocks ------------------------------------------------------------------------
+def _naive(reader: HDF5Reader, bs: int) -> list:
+    return [reader.read_block(s, min(s + bs, reader.n_rows)) for s in range(0, reader.n_rows, bs)]
+
+
+@pytest.mark.parametrize("chunks", [None, (5, 21, 21), (64, 21, 21), (1, 21, 21)])
+@pytest.mark.parametrize("bs", [1, 7, 16, 100])
+def test_chunk_aligned_blocks_give_the_same_batches(tmp_path: Path, chunks: tuple | None, bs: int) -> None:
+    ids = np.arange(77) % 60  # duplicate ids: the reader flags them via status
+    path = write_hits_h5(tmp_path / "c.h5", n=77, seed=6, chunks=chunks, ids=ids)
+    reader = HDF5Reader(str(path), HITS_INPUT)
+    block = reader.block_rows(bs)
+    assert block >= bs
+    if chunks:
+        assert block % chunks[0] == 0
+    got, want = list(reader.batches(bs)), _naive(reader, bs)
+    assert [len(b) for b in got] == [len(b) for b in want]
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(g.ids, w.ids)
+        assert np.array_equal(g.stamps, w.stamps)
+        assert np.array_equal(g.labels, w.labels)
+        gs = g.status if g.status is not None else np.full(len(g), "ok", dtype=object)
+        ws = w.status if w.status is not None else np.full(len(w), "ok", dtype=object)
+        assert list(gs) == list(ws)
+    reader.close()
+
+
+def test_huge_chunks_fall_back_to_batch_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stampclf.io._hdf5 as h5mod
+
+    path = write_hits_h5(tmp_path / "big.h5", n=40, seed=7, chunks=(40, 21, 21))
+    monkeypatch.setattr(h5mod, "MAX_BLOCK_BYTES", 10 * 4 * 441 * 4)  # 10 rows
+    reader = HDF5Reader(str(path), HITS_INPUT)
+    assert reader.block_rows(8) == 8  # a 40-row chunk would exceed the cap
+    assert [len(b) for b in reader.batches(8)] == [8] * 5
+    reader.close()
+
+
+# --- fixed batch shape ------------------------------------------------------------------
+def test_bucket_sizes() -> None:
+    assert [_bucket(n, 1024) for n in (1, 2, 3, 100, 128, 129, 1000, 1024)] == [1, 2, 4, 128, 128, 256, 1024, 1024]
+    assert _bucket(5, 4) == 4
+
+
+def test_padded_batches_give_identical_results(tiny_model_path: Path) -> None:
+    clf = Classifier(tiny_model_path, device="cpu", batch_size=64)
+    x = np.ascontiguousarray(make_stamps(150, seed=8))
+    ref = clf.session.run(None, {"stamps": x})[0]  # one unpadded call
+    shapes: list[tuple] = []
+    real_run = clf.session.run
+
+    class Spy:
+        def run(self, out, feed):  # noqa: ANN001, ANN202
+            shapes.append(feed["stamps"].shape)
+            return real_run(out, feed)
+
+    runner = BatchRunner(clf._info, 64, clf.card.shape, 2)
+    runner.session = Spy()
+    got = runner(x)
+    assert np.array_equal(got, ref)
+    assert [s[0] for s in shapes] == [64, 64, 32]  # the 22-row tail padded to 32
+    assert np.array_equal(runner(x[:3]), ref[:3])
+    assert shapes[-1][0] == 4
+
+
+def test_batch_size_change_rebuilds_the_runner(tiny_model_path: Path) -> None:
+    clf = Classifier(tiny_model_path, device="cpu", batch_size=8)
+    x = make_stamps(20, seed=9)
+    a = clf.predict_proba(x)
+    clf.batch_size = 3
+    assert np.array_equal(clf.predict_proba(x), a)
+    assert clf._runner is not None and clf._runner.batch_size == 3
+
+
+# --- prefetch and pool ------------------------------------------------------------------
+def test_prefetch_keeps_order_and_bounds_read_ahead() -> None:
+    produced: list[int] = []
+
+    def items():  # noqa: ANN202
+        for i in range(20):
+            produced.append(i)
+            yield i
+
+    seen = []
+    for i in _prefetch(items(), depth=2):
+        time.sleep(0.002)
+        assert len(produced) <= i + 4  # at most depth queued + one in hand + one being put
+        seen.append(i)
+    assert seen == list(range(20))
+
+
+def test_prefetch_reraises_reader_errors() -> None:
+    def items():  # noqa: ANN202
+        yield 1
+        raise ValueError("bad block")
+
+    with pytest.raises(ValueError, match="bad block"):
+        list(_prefetch(items()))
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_ordered_map_keeps_order_and_bounds_in_flight(workers: int) -> None:
+    lock = threading.Lock()
+    active = [0, 0]  # now, max
+
+    def work(i: int) -> int:
+        with lock:
+            active[0] += 1
+            active[1] = max(active[1], active[0])
+        time.sleep(0.003 * ((i * 7) % 3))  # finish out of order
+        with lock:
+            active[0] -= 1
+        return i * i
+
+    assert list(_ordered_map(work, iter(range(30)), workers)) == [i * i for i in range(30)]
+    assert active[1] <= workers
+
+
+def test_ordered_map_reraises_and_stops() -> None:
+    def work(i: int) -> int:
+        if i == 5:
+            raise RuntimeError("boom")
+        return i
+
+    with pytest.raises(RuntimeError, match="boom"):
+        list(_ordered_map(work, iter(range(100)), 2))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_classify_file_with_pool_matches_in_memory(tiny_model_path: Path, tmp_path: Path, workers: int) -> None:
+    stamps = make_stamps(203, seed=10)
+    stamps[5, 0, 0, 0] = np.nan
+    path = write_hits_h5(tmp_path / "p.h5", stamps=stamps, chunks=(50, 21, 21))
+    clf = Classifier(tiny_model_path, device="cpu", batch_size=32)
+    clf.prep_workers = workers
+    preds = list(clf.classify_file(path))
+    proba = np.concatenate([p.proba for p in preds])
+    status = np.concatenate([p.status for p in preds])
+    ref = clf.classify(stamps)
+    assert np.array_equal(proba, ref.proba)
+    assert list(status) == list(ref.status)
+    assert list(np.concatenate([p.ids for p in preds])) == list(range(1000, 1203))
+
+
+# --- CSV writer -----------------------------------------------------------------------
+def test_fast_csv_equals_csv_module(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    proba = rng.random((50, 2)).astype(np.float32)
+    proba[3] = np.nan
+    proba[4] = [0.0, 1.0]
+    proba[5] = [1e-9, 3.4e38]
+    ids = np.arange(50)
+    labels = np.where(proba[:, 1] > 0.5, "real", "bogus").astype(object)
+    labels[3] = ""
+    status = np.full(50, "ok", dtype=object)
+    status[3] = "failed: 441 of 1764 pixels not finite"
+    status[7] = "flagged: resized 25x25->21x21; 3 non-finite pixels replaced"
+
+    def reference(path: Path, ids_: np.ndarray, file: str) -> list[list[str]]:
+        rows = [["id", "label", "p_bogus", "p_real", "status", "model", "model_version", "file"]]
+        for i, lab, p, s in zip(ids_, labels, proba.tolist(), status, strict=True):
+            ps = ["" if not np.isfinite(v) else f"{v:.7g}" for v in p]
+            rows.append([str(i), str(lab), *ps, str(s), "m", "1.0", file])
+        return rows
+
+    for ids_, file in ((ids, "plain.h5"), (np.array([f"id,{i}" for i in ids], dtype=object), 'a "quoted", name.h5')):
+        out = tmp_path / "o.csv"
+        with ResultWriter(str(out), ["bogus", "real"], "m", "1.0") as w:
+            w.write(ids_[:20], labels[:20], proba[:20], status[:20], file)
+            w.write(ids_[20:], labels[20:], proba[20:], status[20:], file)
+        with open(out, newline="") as fh:
+            assert list(csv.reader(fh)) == reference(out, ids_, file)
+
+
+# --- CUDA -----------------------------------------------------------------------------
+def _cuda_ok() -> bool:
+    try:
+        import onnxruntime as ort
+
+        from conftest import build_model_bytes
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return False
+        return create_session(build_model_bytes(), "cuda").device == "cuda"
+    except Exception:  # noqa: BLE001 - any failure means: no usable CUDA here
+        return False
+
+
+_CUDA = _cuda_ok()
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.skipif(not _CUDA, reason="no usable CUDA execution provider on this machine")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_iobinding_matches_cpu(tiny_model_path: Path, cuda_graph: bool) -> None:
+    x = make_stamps(300, seed=12)
+    ref = Classifier(tiny_model_path, device="cpu", batch_size=128).predict_proba(x)
+    clf = Classifier(tiny_model_path, device="cuda", batch_size=128, cuda_graph=cuda_graph)
+    assert clf.device == "cuda" and clf.session.get_providers()[0] == "CUDAExecutionProvider"
+    got = clf.predict_proba(x)
+    assert np.allclose(got, ref, atol=1e-5)
+    assert np.array_equal(clf.predict_proba(x[:7]), got[:7])  # padded tail: same rows, same numbers
+    assert clf._runner is not None and clf._runner._binding is not None
+
+
+@gpu
+@pytest.mark.skipif(not _CUDA, reason="no usable CUDA execution provider on this machine")
+def test_fp16_close_to_fp32(tiny_model_path: Path) -> None:
+    pytest.importorskip("onnxconverter_common")
+    x = make_stamps(100, seed=13)
+    ref = Classifier(tiny_model_path, device="cuda").predict_proba(x)
+    half = Classifier(tiny_model_path, device="cuda", precision="fp16").predict_proba(x)
+    assert np.allclose(half, ref, atol=1e-2)
