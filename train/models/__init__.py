@@ -1,3 +1,3 @@
 """Model builders; importing this package registers them all."""
 
-from . import hits  # noqa: F401
+from . import hits, images  # noqa: F401

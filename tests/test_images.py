@@ -1,0 +1,285 @@
+"""Image models: registry, loaders, augmentation, shared preprocessing, train -> export -> classify."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+PIL_Image = pytest.importorskip("PIL.Image")
+
+from stampclf.io._images import ImageReader  # noqa: E402
+from stampclf.preprocess import image_to_array, image_to_uint8, load_image, scale_pixels  # noqa: E402
+from train.data import images as data_images  # noqa: E402
+from train.registry import create_model, get_spec, list_models  # noqa: E402
+
+IMAGE_MODELS = [n for n in list_models() if get_spec(n).input.get("kind") == "image"]
+
+
+def _rng_image(rng: np.random.Generator, w: int, h: int, colour: tuple[int, int, int]) -> object:
+    arr = np.clip(rng.normal(colour, 40, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    return PIL_Image.fromarray(arr)
+
+
+def _fake_galaxy_zoo(root: Path, per_class: int = 5, size: int = 40) -> Path:
+    """A tiny Galaxy-Zoo-layout set: labels.csv (OBJID, CLASS) + images/<OBJID>.jpeg, 6 classes."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for c in range(6):
+        for i in range(per_class):
+            objid = 1000 * c + i
+            img = _rng_image(rng, size, size, (40 * c, 200 - 30 * c, 100))
+            img.save(root / "images" / f"{objid}.jpeg", quality=90)
+            rows.append((objid, c))
+    with open(root / "labels.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["OBJID", "CLASS"])
+        w.writerows(rows)
+    return root
+
+
+def test_image_models_registered() -> None:
+    for name in ("galaxy", "galaxy-seed", "cifar10", "cifar10-seed", "pokemon-cnn", "pokemon-resnet"):
+        spec = get_spec(name)
+        assert spec.preprocessing["kind"] == "image"
+        assert spec.input["kind"] == "image"
+    assert get_spec("galaxy").classes == (
+        "elliptical", "clockwise_spiral", "anticlockwise_spiral", "edge_on", "dont_know", "merger"
+    )
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
+def test_image_model_forward(name: str) -> None:
+    spec = get_spec(name)
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    x = torch.randn(3, len(spec.input["channels"]), spec.input["height"], spec.input["width"])
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (3, len(spec.classes))
+    assert torch.isfinite(out).all()
+    # the card's preprocessing produces exactly the model's input shape
+    img = PIL_Image.new("RGB", (123, 77), (10, 20, 30))
+    assert image_to_array(img, spec.preprocessing).shape == tuple(x.shape[1:])
+
+
+# --- preprocessing ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["galaxy", "pokemon-cnn", "cifar10"])
+def test_training_preprocessing_equals_runtime_bitwise(tmp_path: Path, name: str) -> None:
+    spec = get_spec(name)
+    rng = np.random.default_rng(1)
+    files = []
+    for i, (w, h) in enumerate([(423, 423), (150, 224), (33, 29)]):
+        f = tmp_path / f"im{i}.jpg"
+        _rng_image(rng, w, h, (120, 80, 60)).save(f, quality=85)
+        files.append(str(f))
+    # training: decode once to uint8 (cached), then the batched arithmetic
+    train_x = scale_pixels(data_images.decode_images(files, spec.preprocessing, str(tmp_path / "cache")), spec.preprocessing)
+    again = scale_pixels(data_images.decode_images(files, spec.preprocessing, str(tmp_path / "cache")), spec.preprocessing)
+    # runtime: the classifier's reader, one file at a time through load_image
+    shape = (3, spec.input["height"], spec.input["width"])
+    batch = next(ImageReader(files, spec.preprocessing, shape).batches(8))
+    assert list(batch.status) == ["ok"] * 3
+    assert train_x.dtype == batch.x.dtype == np.float32
+    assert np.array_equal(train_x, batch.x)  # bitwise
+    assert np.array_equal(again, train_x)  # the cache returns the same pixels
+    for f, row in zip(files, train_x, strict=True):
+        assert np.array_equal(load_image(f, spec.preprocessing), row)
+
+
+def test_pad_fit_keeps_whole_picture_on_background() -> None:
+    img = PIL_Image.new("RGB", (50, 100), (0, 0, 0))
+    spec = {"fit": "pad", "resize": 20, "pad_color": [255, 255, 255]}
+    u8 = image_to_uint8(img, spec)
+    assert u8.shape == (3, 20, 20)
+    assert (u8[:, :, :5] == 255).all() and (u8[:, :, -5:] == 255).all()  # side bars: background
+    assert (u8[:, :, 5:15] == 0).all()  # the whole (black) picture, scaled to 10x20
+
+
+# --- augmentation ----------------------------------------------------------------------
+def _chiral_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.zeros(6, 3, 8, 8)
+    x[:, :, 0, :2] = 1.0  # an asymmetric mark: top-left corner
+    return x, torch.arange(6)
+
+
+@pytest.mark.parametrize("axis", ["hflip", "vflip"])
+def test_mirror_swaps_chirality_labels(axis: str) -> None:
+    aug = data_images.ImageAugment(**{axis: 1.0}, swap=((1, 2),))
+    x, y = _chiral_batch()
+    xa, ya = aug(x, y, torch.Generator().manual_seed(0))
+    assert ya.tolist() == [0, 2, 1, 3, 4, 5]  # clockwise <-> anticlockwise, others kept
+    assert torch.equal(xa, x.flip(3 if axis == "hflip" else 2))
+
+
+def test_both_mirrors_and_rotations_keep_chirality() -> None:
+    x, y = _chiral_batch()
+    both = data_images.ImageAugment(hflip=1.0, vflip=1.0, swap=((1, 2),))
+    xa, ya = both(x, y, torch.Generator().manual_seed(0))
+    assert ya.tolist() == y.tolist()  # two mirrors = a 180-degree rotation
+    assert torch.equal(xa, torch.rot90(x, 2, (2, 3)))
+    rot = data_images.ImageAugment(rot90=True, swap=((1, 2),))
+    xs, ys = [], []
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        xr, yr = rot(x, y, gen)
+        xs.append(xr)
+        ys.append(yr)
+    assert all(yr.tolist() == y.tolist() for yr in ys)
+    assert any(not torch.equal(xr, x) for xr in xs)  # it did rotate
+
+
+def test_random_mirrors_swap_only_mirrored_rows() -> None:
+    aug = data_images.ImageAugment(hflip=0.5, swap=((1, 2),))
+    x = torch.zeros(200, 1, 4, 4)
+    x[:, :, :, 0] = 1.0
+    y = torch.tensor([1, 2] * 100)
+    xa, ya = aug(x, y, torch.Generator().manual_seed(3))
+    flipped = xa[:, 0, 0, 3] == 1.0
+    assert 40 < int(flipped.sum()) < 160
+    assert torch.equal(ya[flipped], 3 - y[flipped])
+    assert torch.equal(ya[~flipped], y[~flipped])
+
+
+def test_galaxy_loader_uses_chirality_swap(tmp_path: Path) -> None:
+    root = _fake_galaxy_zoo(tmp_path / "gz")
+    bundle = data_images.load_galaxy_zoo1(get_spec("galaxy"), {"root": str(root), "cache": "none"}, 0)
+    assert bundle.augment.swap == ((1, 2),)
+    assert bundle.augment.hflip > 0 and bundle.augment.rot90
+    sizes = bundle.provenance["sizes"]
+    assert sizes == {"train": 18, "val": 6, "test": 6}  # one of each class in val and test
+    assert len(bundle.provenance["file_lists_sha256"]["test"]) == 64
+    again = data_images.load_galaxy_zoo1(get_spec("galaxy"), {"root": str(root), "cache": "none"}, 0)
+    assert again.provenance["file_lists_sha256"] == bundle.provenance["file_lists_sha256"]
+    other = data_images.load_galaxy_zoo1(get_spec("galaxy"), {"root": str(root), "cache": "none"}, 1)
+    assert other.provenance["file_lists_sha256"] != bundle.provenance["file_lists_sha256"]
+
+
+# --- loaders ---------------------------------------------------------------------------
+def test_stratified_split_is_disjoint_and_deterministic() -> None:
+    labels = np.repeat(np.arange(4), [50, 20, 7, 3])
+    a = data_images.stratified_split(labels, (0.15, 0.15), seed=5)
+    b = data_images.stratified_split(labels, (0.15, 0.15), seed=5)
+    assert all(np.array_equal(p, q) for p, q in zip(a, b, strict=True))
+    allidx = np.concatenate(a)
+    assert len(allidx) == len(labels) == len(np.unique(allidx))
+    for part in a[:2]:
+        assert set(labels[part]) == {0, 1, 2, 3}
+
+
+def test_folder_per_class_and_missing_root(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for c in ("b", "a"):
+        (tmp_path / c / "sub").mkdir(parents=True)
+        for i in range(2):
+            _rng_image(rng, 8, 8, (1, 2, 3)).save(tmp_path / c / "sub" / f"{i}.png")
+    files, labels, names = data_images.folder_per_class(tmp_path)
+    assert names == ["a", "b"] and labels.tolist() == [0, 0, 1, 1] and len(files) == 4
+    with pytest.raises(FileNotFoundError, match="class folder of 'c' missing"):
+        data_images.folder_per_class(tmp_path, ("a", "c"))
+    with pytest.raises(FileNotFoundError, match=r"tar xzf \.\./shared/data/galaxy_zoo1/galaxy_zoo1_sdss\.tar\.gz"):
+        data_images.load_galaxy_zoo1(get_spec("galaxy"), {"root": str(tmp_path / "nope")}, 0)
+
+
+def test_folder_with_csv_names_bad_row(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    PIL_Image.new("RGB", (4, 4)).save(tmp_path / "images" / "7.jpeg")
+    (tmp_path / "labels.csv").write_text("OBJID,CLASS\n7,1\n8,0\n")
+    with pytest.raises(FileNotFoundError, match=r"labels\.csv:3: image of '8' not found"):
+        data_images.folder_with_csv(tmp_path / "images", tmp_path / "labels.csv", "OBJID", "CLASS", ".jpeg")
+    (tmp_path / "labels.csv").write_text("OBJID,CLASS\n7,1\n")
+    files, labels = data_images.folder_with_csv(tmp_path / "images", tmp_path / "labels.csv", "OBJID", "CLASS")
+    assert labels.tolist() == [1] and files[0].endswith("7.jpeg")
+
+
+# --- reader ----------------------------------------------------------------------------
+def test_image_reader_keeps_order_and_reports_bad_files(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(11):
+        f = tmp_path / f"{i:02d}.png"
+        if i == 4:
+            f.write_bytes(b"this is not a PNG")
+        elif i == 7:
+            buf = io.BytesIO()
+            _rng_image(rng, 30, 30, (50, 50, 50)).save(buf, format="JPEG")
+            f = tmp_path / f"{i:02d}.jpg"
+            f.write_bytes(buf.getvalue()[:200])  # truncated JPEG
+        else:
+            PIL_Image.fromarray(np.full((6, 6, 3), i * 20, np.uint8)).save(f)
+        names.append(str(f))
+    spec = {"resize": 6, "crop": 6, "scale": 1.0}
+    reader = ImageReader(names, spec, (3, 6, 6), threads=3)
+    batches = list(reader.batches(4))
+    reader.close()
+    ids = [i for b in batches for i in b.ids]
+    status = [s for b in batches for s in b.status]
+    x = np.concatenate([b.x for b in batches])
+    assert ids == names
+    assert status[4].startswith(f"failed: {names[4]}: cannot read image")
+    assert status[7].startswith(f"failed: {names[7]}")
+    for i in set(range(11)) - {4, 7}:
+        assert status[i] == "ok" and x[i, 0, 0, 0] == i * 20
+
+
+# --- end to end ------------------------------------------------------------------------
+def test_tiny_train_export_classify(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from typer.testing import CliRunner
+
+    from stampclf.cli import app
+    from train import export as export_mod
+    from train import train as train_mod
+
+    root = _fake_galaxy_zoo(tmp_path / "gz", per_class=5)
+    run = tmp_path / "run"
+    code = train_mod.main(["--model", "galaxy", "--epochs", "1", "--out", str(run), "--threads", "1",
+                           "--set", f"root={root}", "--set", "cache=none", "--set", "batch_size=8"])
+    assert code == 0
+    report = (run / "report.json").read_text()
+    assert '"file_lists_sha256"' in report
+    out_dir = tmp_path / "exported"
+    assert export_mod.main(["--model", "galaxy", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(out_dir)]) == 0
+    onnx_path = out_dir / "galaxy.onnx"
+    assert onnx_path.is_file() and (out_dir / "galaxy" / "confusion_matrix.png").is_file()
+
+    # a folder (recursive) with one corrupt image, plus two single files of other formats
+    folder = tmp_path / "to_classify"
+    (folder / "deeper").mkdir(parents=True)
+    imgs = sorted((root / "images").glob("*.jpeg"))
+    for f in imgs[:3]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "deeper" / "x.jpeg").write_bytes(imgs[10].read_bytes())
+    (folder / "deeper" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    png = tmp_path / "single.png"
+    PIL_Image.open(imgs[20]).save(png)
+    out_csv = tmp_path / "out.csv"
+    args = ["classify", str(png), str(folder), "--model", str(onnx_path), "-o", str(out_csv), "-b", "2", "-q"]
+    # by default an unreadable image stops the run (exit 2, no partial output) ...
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "broken.jpg: cannot read image" in result.output
+    assert not out_csv.exists()
+    # ... with --keep-going it is a failed row with its error and the others are scored
+    result = CliRunner().invoke(app, [*args, "--keep-going"])
+    assert result.exit_code == 2, result.output
+    with open(out_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6
+    assert rows[0]["id"] == str(png)
+    assert [r["id"] for r in rows[1:]] == sorted(r["id"] for r in rows[1:])  # folder: sorted, recursive
+    broken = [r for r in rows if r["id"].endswith("broken.jpg")]
+    assert len(broken) == 1 and broken[0]["status"].startswith("failed:") and "broken.jpg" in broken[0]["status"]
+    assert broken[0]["label"] == ""
+    classes = get_spec("galaxy").classes
+    for r in rows:
+        if r is broken[0]:
+            continue
+        assert r["status"] == "ok" and r["label"] in classes and r["model"] == "galaxy"
+        p = np.array([float(r[f"p_{c}"]) for c in classes])
+        assert abs(p.sum() - 1) < 1e-4
