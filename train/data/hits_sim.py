@@ -43,6 +43,7 @@ __all__ = [
     "DETECT_SNR",
     "CENTRE_HALF",
     "simulate",
+    "simulate_chunk",
     "iter_simulate",
 ]
 
@@ -816,20 +817,30 @@ def _simulate_chunk(rng: np.random.Generator, n: int, n_real: int, with_meta: bo
     raise RuntimeError(f"{todo.size} stamps failed the candidate cut {MAX_ROUNDS} times")
 
 
-def iter_simulate(n: int, seed: int, real_fraction: float = 0.5, chunk: int = CHUNK, meta: bool = False):
-    """Yield ``(start, stamps)`` chunks of the same stamps :func:`simulate` returns.
+def simulate_chunk(index: int, n: int, seed: int, real_fraction: float = 0.5, chunk: int = CHUNK, meta: bool = False) -> dict:
+    """Chunk ``index`` of ``simulate(n, seed, real_fraction)`` (stamps ``index*chunk`` on).
 
     Chunk ``i`` draws from its own stream ``SeedSequence(seed, spawn_key=(i,))`` and holds
-    exactly ``round((i+1)*c*f) - round(i*c*f)`` real stamps, so writing chunks one by one
-    (bounded memory) gives the same data as one call, with exactly ``round(n*f)`` reals.
+    exactly ``round(stop*f) - round(start*f)`` real stamps, so chunks can be simulated in
+    any order or in parallel processes and still give the same data as one call.
     """
     if n < 0 or not 0.0 <= real_fraction <= 1.0:
         raise ValueError("need n >= 0 and 0 <= real_fraction <= 1")
+    start = index * chunk
+    stop = min(start + chunk, n)
+    if start >= stop:
+        raise ValueError(f"chunk {index} is past the end of {n} stamps")
+    n_real = int(round(stop * real_fraction)) - int(round(start * real_fraction))
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+    return _simulate_chunk(rng, stop - start, n_real, meta)
+
+
+def iter_simulate(n: int, seed: int, real_fraction: float = 0.5, chunk: int = CHUNK, meta: bool = False):
+    """Yield ``(start, stamps)`` chunk by chunk: the stamps of :func:`simulate` in bounded memory."""
+    if n < 0 or not 0.0 <= real_fraction <= 1.0:
+        raise ValueError("need n >= 0 and 0 <= real_fraction <= 1")
     for i, start in enumerate(range(0, n, chunk)):
-        stop = min(start + chunk, n)
-        n_real = int(round(stop * real_fraction)) - int(round(start * real_fraction))
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
-        yield start, _simulate_chunk(rng, stop - start, n_real, meta)
+        yield start, simulate_chunk(i, n, seed, real_fraction, chunk, meta)
 
 
 def simulate(n: int, seed: int, real_fraction: float = 0.5, meta: bool = False) -> dict[str, np.ndarray]:
