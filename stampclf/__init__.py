@@ -9,6 +9,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ._card import ModelCard, read_card
+from ._dask import classify_dask, predict_dask  # imports Dask only when called
 from ._errors import DeviceError, InputError, ModelError, StampclfError
 from ._registry import list_models
 from ._run import RunSummary, classify_files
@@ -21,6 +22,8 @@ __all__ = [
     "read_card",
     "list_models",
     "classify_files",
+    "classify_dask",
+    "predict_dask",
     "RunSummary",
     "StampclfError",
     "InputError",

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import __version__
-from ._errors import StampclfError
+from ._errors import InputError, StampclfError
 
 __all__ = ["app", "main"]
 
@@ -77,7 +77,10 @@ def _root(
 
 @app.command()
 def classify(
-    files: Annotated[list[str], typer.Argument(help="HDF5 stamp files, image files or folders of images.")],
+    files: Annotated[
+        list[str],
+        typer.Argument(help="HDF5 stamp files, Avro alerts, FITS cut-outs, image files or folders of images."),
+    ],
     output: Annotated[
         Optional[str], typer.Option("--output", "-o", help="Output .csv or .h5 (default: CSV on stdout).")
     ] = None,
@@ -96,13 +99,22 @@ def classify(
         Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No notices, progress or summary on stderr.")] = False,
+    scheduler: Annotated[
+        Optional[str],
+        typer.Option("--scheduler", help="Run on a Dask cluster: scheduler address, or local[:N] (docs/scale-out.md)."),
+    ] = None,
 ) -> None:
-    """Classify stamps or images; one output row per input row, in input order."""
+    """Classify stamps, images, Avro alerts or FITS cut-outs; one output row per input row, in input order."""
 
     def run() -> int:
         from ._run import classify_files
         from .classifier import Classifier
 
+        if scheduler:
+            return _classify_on_dask(
+                scheduler, files, output, model, batch_size, device, threads, threshold, layout, channels_last,
+                keep_going, evaluate, quiet,
+            )  # fmt: skip
         clf = Classifier(model, device=device, threads=threads, batch_size=batch_size, threshold=threshold)
         if clf.notice and not quiet:
             typer.echo(f"stampclf: {clf.notice}", err=True)
@@ -127,6 +139,35 @@ def classify(
     code = _guard(run)
     if code:
         raise typer.Exit(code)
+
+
+def _classify_on_dask(
+    scheduler: str, files: list[str], output: Optional[str], model: str, batch_size: int, device: str,
+    threads: Optional[int], threshold: Optional[float], layout: str, channels_last: bool, keep_going: bool,
+    evaluate: bool, quiet: bool,
+) -> int:  # fmt: skip
+    from ._dask import classify_dask, connect
+    from ._registry import resolve_model
+
+    if evaluate:
+        raise InputError("--evaluate is not available with --scheduler (run it without one)")
+    resolve_model(model)  # a bad model name fails before a cluster starts
+    with connect(scheduler) as client:
+        s = classify_dask(
+            client, files, model, output, batch_size=batch_size, device=device, threads=threads or 1,
+            threshold=threshold, layout=layout, channels_last=channels_last, keep_going=keep_going,
+        )  # fmt: skip
+    for err in s.file_errors:
+        typer.echo(f"stampclf: error: {err}", err=True)
+    if not quiet:
+        rate = s.rows / s.seconds if s.seconds > 0 else 0.0
+        typer.echo(
+            f"stampclf: {s.rows:,} rows from {s.files} input(s) on Dask ({scheduler}) in {s.seconds:.2f} s "
+            f"({rate:,.0f} rows/s); flagged {s.flagged:,}, failed {s.failed:,}"
+            + (f"; written to {s.output}" if s.output and s.output != "-" else ""),
+            err=True,
+        )
+    return 2 if s.file_errors else 0
 
 
 def _print_metrics(m: dict[str, Any]) -> None:

@@ -1,0 +1,415 @@
+"""Scale-out on a Dask cluster: many files (or a Dask array of stamps) over many workers.
+
+Work is split into units: an HDF5 file into row ranges of ``chunk_rows``, a list
+of image files into runs of ``chunk_rows`` files, an Avro alert file or a group of
+FITS files into one unit each; a Dask array by its chunks along the first axis.
+The model file is read and checked once on the client and its bytes are
+broadcast to every worker (``client.scatter(..., broadcast=True)``); each worker
+builds the ONNX Runtime session once per model and reuses it for every unit.
+Results come back in input order and go through the same `ResultWriter` as a
+single-process run, so the output is the same file, row for row.
+
+Needs ``dask[distributed]`` (``pip install 'stampclf[dask]'``); importing this
+module does not import Dask.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._card import read_card
+from ._errors import InputError, StampclfError
+from ._registry import resolve_model
+from ._run import RunSummary
+from .classifier import Classifier, Predictions
+from .io import LAYOUTS, HDF5Reader, InputBatch, input_kind, open_inputs, open_writer
+from .io._images import expand_image_paths
+
+__all__ = ["classify_dask", "predict_dask", "DEFAULT_CHUNK_ROWS"]
+
+#: Rows (or image files) per unit of work.
+DEFAULT_CHUNK_ROWS = 65_536
+
+# --- worker side --------------------------------------------------------------------------
+_CLASSIFIERS: dict[tuple[Any, ...], Classifier] = {}
+_LOCK = threading.Lock()
+
+
+def _model_file(data: bytes, sha: str) -> str:
+    """The model bytes as a file in this worker's temp folder (written once, atomically)."""
+    path = os.path.join(tempfile.gettempdir(), f"stampclf-model-{sha[:32]}.onnx")
+    if not os.path.exists(path) or os.path.getsize(path) != len(data):
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".part")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    return path
+
+
+def _worker_classifier(data: bytes, sha: str, options: dict[str, Any]) -> Classifier:
+    """This worker's classifier for a model, made on first use and kept."""
+    key = (sha, *sorted(options.items()))
+    clf = _CLASSIFIERS.get(key)
+    if clf is None:
+        with _LOCK:
+            clf = _CLASSIFIERS.get(key)
+            if clf is None:
+                # verify=True: the sha256 of the weights is checked again on the worker
+                clf = Classifier(_model_file(data, sha), **options)
+                _CLASSIFIERS[key] = clf
+    return clf
+
+
+class _RowRange:
+    """Rows ``start:stop`` of an HDF5 file, as a reader."""
+
+    has_labels = False
+
+    def __init__(self, reader: HDF5Reader, start: int, stop: int) -> None:
+        self.path, self._reader, self._start, self._stop = reader.path, reader, start, stop
+        self.n_rows = stop - start
+        self.has_labels = reader.has_labels
+
+    def batches(self, batch_size: int) -> Iterator[InputBatch]:
+        for s in range(self._start, self._stop, batch_size):
+            yield self._reader.read_block(s, min(s + batch_size, self._stop))
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+@dataclass
+class _Unit:
+    """One task: an input (index into the run's inputs) and what part of it."""
+
+    index: int
+    kind: str  # "hdf5", "group" (alerts, FITS: as open_inputs groups them), "images", "array"
+    paths: list[str]
+    start: int = 0
+    stop: int = 0
+    error: str = ""  # the client could not read this input (keep_going)
+
+
+class _Ready:
+    """A finished result that needs no task (an input the client already found bad)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+def _join(preds: list[Predictions]) -> Predictions:
+    if len(preds) == 1:
+        return preds[0]
+    truth = [p.true_labels for p in preds]
+    keys = preds[0].extra.keys() if preds[0].extra else ()
+    return Predictions(
+        np.concatenate([p.ids for p in preds]),
+        np.concatenate([p.labels for p in preds]),
+        np.concatenate([p.proba for p in preds]),
+        np.concatenate([p.status for p in preds]),
+        None if any(t is None for t in truth) else np.concatenate(truth),  # type: ignore[arg-type]
+        preds[0].file,
+        {k: np.concatenate([p.extra[k] for p in preds]) for k in keys} if keys else None,  # type: ignore[index]
+    )
+
+
+def _empty(clf: Classifier, file: str) -> Predictions:
+    return Predictions(
+        np.empty(0, object), np.empty(0, object), np.empty((0, len(clf.classes)), np.float32), np.empty(0, object),
+        file=file,
+    )  # fmt: skip
+
+
+def _score_unit(data: bytes, sha: str, options: dict[str, Any], settings: dict[str, Any], unit: _Unit) -> Any:
+    """Run one unit on a worker; returns Predictions, or ``("error", message)`` when asked to keep going."""
+    try:
+        clf = _worker_classifier(data, sha, options)
+        batch = settings["batch_size"] or clf.batch_size
+        if unit.kind == "hdf5":
+            reader: Any = _RowRange(
+                HDF5Reader(unit.paths[0], clf.card.input, settings["layout"], settings["channels_last"]),
+                unit.start,
+                unit.stop,
+            )
+        elif unit.kind == "images":
+            from .io import ImageReader
+
+            reader = ImageReader(unit.paths, clf.card.preprocessing, clf.card.shape)
+        else:
+            (_, opener), *rest = open_inputs(unit.paths, clf.card, settings["layout"], settings["channels_last"])
+            if rest:  # the client grouped these paths as one reader; the worker must agree
+                raise InputError(f"{unit.paths[0]}: inputs grouped differently on the worker")
+            reader = opener()
+        preds = list(clf._classify_reader(reader, batch))
+        return _join(preds) if preds else _empty(clf, getattr(reader, "path", unit.paths[0]))
+    except StampclfError as exc:
+        if settings["keep_going"]:
+            return ("error", str(exc))
+        raise
+
+
+def _score_block(data: bytes, sha: str, options: dict[str, Any], block: np.ndarray, offset: int) -> Predictions:
+    """Classify one chunk of a Dask array of stamps; ids are global row numbers."""
+    clf = _worker_classifier(data, sha, options)
+    pred = clf.classify(np.asarray(block))
+    pred.ids = np.arange(offset, offset + len(pred))
+    pred.file = "dask-array"
+    return pred
+
+
+# --- client side --------------------------------------------------------------------------
+def _plan(
+    paths: list[str], card: Any, layout: str, channels_last: bool, chunk_rows: int, keep_going: bool
+) -> list[_Unit]:
+    """Split inputs into units, in input order (the client must be able to read the files)."""
+    units: list[_Unit] = []
+    for index, (group, opener) in enumerate(open_inputs(paths, card, layout, channels_last)):
+        if getattr(opener, "images", False):
+            files = expand_image_paths(group)
+            units += [_Unit(index, "images", files[s : s + chunk_rows]) for s in range(0, len(files), chunk_rows)]
+        elif input_kind(group[0]) == "hdf5":
+            try:
+                reader = opener()  # HDF5: count rows here, read them on the workers
+            except StampclfError as exc:
+                if not keep_going:
+                    raise
+                units.append(_Unit(index, "error", list(group), error=str(exc)))
+                continue
+            try:
+                n = reader.n_rows
+            finally:
+                reader.close()
+            units += [_Unit(index, "hdf5", group, s, min(s + chunk_rows, n)) for s in range(0, max(n, 1), chunk_rows)]
+        else:
+            units.append(_Unit(index, "group", list(group)))
+    return units
+
+
+def _load_model(client: Any, model: Any) -> tuple[Any, str, Any]:
+    path = resolve_model(model)
+    card, data = read_card(path, verify=True)
+    sha = hashlib.sha256(data).hexdigest()
+    # One copy per worker, sent once; tasks refer to it by key.
+    future = client.scatter(data, broadcast=True, hash=False)
+    return card, sha, future
+
+
+def _ordered(client: Any, submit: Any, items: list[Any], window: int) -> Iterator[tuple[Any, Any]]:
+    """Submit ``submit(item)`` for every item, at most *window* in flight; yield results in order."""
+    pending: collections.deque[tuple[Any, Any]] = collections.deque()
+    it = iter(items)
+    for item in it:
+        pending.append((item, submit(item)))
+        if len(pending) >= window:
+            break
+    while pending:
+        item, fut = pending.popleft()
+        try:
+            result = fut.result()
+        except BaseException:
+            client.cancel([f for _, f in pending if not isinstance(f, _Ready)])
+            raise
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append((nxt, submit(nxt)))
+        yield item, result
+
+
+def _window(client: Any) -> int:
+    try:
+        threads = sum(client.nthreads().values())
+    except Exception:  # noqa: BLE001 - a scheduler that does not answer: a modest default
+        threads = 4
+    return max(4, 4 * threads)
+
+
+def classify_dask(
+    client: Any,
+    inputs: Any,
+    model: str | os.PathLike[str] = "hits",
+    output: str | None = None,
+    *,
+    batch_size: int | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    device: str = "cpu",
+    threads: int = 1,
+    threshold: float | None = None,
+    layout: str = "auto",
+    channels_last: bool = False,
+    keep_going: bool = False,
+) -> RunSummary:
+    """Classify files (or a Dask array of stamps) on a Dask cluster into one output.
+
+    Parameters
+    ----------
+    client
+        A ``dask.distributed.Client``.
+    inputs
+        Paths (HDF5, Avro alerts, FITS, images, folders), readable at the same path
+        from the client and every worker; or a Dask array ``(N, C, H, W)`` of raw
+        stamps in the card's channel order (ids are row numbers).
+    model
+        Shipped model name or ``.onnx`` path, read on the client; its bytes are
+        sent to each worker once.
+    output
+        ``.csv`` or ``.h5``; ``None`` or ``"-"`` for CSV on stdout. Written on the
+        client, atomically, with the same columns as `classify_files`.
+    batch_size
+        Rows per inference call on the workers (default: the classifier's).
+    chunk_rows
+        Rows of an HDF5 file (or image files) per task.
+    device, threads
+        Per worker session: ``threads`` intra-op threads (default 1: run one
+        single-threaded worker process per core).
+    keep_going
+        Report an input that cannot be read and go on; its rows are left out.
+
+    Returns
+    -------
+    RunSummary
+        Rows, flagged/failed counts, file errors, seconds.
+    """
+    if chunk_rows < 1:
+        raise InputError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    if layout not in LAYOUTS:
+        raise InputError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    t0 = time.perf_counter()
+    card, sha, data = _load_model(client, model)
+    options = {"device": device, "threads": threads, "threshold": threshold}
+    options["batch_size"] = batch_size or 1024
+    summary = RunSummary(output=output)
+    if _is_dask_array(inputs):
+        results: Iterator[tuple[Any, Any]] = _array_results(client, inputs, data, sha, options)
+        extra: tuple[str, ...] = ()
+    else:
+        paths = [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+        if not paths:
+            raise InputError("no input files given")
+        groups = open_inputs(paths, card, layout, channels_last)
+        extra = tuple(dict.fromkeys(c for _g, op in groups for c in getattr(op, "extra_columns", ())))
+        units = _plan(paths, card, layout, channels_last, chunk_rows, keep_going)
+        settings = {
+            "batch_size": batch_size,
+            "layout": layout,
+            "channels_last": channels_last,
+            "keep_going": keep_going,
+        }
+
+        def submit(u: _Unit) -> Any:
+            if u.kind == "error":
+                return _Ready(("error", u.error))
+            return client.submit(_score_unit, data, sha, options, settings, u, pure=False)
+
+        results = _ordered(client, submit, units, _window(client))
+    classes = list(card.classes)
+    writer = open_writer(output, classes, card.name, card.version, extra)
+    try:
+        current, failed_input = -1, False
+        for unit, res in results:
+            if unit.index != current:
+                current, failed_input = unit.index, False
+                writer.mark()
+                summary.files += 1
+            if failed_input:
+                continue
+            if isinstance(res, tuple):  # ("error", message) of a unit, keep_going
+                failed_input = True
+                summary.file_errors.append(res[1])
+                summary.files -= 1
+                if not writer.rollback():
+                    summary.file_errors.append(f"rows of {res[1].split(':')[0]} were already written to stdout")
+                continue
+            writer.write(res.ids, res.labels, res.proba, res.status, res.file, res.extra)
+            summary.rows += len(res)
+            summary.flagged += sum(1 for s in res.status if s.startswith("flagged"))
+            summary.failed += sum(1 for s in res.status if s.startswith("failed"))
+        if summary.files == 0 and summary.file_errors and writer.path is not None:
+            writer.abort()
+            summary.output = None
+        else:
+            writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _is_dask_array(obj: Any) -> bool:
+    return type(obj).__module__.startswith("dask.array") and hasattr(obj, "to_delayed")
+
+
+def _array_results(client: Any, stamps: Any, data: Any, sha: str, options: dict[str, Any]) -> Iterator[Any]:
+    if stamps.ndim != 4:
+        raise InputError(f"dask array: expected 4 axes (N, C, H, W), got shape {stamps.shape}")
+    # one task per chunk of rows: every chunk holds whole stamps
+    stamps = stamps.rechunk({1: -1, 2: -1, 3: -1})
+    blocks = list(stamps.to_delayed().ravel())
+    offsets = np.concatenate([[0], np.cumsum(stamps.chunks[0])[:-1]]).astype(int)
+    futures = client.compute(blocks)  # the blocks stay on the workers
+    items = [_Unit(0, "array", [], int(o), int(o) + int(n)) for o, n in zip(offsets, stamps.chunks[0], strict=True)]
+    by_item = dict(zip((id(i) for i in items), futures, strict=True))
+
+    def submit(u: _Unit) -> Any:
+        return client.submit(_score_block, data, sha, options, by_item[id(u)], u.start, pure=False)
+
+    yield from _ordered(client, submit, items, _window(client))
+
+
+def predict_dask(
+    client: Any,
+    stamps: Any,
+    model: str | os.PathLike[str] = "hits",
+    *,
+    batch_size: int | None = None,
+    device: str = "cpu",
+    threads: int = 1,
+    threshold: float | None = None,
+) -> Predictions:
+    """Classify a Dask array of raw stamps ``(N, C, H, W)`` on the cluster; results in memory.
+
+    Returns one `Predictions` (ids are row numbers), in row order.
+    """
+    if not _is_dask_array(stamps):
+        raise InputError(f"predict_dask: expected a dask array, got {type(stamps).__name__}")
+    card, sha, data = _load_model(client, model)
+    options = {"device": device, "threads": threads, "threshold": threshold, "batch_size": batch_size or 1024}
+    preds = [res for _, res in _array_results(client, stamps, data, sha, options)]
+    if not preds:
+        return Predictions(np.empty(0, int), np.empty(0, object), np.empty((0, len(card.classes)), np.float32),
+                           np.empty(0, object), file="dask-array")  # fmt: skip
+    return _join(preds)
+
+
+def connect(address: str) -> Any:
+    """A ``dask.distributed.Client`` for ``--scheduler``: an address, or ``local[:N]`` for a local cluster of N processes."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise InputError("--scheduler needs Dask: pip install 'stampclf[dask]'") from None
+    if address == "local" or address.startswith("local:"):
+        n = address.partition(":")[2]
+        if n and not n.isdigit():
+            raise InputError(f"--scheduler {address}: expected local or local:N (N workers)")
+        from ._session import cpu_count
+
+        workers = int(n) if n else cpu_count()
+        # a client that starts its own cluster also shuts it down when closed
+        return Client(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    try:
+        return Client(address, timeout=10)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise InputError(f"--scheduler {address}: cannot connect ({exc.__class__.__name__}: {exc})") from None

@@ -1,0 +1,128 @@
+"""Scale-out on Dask: results equal the single-process run, row for row, in input order."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_stamps, write_hits_h5
+from typer.testing import CliRunner
+
+distributed = pytest.importorskip("distributed")
+da = pytest.importorskip("dask.array")
+
+from stampclf import Classifier, classify_files  # noqa: E402
+from stampclf import _dask as sdask  # noqa: E402
+from stampclf.cli import app  # noqa: E402
+
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two single-threaded workers in this process (fast to start; tasks still go through the scheduler)."""
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        yield cluster, client
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Two HDF5 files (one with duplicate ids, unchunked and chunked) and an alert file."""
+    from test_alerts import ZTF_SCHEMA, triplet, write_avro, ztf_record
+
+    folder = tmp_path_factory.mktemp("dask_inputs")
+    a = write_hits_h5(folder / "a.h5", 23, seed=1)
+    ids = np.arange(17) + 5000
+    ids[9] = ids[3]  # flagged "duplicate id" must survive the split into chunks
+    b = write_hits_h5(folder / "b.h5", 17, seed=2, layout="stacked", ids=ids, chunks=(4, 4, 21, 21))
+    records = [ztf_record(i, triplet(i, (63, 63))) for i in range(6)]
+    records[2]["cutoutScience"]["stampData"] = b"\xff\xd8\xff\xe0 not fits"
+    c = write_avro(folder / "c.avro", ZTF_SCHEMA, records, "snappy")
+    return [str(a), str(b), str(c)]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _single(model: Path, paths: list[str], out: Path, **kw) -> None:
+    clf = Classifier(model, device="cpu", threads=1, batch_size=BATCH)
+    classify_files(clf, paths, str(out), BATCH, progress=False, **kw)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".h5"])
+def test_files_equal_single_process(cluster, inputs, tiny_model_path: Path, tmp_path: Path, suffix: str) -> None:
+    _, client = cluster
+    ref, out = tmp_path / f"ref{suffix}", tmp_path / f"dask{suffix}"
+    _single(tiny_model_path, inputs, ref)
+    s = sdask.classify_dask(client, inputs, tiny_model_path, str(out), batch_size=BATCH, chunk_rows=5)
+    assert s.rows == 23 + 17 + 6 and s.files == 3 and not s.file_errors
+    assert s.failed == 1 and s.flagged == 1 + 5  # a duplicate id; 5 good alerts (derived SNR, resized)
+    if suffix == ".csv":
+        got, want = _rows(out), _rows(ref)
+        assert list(got[0]) == list(want[0]) and list(got[0])[-1] == "object_id"
+        assert got == want  # every column, every row, same order, same text
+    else:
+        import h5py
+
+        with h5py.File(out) as g, h5py.File(ref) as w:
+            assert sorted(g) == sorted(w)
+            for name in w:
+                np.testing.assert_array_equal(g[name][:], w[name][:])
+
+
+def test_one_session_per_worker(cluster, inputs, tiny_model_path: Path, tmp_path: Path) -> None:
+    _, client = cluster
+    sdask._CLASSIFIERS.clear()
+    sdask.classify_dask(client, inputs[:2], tiny_model_path, str(tmp_path / "o.csv"), batch_size=BATCH, chunk_rows=3)
+    # 14 units of work, one classifier (the two in-process workers share this module's cache)
+    assert len(sdask._CLASSIFIERS) == 1
+    per_worker = client.run(lambda: len(__import__("stampclf._dask")._dask._CLASSIFIERS))
+    assert set(per_worker.values()) == {1}
+
+
+def test_keep_going_matches_single_process(cluster, inputs, tiny_model_path: Path, tmp_path: Path) -> None:
+    _, client = cluster
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)  # HDF5 signature, then nothing
+    paths = [inputs[0], str(bad), inputs[2]]
+    ref, out = tmp_path / "ref.csv", tmp_path / "dask.csv"
+    _single(tiny_model_path, paths, ref, keep_going=True)
+    with pytest.raises(Exception, match="bad.h5"):
+        sdask.classify_dask(client, paths, tiny_model_path, str(tmp_path / "x.csv"), batch_size=BATCH)
+    assert not (tmp_path / "x.csv").exists()
+    s = sdask.classify_dask(client, paths, tiny_model_path, str(out), batch_size=BATCH, chunk_rows=5, keep_going=True)
+    assert len(s.file_errors) == 1 and "bad.h5" in s.file_errors[0] and s.files == 2
+    assert _rows(out) == _rows(ref)
+
+
+def test_dask_array(cluster, tiny_model_path: Path) -> None:
+    _, client = cluster
+    x = make_stamps(50, seed=3, size=(25, 25))  # other size: cropped and flagged, as in memory
+    x[7, :3] = np.nan  # too many bad pixels: a failed row
+    stamps = da.from_array(x, chunks=(8, 2, 25, 25))
+    pred = sdask.predict_dask(client, stamps, tiny_model_path, batch_size=BATCH)
+    want = Classifier(tiny_model_path, device="cpu", threads=1, batch_size=BATCH).classify(x)
+    assert pred.ids.tolist() == list(range(50))
+    assert pred.status.tolist() == want.status.tolist() and pred.status[7].startswith("failed")
+    assert pred.labels.tolist() == want.labels.tolist()
+    np.testing.assert_array_equal(pred.proba, want.proba)
+
+
+def test_cli_scheduler(cluster, inputs, tiny_model_path: Path, tmp_path: Path) -> None:
+    local, _ = cluster
+    out, ref = tmp_path / "cli.csv", tmp_path / "ref.csv"
+    base = ["classify", *inputs, "-m", str(tiny_model_path), "-b", str(BATCH), "--device", "cpu", "--threads", "1"]
+    assert CliRunner().invoke(app, [*base, "-o", str(ref), "-q"]).exit_code == 0
+    result = CliRunner().invoke(app, [*base, "-o", str(out), "--scheduler", local.scheduler_address])
+    assert result.exit_code == 0, result.output
+    assert "46 rows from 3 input(s) on Dask" in result.output
+    assert _rows(out) == _rows(ref)
+    result = CliRunner().invoke(app, [*base, "--scheduler", "local:x"])
+    assert result.exit_code == 2 and "expected local or local:N" in result.output
