@@ -99,6 +99,9 @@ def classify(
         Optional[bool], typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No notices, progress or summary on stderr.")] = False,
+    precision: Annotated[
+        str, typer.Option("--precision", help="fp32, or fp16 (GPU; needs onnxconverter-common; docs/benchmarks.md).")
+    ] = "fp32",
     scheduler: Annotated[
         Optional[str],
         typer.Option("--scheduler", help="Run on a Dask cluster: scheduler address, or local[:N] (docs/scale-out.md)."),
@@ -115,7 +118,9 @@ def classify(
                 scheduler, files, output, model, batch_size, device, threads, threshold, layout, channels_last,
                 keep_going, evaluate, quiet,
             )  # fmt: skip
-        clf = Classifier(model, device=device, threads=threads, batch_size=batch_size, threshold=threshold)
+        clf = Classifier(
+            model, device=device, threads=threads, batch_size=batch_size, threshold=threshold, precision=precision
+        )
         if clf.notice and not quiet:
             typer.echo(f"stampclf: {clf.notice}", err=True)
         s = classify_files(
@@ -214,13 +219,15 @@ def bench(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 1024,
     n: Annotated[int, typer.Option("--n", min=1, help="Rows to time.")] = 100_000,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1)] = None,
+    precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16 (converted on load).")] = "fp32",
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="CUDA: capture and replay a CUDA graph.")] = False,
 ) -> None:
-    """Print rows/s for in-memory inference and for end-to-end file classification."""
+    """Print rows/s: the model alone, classify in memory, and classify of an HDF5 file to CSV."""
 
     def run() -> None:
         from ._bench import run_bench
 
-        for line in run_bench(model, device, batch_size, n, threads):
+        for line in run_bench(model, device, batch_size, n, threads, precision, cuda_graph):
             typer.echo(line)
 
     _guard(run)
