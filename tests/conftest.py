@@ -202,7 +202,7 @@ def write_hits_h5(
     elif layout == "channels":
         for i, name in enumerate(HITS_DATASETS):
             ch = stamps[:, i]
-            data[name] = ch.reshape(n, -1) if flatten else ch
+            data[name] = ch.reshape(n, ch.shape[1] * ch.shape[2]) if flatten else ch
     else:
         raise ValueError(f"unknown layout {layout!r}")
     if isinstance(ids, str) and ids == "default":

@@ -909,3 +909,14 @@ def test_card_json_roundtrip_with_fixture(tiny_model_path: Path) -> None:
 
     card, _ = read_card(tiny_model_path)
     assert json.loads(card.to_json())["input"]["hdf5_datasets"][0] == "temp_images"
+
+
+def test_output_has_normal_permissions_and_no_temp_left(tmp_path: Path, tiny_model_path: Path) -> None:
+    h5 = write_hits_h5(tmp_path / "a.h5", 3)
+    for out in (tmp_path / "out.csv", tmp_path / "out.h5"):
+        result = run_cli("classify", str(h5), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu")
+        assert result.exit_code == 0
+        umask = os.umask(0)
+        os.umask(umask)
+        assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask, "not mkstemp's 0600"
+        assert leftovers(tmp_path, out.name) == [out.name]
