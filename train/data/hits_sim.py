@@ -673,7 +673,7 @@ def _batch(rng: np.random.Generator, kind: np.ndarray, with_meta: bool) -> tuple
     if idx.size:
         m = idx.size
         side = rng.integers(0, 4, m)  # 0:+x 1:-x 2:+y 3:-y
-        e = rng.uniform(-3.0, 4.5, m)
+        e = rng.uniform(0.0, 4.5, m)  # at most ~half of the stamp is missing
         which = rng.choice(3, m, p=[0.4, 0.35, 0.25])  # science, template, both
         e_t = np.where(which == 2, e + rng.uniform(-3.0, 3.0, m), e)
         coord_x = np.broadcast_to(g[None, None, :], (m, C, C))
@@ -817,7 +817,9 @@ def _simulate_chunk(rng: np.random.Generator, n: int, n_real: int, with_meta: bo
     raise RuntimeError(f"{todo.size} stamps failed the candidate cut {MAX_ROUNDS} times")
 
 
-def simulate_chunk(index: int, n: int, seed: int, real_fraction: float = 0.5, chunk: int = CHUNK, meta: bool = False) -> dict:
+def simulate_chunk(
+    index: int, n: int, seed: int, real_fraction: float = 0.5, chunk: int | None = None, meta: bool = False
+) -> dict:
     """Chunk ``index`` of ``simulate(n, seed, real_fraction)`` (stamps ``index*chunk`` on).
 
     Chunk ``i`` draws from its own stream ``SeedSequence(seed, spawn_key=(i,))`` and holds
@@ -826,6 +828,7 @@ def simulate_chunk(index: int, n: int, seed: int, real_fraction: float = 0.5, ch
     """
     if n < 0 or not 0.0 <= real_fraction <= 1.0:
         raise ValueError("need n >= 0 and 0 <= real_fraction <= 1")
+    chunk = chunk or CHUNK
     start = index * chunk
     stop = min(start + chunk, n)
     if start >= stop:
@@ -835,10 +838,11 @@ def simulate_chunk(index: int, n: int, seed: int, real_fraction: float = 0.5, ch
     return _simulate_chunk(rng, stop - start, n_real, meta)
 
 
-def iter_simulate(n: int, seed: int, real_fraction: float = 0.5, chunk: int = CHUNK, meta: bool = False):
+def iter_simulate(n: int, seed: int, real_fraction: float = 0.5, chunk: int | None = None, meta: bool = False):
     """Yield ``(start, stamps)`` chunk by chunk: the stamps of :func:`simulate` in bounded memory."""
     if n < 0 or not 0.0 <= real_fraction <= 1.0:
         raise ValueError("need n >= 0 and 0 <= real_fraction <= 1")
+    chunk = chunk or CHUNK
     for i, start in enumerate(range(0, n, chunk)):
         yield start, simulate_chunk(i, n, seed, real_fraction, chunk, meta)
 

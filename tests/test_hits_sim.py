@@ -1,0 +1,159 @@
+"""Fast tests of the HiTS candidate simulator (train/data/hits_sim.py) and its CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+h5py = pytest.importorskip("h5py")
+from train.data import hits_sim  # noqa: E402
+from train.data.hits_sim import CENTRE_HALF, DETECT_SNR, KINDS, NAN_KINDS, REAL_KINDS, simulate  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data" / "hits"
+IMAGES = ("temp_images", "sci_images", "diff_images", "SNR_images")
+N = 600
+
+
+@pytest.fixture(scope="module")
+def sim() -> dict[str, np.ndarray]:
+    return simulate(N, seed=11)
+
+
+def test_shapes_dtypes(sim):
+    for k in IMAGES:
+        assert sim[k].shape == (N, 21, 21) and sim[k].dtype == np.float32
+    assert sim["labels"].shape == (N,) and sim["labels"].dtype == np.int64
+    assert sim["kind"].shape == (N,) and sim["kind"].dtype == np.int16
+    assert set(np.unique(sim["labels"])) <= {0, 1}
+    assert sim["kind"].min() >= 0 and sim["kind"].max() < len(KINDS)
+    assert isinstance(hits_sim.SIM_VERSION, str) and isinstance(KINDS, tuple)
+
+
+def test_labels_follow_kinds(sim):
+    real = sim["kind"] < len(REAL_KINDS)
+    assert np.array_equal(sim["labels"], real.astype(np.int64))
+
+
+def test_balance_exact(sim):
+    assert sim["labels"].sum() == N // 2
+    d = simulate(101, seed=3, real_fraction=0.25)
+    assert d["labels"].sum() == round(101 * 0.25)
+
+
+def test_deterministic(sim):
+    again = simulate(N, seed=11)
+    for k in (*IMAGES, "labels", "kind"):
+        np.testing.assert_array_equal(sim[k], again[k])
+
+
+def test_seeds_differ(sim):
+    other = simulate(N, seed=12)
+    assert not np.array_equal(np.nan_to_num(sim["diff_images"]), np.nan_to_num(other["diff_images"]))
+    assert not np.array_equal(sim["kind"], other["kind"])
+
+
+def test_chunks_match_single_call(monkeypatch):
+    """Chunks simulated separately (as the CLI and workers do) equal one call."""
+    monkeypatch.setattr(hits_sim, "CHUNK", 64)
+    n = 64 * 2 + 37
+    whole = simulate(n, seed=5)
+    assert whole["labels"].sum() == round(n / 2)
+    parts = [hits_sim.simulate_chunk(i, n, 5) for i in range(3)]
+    for k in ("SNR_images", "kind"):
+        np.testing.assert_array_equal(whole[k], np.concatenate([p[k] for p in parts]))
+
+
+def test_every_candidate_is_detected(sim):
+    """|SNR| >= 5 within the central (2*CENTRE_HALF+1)^2 box, for every stamp."""
+    c = 10
+    box = sim["SNR_images"][:, c - CENTRE_HALF : c + CENTRE_HALF + 1, c - CENTRE_HALF : c + CENTRE_HALF + 1]
+    peak = np.nanmax(np.abs(box).reshape(N, -1), axis=1)
+    assert np.all(peak >= DETECT_SNR)
+
+
+def test_real_reach_threshold(sim):
+    """The real class goes down to the detection limit, not only bright sources."""
+    c = 10
+    real = sim["labels"] == 1
+    box = np.abs(sim["SNR_images"][real, c - 4 : c + 5, c - 4 : c + 5]).reshape(real.sum(), -1)
+    peak = np.nanmax(box, axis=1)
+    assert np.mean(peak < 10) > 0.15
+    assert np.mean(peak > 100) > 0.05
+
+
+def test_nan_only_in_nan_kinds(sim):
+    has_nan = np.zeros(N, dtype=bool)
+    for k in IMAGES:
+        has_nan |= np.isnan(sim[k]).any(axis=(1, 2))
+    allowed = np.isin(sim["kind"], [KINDS.index(k) for k in NAN_KINDS])
+    assert not np.any(has_nan & ~allowed)
+    assert has_nan.any()  # the NaN kinds do produce masked pixels
+    for k in IMAGES:  # never infinite
+        assert not np.isinf(sim[k]).any()
+
+
+def test_all_kinds_present():
+    d = simulate(2000, seed=1)
+    assert set(np.unique(d["kind"])) == set(range(len(KINDS)))
+
+
+def test_snr_background_is_unit_noise(sim):
+    """Far from sources the SNR channel is ~N(0, 1): SNR = difference / its noise."""
+    ok = np.isin(sim["kind"], [KINDS.index(k) for k in ("sn", "noise_peak", "cosmic_ray", "hot_pixel")])
+    border = np.concatenate([sim["SNR_images"][ok, :3].reshape(ok.sum(), -1), sim["SNR_images"][ok, -3:].reshape(ok.sum(), -1)], 1)
+    mad = 1.4826 * np.median(np.abs(border - np.median(border, 1, keepdims=True)), 1)
+    assert 0.7 < np.median(mad) < 1.4
+
+
+def test_small_and_empty():
+    d = simulate(0, seed=0)
+    assert d["SNR_images"].shape == (0, 21, 21)
+    d = simulate(1, seed=0)
+    assert d["SNR_images"].shape == (1, 21, 21) and d["labels"][0] == 0  # round(0.5) = 0 reals
+    with pytest.raises(ValueError):
+        simulate(10, seed=0, real_fraction=1.5)
+
+
+def _run_cli(args: list[str], module: bool) -> None:
+    cmd = [sys.executable, "-m", "train.simulate", *args] if module else [sys.executable, "train/simulate.py", *args]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=300)
+
+
+@pytest.mark.parametrize("module", [False, True])
+def test_cli_roundtrip(tmp_path, module):
+    out = tmp_path / "sim.h5"
+    _run_cli(["--n", "150", "--seed", "4", "--out", str(out)], module)
+    ref = simulate(150, seed=4)
+    with h5py.File(out, "r") as f:
+        for k in IMAGES:
+            assert f[k].shape == (150, 21, 21) and f[k].dtype == np.float32
+            np.testing.assert_array_equal(f[k][:], ref[k])
+        np.testing.assert_array_equal(f["labels"][:], ref["labels"])
+        np.testing.assert_array_equal(f["kind"][:], ref["kind"])
+        np.testing.assert_array_equal(f["id"][:], np.arange(150))
+        names = json.loads(f["kind"].attrs["names"])
+        assert [names[str(i)] for i in range(len(KINDS))] == list(KINDS)
+        assert f.attrs["seed"] == 4 and f.attrs["n"] == 150
+        assert f.attrs["sim_version"] == hits_sim.SIM_VERSION
+        assert "--n 150" in f.attrs["command"]
+    assert not (tmp_path / "sim.h5.partial").exists()
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/hits")
+def test_conditions_summary_is_current():
+    """The committed summary matches the shared HiTS table it was derived from."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("derive", REPO / "train/data/derive_hits_conditions.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    derived = mod.derive(SHARED / "hits2015_camera_and_obs_conditions.json")
+    from train.data._hits_conditions import CONDITIONS
+
+    assert derived == CONDITIONS
