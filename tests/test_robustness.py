@@ -920,3 +920,53 @@ def test_output_has_normal_permissions_and_no_temp_left(tmp_path: Path, tiny_mod
         os.umask(umask)
         assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask, "not mkstemp's 0600"
         assert leftovers(tmp_path, out.name) == [out.name]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root can read and write anything")
+def test_real_permissions(tmp_path: Path, tiny_model_path: Path) -> None:
+    h5 = write_hits_h5(tmp_path / "locked.h5", 3)
+    h5.chmod(0)
+    result = run_cli("classify", str(h5), "--model", str(tiny_model_path), "--device", "cpu")
+    assert result.exit_code == 2 and "no permission to read" in stderr_of(result)
+    h5.chmod(0o644)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    result = run_cli("classify", str(h5), "-o", str(ro / "o.csv"), "--model", str(tiny_model_path), "--device", "cpu")
+    assert result.exit_code == 2 and "no permission to write" in stderr_of(result)
+    assert list(ro.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("make", "phrase"),
+    [
+        (_sha_mismatch, "does not match the card"),
+        (_no_card, "no stampclf model card"),
+        (_card_json("{"), "not valid JSON"),
+    ],
+)
+def test_info_on_bad_models(tmp_path: Path, make: Callable[[Path], Path], phrase: str) -> None:
+    result = run_cli("info", str(make(tmp_path)))
+    err = stderr_of(result)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert len(error_lines(err)) == 1 and phrase in err and "model.onnx" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("option", [["--threshold", "2"], ["--batch-size", "0"], ["--threads", "0"], ["--bogus"]])
+def test_usage_errors_exit_2(tmp_path: Path, tiny_model_path: Path, option: list[str]) -> None:
+    h5 = write_hits_h5(tmp_path / "a.h5", 3)
+    result = run_cli("classify", str(h5), "-o", str(tmp_path / "o.csv"), "--model", str(tiny_model_path), *option)
+    assert result.exit_code == 2
+    assert "Traceback" not in stderr_of(result)
+    assert leftovers(tmp_path, "o.csv") == []
+
+
+def test_hits_card_mirror() -> None:
+    """The conftest copies of the HiTS input and preprocessing agree with train/models/hits.py."""
+    pytest.importorskip("torch")
+    from conftest import HITS_INPUT, HITS_PREPROCESSING
+
+    from train.models import hits
+
+    for mine, theirs in ((HITS_INPUT, hits.HITS_INPUT), (HITS_PREPROCESSING, hits.HITS_PREPROCESSING)):
+        assert {k: theirs[k] for k in mine} == mine
