@@ -457,3 +457,50 @@ def test_real_sample_alerts(card: ModelCard) -> None:
     assert len(seen) == 11
     assert "edge cut-out 48x63" in seen["000010510300844919.avro"][1]
     assert seen["1726958725155000_eb518895.avro"][1].startswith("failed: ")  # a test alert with JPEG cut-outs
+
+
+# --- broker integration ---------------------------------------------------------------------
+def test_classify_cutouts_equals_reader(tmp_path: Path, clf: Classifier) -> None:
+    from stampclf.io import classify_cutouts
+
+    full = triplet(7, (63, 63))
+    edge = {k: v[15:] for k, v in full.items()}
+    blobs = {k: [fits_bytes(full[k]), fits_bytes(edge[k]), None if k == "template" else b"x"] for k in full}
+    pred = classify_cutouts(clf, blobs, ids=[1, 2, 3], nominal=63, positions=[(800, 46.5), (800, 16.5), None])
+    assert pred.ids.tolist() == [1, 2, 3] and pred.status[2] == "failed: no template cut-out"
+    np.testing.assert_allclose(pred.proba[1], pred.proba[0], atol=1e-5)  # the edge cut-out is recentred
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning", "ignore::ResourceWarning")
+def test_spark_udf_example(tmp_path: Path, tiny_model_path: Path) -> None:
+    """examples/spark_udf.py on a local Spark session (skipped without pyspark and Java)."""
+    import importlib.util
+    import shutil
+
+    pytest.importorskip("pyspark")
+    pytest.importorskip("pyarrow")
+    if shutil.which("java") is None:
+        pytest.skip("no Java runtime for Spark")
+    spec = importlib.util.spec_from_file_location("spark_udf", Path(__file__).parents[1] / "examples" / "spark_udf.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)  # type: ignore[union-attr]
+    trips = [triplet(s, (63, 63)) for s in range(3)]
+    recs = [ztf_record(i, t) for i, t in enumerate(trips)]
+    recs[1]["cutoutScience"]["stampData"] = b"\xff\xd8\xff not fits"
+    path = write_avro(tmp_path / "a.avro", ZTF_SCHEMA, recs, "snappy")
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.builder.master("local[1]").appName("stampclf-test").getOrCreate()
+    try:
+        spark.sparkContext.addFile(str(tiny_model_path))
+        df = example.alerts_dataframe(spark, [str(path)])
+        rb = example.make_udf(str(tiny_model_path))("science", "template", "difference", "xpos", "ypos")
+        rows = df.withColumn("rb", rb).select("candid", "rb.p", "rb.status").collect()
+    finally:
+        spark.stop()
+    want = next(Classifier(tiny_model_path, device="cpu").classify_file(path))
+    assert [r.candid for r in rows] == [str(i) for i in want.ids]
+    assert [r.status for r in rows] == want.status.tolist()
+    assert rows[1].p is None or np.isnan(rows[1].p)
+    np.testing.assert_allclose([rows[0].p, rows[2].p], want.proba[[0, 2], 1], atol=1e-6)

@@ -8,7 +8,7 @@ from typing import Any
 from .._errors import InputError
 from ._alerts import AVRO_MAGIC, AlertReader
 from ._base import InputBatch, Reader
-from ._cutouts import cutouts_to_input, decode_fits
+from ._cutouts import classify_cutouts, cutouts_to_input, decode_fits
 from ._fits import FITSReader, channel_of, is_fits
 from ._hdf5 import LAYOUTS, HDF5Reader
 from ._images import IMAGE_SUFFIXES, ImageReader
@@ -22,6 +22,7 @@ __all__ = [
     "AlertReader",
     "FITSReader",
     "cutouts_to_input",
+    "classify_cutouts",
     "decode_fits",
     "ResultWriter",
     "open_writer",

@@ -27,6 +27,7 @@ __all__ = [
     "decode_fits",
     "derive_snr",
     "cutouts_to_input",
+    "classify_cutouts",
 ]
 
 #: Channel names a model card may use, and what they mean for survey cut-outs.
@@ -329,3 +330,27 @@ def card_channels(card: Any) -> list[str]:
             )
         out.append(kind)
     return out
+
+
+def classify_cutouts(
+    clf: Any,
+    cutouts: Mapping[str, Sequence[Any]],
+    ids: Sequence[Any] | None = None,
+    nominal: int | None = None,
+    positions: Sequence[tuple[float, float] | None] | None = None,
+) -> Any:
+    """Classify rows of cut-outs (FITS bytes, gzipped or not, or 2-D arrays) with a `Classifier`.
+
+    The building block for broker integrations (e.g. a Spark pandas UDF over a
+    column of ZTF ``cutoutScience.stampData``): ``cutouts`` maps ``science``,
+    ``template``, ``difference`` to one blob per row; *nominal* and *positions*
+    as in `cutouts_to_input` (ZTF: 63 and ``candidate.xpos/ypos``). Returns
+    `Predictions` in row order; rows that cannot be decoded are ``failed`` with
+    NaN probabilities.
+    """
+    from ..classifier import Predictions
+
+    x, status = cutouts_to_input(cutouts, clf.card, "cut-outs", nominal, positions)
+    proba, labels = clf._predict_prepared(x, status)
+    n = len(status)
+    return Predictions(np.arange(n) if ids is None else np.asarray(ids), labels, proba, status)
