@@ -157,3 +157,58 @@ def test_conditions_summary_is_current():
     from train.data._hits_conditions import CONDITIONS
 
     assert derived == CONDITIONS
+
+
+# ----------------------------------------------------------------------------- real SNe
+def _fake_sn_sequence(rng: np.random.Generator, n_ep: int = 24, t_exp: int = 12):
+    """A host galaxy + a supernova appearing at epoch ``t_exp``, in HiTS-like conditions."""
+    from train.data.hits_real import PIXEL_SCALE
+
+    yy, xx = np.mgrid[:21, :21] - 10.0
+    mjd = 57070.0 + np.arange(n_ep) * 0.3
+    rows, images = [], []
+    for e in range(n_ep):
+        seeing = rng.uniform(0.95, 1.6)
+        rows.append({"obs_days": mjd[e], "seeing": seeing, "zero_point": 25.0, "exp_time": 86.0, "sky_brightness": 110.0})
+        s2 = (seeing / PIXEL_SCALE / 2.3548) ** 2
+        host = 3000.0 * np.exp(-0.5 * ((xx - 1.5) ** 2 + yy**2) / (s2 + 4.0)) / (2 * np.pi * (s2 + 4.0))
+        sn = (4000.0 if e >= t_exp else 0.0) * np.exp(-0.5 * (xx**2 + yy**2) / s2) / (2 * np.pi * s2)
+        model = 110.0 + host + sn
+        images.append(model + rng.normal(0.0, np.sqrt(model / 4.0 + (6.0 / 4.0) ** 2)))
+    ep = {"obs_days": mjd, "gain": np.full(n_ep, 4.0), "read_noise": np.full(n_ep, 6.0)}
+    return np.array(images, np.float32), ep, mjd, rows
+
+
+def test_real_builder_on_synthetic_sequence():
+    from train.data.hits_real import build_one
+
+    rng = np.random.default_rng(0)
+    images, ep, mjd, rows = _fake_sn_sequence(rng)
+    perm = rng.permutation(len(mjd))  # epochs need not be in time order
+    ep = {k: v[perm] for k, v in ep.items()}
+    r = build_one(images[perm], ep, np.array([x["obs_days"] for x in rows]), rows)
+    assert r["explosion_mjd"] == pytest.approx(mjd[12])
+    assert r["science_mjd"] >= mjd[12] and r["clean_template"] and r["detected"]
+    assert KINDS[r["kind"]] == "sn_on_host"
+    c = 10
+    assert r["SNR_images"][c - 1 : c + 2, c - 1 : c + 2].max() > 10
+    assert abs(float(np.median(r["diff_images"]))) < 2.0  # host and sky subtracted
+    border = r["SNR_images"][np.hypot(*np.mgrid[:21, :21] - 10.0) >= 7]
+    assert 0.6 < 1.4826 * np.median(np.abs(border - np.median(border))) < 1.4
+    for k in IMAGES:
+        assert r[k].shape == (21, 21) and r[k].dtype == np.float32 and np.isfinite(r[k]).all()
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data/hits")
+def test_real_builder_on_shared_data():
+    import h5py as h5
+
+    from train.data.hits_real import DEFAULT_CONDITIONS, _conditions_by_mjd, build_one
+
+    mjd, rows = _conditions_by_mjd(DEFAULT_CONDITIONS)
+    with h5.File(SHARED / "hits2015_sn_science_stamps.h5", "r") as f:
+        for i in (0, 39):  # 39 has all-zero (missing) epochs
+            ep = {k: f["epochs"][k][i] for k in f["epochs"]}
+            r = build_one(f["images"][i], ep, mjd, rows)
+            for k in IMAGES:
+                assert r[k].shape == (21, 21) and np.isfinite(r[k]).all()
