@@ -38,7 +38,7 @@ from .io._images import expand_image_paths
 __all__ = ["classify_dask", "predict_dask", "DEFAULT_CHUNK_ROWS"]
 
 #: Rows (or image files) per unit of work.
-DEFAULT_CHUNK_ROWS = 65_536
+DEFAULT_CHUNK_ROWS = 16_384
 
 # --- worker side --------------------------------------------------------------------------
 _CLASSIFIERS: dict[tuple[Any, ...], Classifier] = {}
