@@ -257,6 +257,20 @@ def test_corrupt_avro_names_file_and_record(tmp_path: Path, tiny_model_path: Pat
         list(Classifier(tiny_model_path, device="cpu").classify_file(broken))
 
 
+def test_duplicate_and_missing_ids_flagged(tmp_path: Path, card: ModelCard) -> None:
+    recs = [ztf_record(i, triplet(i)) for i in range(3)]
+    recs[2]["candid"] = recs[0]["candid"]  # the same alert twice
+    path = write_avro(tmp_path / "dup.avro", ZTF_SCHEMA, recs)
+    status = np.concatenate([b.status for b in AlertReader(str(path), card).batches(2)])  # across batches
+    assert status[0] == status[1] == f"flagged: {DERIVED_SNR}"
+    assert status[2] == f"flagged: {DERIVED_SNR}; duplicate id"
+    schema = {**DECAM_SCHEMA, "fields": [f for f in DECAM_SCHEMA["fields"] if f["name"] != "triggersource"]}
+    schema["fields"].append({"name": "triggersource", "type": ["null", "string"]})
+    path = write_avro(tmp_path / "noid.avro", schema, [{"objectid": "DC1", "triggersource": None}])
+    batch = next(AlertReader(str(path), card).batches(2))
+    assert batch.ids.tolist() == ["record0"] and batch.status[0] == "failed: no template cut-out"
+
+
 def test_unknown_record_kind(tmp_path: Path, card: ModelCard) -> None:
     schema = {"type": "record", "name": "x", "fields": [{"name": "a", "type": "int"}]}
     path = write_avro(tmp_path / "other.avro", schema, [{"a": 1}])

@@ -24,7 +24,7 @@ import numpy as np
 
 from .._errors import InputError
 from ..preprocess import OK, merge_status
-from ._base import InputBatch
+from ._base import DUPLICATE_ID, InputBatch
 from ._cutouts import card_channels, cutouts_to_input
 
 __all__ = ["AlertReader", "AVRO_MAGIC", "SURVEYS", "alert_fields", "read_alert_records"]
@@ -187,6 +187,7 @@ class AlertReader:
         self.schema = self._reader.writer_schema
         self.codec = self._reader.codec
         self.surveys: set[str] = set()
+        self._seen: set[Any] = set()  # ids so far, to flag repeats (e.g. an alert sent twice)
         self._fh.close()  # reopened by batches(); the header check is all __init__ does
 
     def batches(self, batch_size: int) -> Iterator[InputBatch]:
@@ -215,8 +216,15 @@ class AlertReader:
             positions=[r["position"] if z else None for r, z in zip(rows, is_ztf, strict=True)],
         )
         ids = np.array([f"record{start + i}" if r["id"] is None else r["id"] for i, r in enumerate(rows)], object)
-        no_id = np.array([NO_ID if r["id"] is None else OK for r in rows], dtype=object)
-        status = merge_status(status, no_id)
+        notes = np.full(len(rows), OK, dtype=object)
+        for i, r in enumerate(rows):
+            if r["id"] is None:
+                notes[i] = NO_ID
+            elif r["id"] in self._seen:
+                notes[i] = DUPLICATE_ID
+            else:
+                self._seen.add(r["id"])
+        status = merge_status(status, notes)
         objects = np.array(["" if r["object_id"] is None else str(r["object_id"]) for r in rows], dtype=object)
         return InputBatch(ids=ids, x=x, status=status, extra={"object_id": objects})
 
