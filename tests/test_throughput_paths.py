@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HITS_INPUT, make_stamps, write_hits_h5
 
 from stampclf import Classifier
 from stampclf._session import BatchRunner, _bucket, create_session
@@ -20,8 +21,6 @@ from stampclf.classifier import _ordered_map, _prefetch
 from stampclf.io import HDF5Reader
 from stampclf.io._writers import ResultWriter
 from stampclf.preprocess import _median_rows_inplace, normalise
-
-from conftest import HITS_INPUT, make_stamps, write_hits_h5
 
 
 # --- preprocessing --------------------------------------------------------------------
@@ -229,7 +228,6 @@ def test_fast_csv_equals_csv_module(tmp_path: Path) -> None:
 def _cuda_ok() -> bool:
     try:
         import onnxruntime as ort
-
         from conftest import build_model_bytes
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -265,3 +263,33 @@ def test_fp16_close_to_fp32(tiny_model_path: Path) -> None:
     ref = Classifier(tiny_model_path, device="cuda").predict_proba(x)
     half = Classifier(tiny_model_path, device="cuda", precision="fp16").predict_proba(x)
     assert np.allclose(half, ref, atol=1e-2)
+
+
+# --- bench and benchmark helpers ----------------------------------------------------------
+def test_bench_command_prints_rates(tiny_model_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from stampclf.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "-m", str(tiny_model_path), "--device", "cpu", "--n", "300", "-b", "64"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].startswith("model tiny v0.0.1 (fp32) on cpu")
+    for what in ("model only, in memory:", "classify, in memory:", "classify, HDF5 -> CSV:"):
+        line = next(x for x in lines if x.startswith(what))
+        assert float(line.split(what)[1].split("rows/s")[0].replace(",", "")) > 0
+    assert "of in memory" in lines[-1]
+
+
+def test_flop_count_of_a_known_graph(tiny_model_path: Path) -> None:
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        ce = importlib.import_module("compute_efficiency")
+    finally:
+        sys.path.pop(0)
+    per_row, by_op = ce.count_flops(str(tiny_model_path), 8)
+    assert per_row == 2 * 4 * 2  # Gemm (1 x 4) @ (4 x 2); pooling and softmax are not counted
+    assert by_op == {"Gemm": 16.0}
