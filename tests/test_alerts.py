@@ -271,6 +271,17 @@ def test_duplicate_and_missing_ids_flagged(tmp_path: Path, card: ModelCard) -> N
     assert batch.ids.tolist() == ["record0"] and batch.status[0] == "failed: no template cut-out"
 
 
+def test_snappy_without_cramjam(tmp_path: Path, card: ModelCard, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastavro.read as fread
+    from fastavro._read_common import missing_codec_lib
+
+    path = write_avro(tmp_path / "s.avro", ZTF_SCHEMA, [ztf_record(0, triplet(0))], "snappy")
+    readers = fread.BLOCK_READERS
+    monkeypatch.setitem(readers, "snappy", missing_codec_lib("snappy", "cramjam"))
+    with pytest.raises(InputError, match=r"s.avro: snappy-compressed Avro needs .*cramjam.*stampclf\[alerts\]"):
+        list(AlertReader(str(path), card).batches(4))
+
+
 def test_unknown_record_kind(tmp_path: Path, card: ModelCard) -> None:
     schema = {"type": "record", "name": "x", "fields": [{"name": "a", "type": "int"}]}
     path = write_avro(tmp_path / "other.avro", schema, [{"a": 1}])

@@ -136,9 +136,17 @@ def _open_avro(path: str) -> tuple[Any, Any]:
 
 def _why(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
-    if "cramjam" in text or "snappy" in text.lower():
-        return f"{text}; install cramjam for snappy-compressed alerts"
     return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
+def _missing_codec(path: str, exc: BaseException) -> InputError | None:
+    """fastavro's "codec is supported but you need to install ..." as one clear line."""
+    text = str(exc)
+    if "codec is supported but you need to install" not in text:
+        return None
+    codec = text.split(" codec", 1)[0]
+    libs = text.rsplit(":", 1)[-1].strip()
+    return InputError(f"{path}: {codec}-compressed Avro needs {libs} (pip install 'stampclf[alerts]')")
 
 
 def read_alert_records(path: str) -> Iterator[dict[str, Any]]:
@@ -153,6 +161,9 @@ def read_alert_records(path: str) -> Iterator[dict[str, Any]]:
             except StopIteration:
                 return
             except Exception as exc:  # noqa: BLE001 - truncated blocks, bad codecs, schema mismatch
+                missing = _missing_codec(path, exc)
+                if missing is not None:
+                    raise missing from None
                 raise InputError(f"{path}: record {index}: corrupt Avro data ({_why(exc)})") from None
             yield rec
             index += 1
