@@ -33,7 +33,6 @@ from ._registry import resolve_model
 from ._run import RunSummary
 from .classifier import Classifier, Predictions
 from .io import LAYOUTS, HDF5Reader, InputBatch, input_kind, open_inputs, open_writer
-from .io._images import expand_image_paths
 
 __all__ = ["classify_dask", "predict_dask", "DEFAULT_CHUNK_ROWS"]
 
@@ -98,6 +97,7 @@ class _Unit:
     start: int = 0
     stop: int = 0
     error: str = ""  # the client could not read this input (keep_going)
+    file: str = ""  # the ``file`` column when the unit is part of a larger input (images)
 
 
 class _Ready:
@@ -154,7 +154,10 @@ def _score_unit(data: bytes, sha: str, options: dict[str, Any], settings: dict[s
                 raise InputError(f"{unit.paths[0]}: inputs grouped differently on the worker")
             reader = opener()
         preds = list(clf._classify_reader(reader, batch))
-        return _join(preds) if preds else _empty(clf, getattr(reader, "path", unit.paths[0]))
+        result = _join(preds) if preds else _empty(clf, getattr(reader, "path", unit.paths[0]))
+        if unit.file:
+            result.file = unit.file
+        return result
     except StampclfError as exc:
         if settings["keep_going"]:
             return ("error", str(exc))
@@ -178,8 +181,12 @@ def _plan(
     units: list[_Unit] = []
     for index, (group, opener) in enumerate(open_inputs(paths, card, layout, channels_last)):
         if getattr(opener, "images", False):
-            files = expand_image_paths(group)
-            units += [_Unit(index, "images", files[s : s + chunk_rows]) for s in range(0, len(files), chunk_rows)]
+            reader = opener()  # lists the files; its name ("12 images") is the file column of every row
+            files = reader.files
+            units += [
+                _Unit(index, "images", files[s : s + chunk_rows], file=reader.path)
+                for s in range(0, len(files), chunk_rows)
+            ]
         elif input_kind(group[0]) == "hdf5":
             try:
                 reader = opener()  # HDF5: count rows here, read them on the workers
@@ -332,6 +339,12 @@ def classify_dask(
                 if not writer.rollback():
                     summary.file_errors.append(f"rows of {res[1].split(':')[0]} were already written to stdout")
                 continue
+            if unit.kind == "images":
+                # as in a local run: an image that cannot be read is a bad input file, not a bad stamp
+                unreadable = [str(st)[len("failed: ") :] for st in res.status if str(st).startswith("failed")]
+                if unreadable and not keep_going:
+                    raise InputError(unreadable[0])
+                summary.file_errors.extend(unreadable)
             writer.write(res.ids, res.labels, res.proba, res.status, res.file, res.extra)
             summary.rows += len(res)
             summary.flagged += sum(1 for s in res.status if s.startswith("flagged"))

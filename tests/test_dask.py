@@ -126,3 +126,30 @@ def test_cli_scheduler(cluster, inputs, tiny_model_path: Path, tmp_path: Path) -
     assert _rows(out) == _rows(ref)
     result = CliRunner().invoke(app, [*base, "--scheduler", "local:x"])
     assert result.exit_code == 2 and "expected local or local:N" in result.output
+
+
+def test_image_folders(cluster, tiny_image_model_path: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    _, client = cluster
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(11):
+        arr = rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / ("sub" if i % 3 else ".") / f"im{i:02d}.png")
+    single = tmp_path / "single.png"
+    Image.fromarray(rng.integers(0, 255, (9, 9, 3), dtype=np.uint8)).save(single)
+    paths = [str(single), str(folder)]
+    ref, out = tmp_path / "ref.csv", tmp_path / "dask.csv"
+    _single(tiny_image_model_path, paths, ref)
+    s = sdask.classify_dask(client, paths, tiny_image_model_path, str(out), batch_size=BATCH, chunk_rows=4)
+    assert s.rows == 12 and s.files == 1  # the image files form one input, split into 3 tasks
+    assert _rows(out) == _rows(ref)
+    # an unreadable image stops the run, as locally; with keep_going it is a failed row and an error
+    (folder / "sub" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(Exception, match="zz_broken.png: cannot read image"):
+        sdask.classify_dask(client, paths, tiny_image_model_path, str(tmp_path / "x.csv"), chunk_rows=4)
+    assert not (tmp_path / "x.csv").exists()
+    s = sdask.classify_dask(client, paths, tiny_image_model_path, str(out), chunk_rows=4, keep_going=True)
+    assert s.rows == 13 and len(s.file_errors) == 1 and _rows(out)[-1]["status"].startswith("failed")
