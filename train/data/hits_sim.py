@@ -55,7 +55,7 @@ CANVAS = STAMP + 2 * PAD  #: images are rendered on this larger canvas, then cro
 DETECT_SNR = 5.0  #: candidate threshold on |SNR-difference|
 CENTRE_HALF = 4  #: candidates have |SNR| >= DETECT_SNR within the central 9x9 box
 MAX_OFFSET = 3.0  #: largest offset (px, per axis) of the candidate from the stamp centre
-CHUNK = 2048  #: stamps per internal chunk (bounds memory; fixes the random streams)
+CHUNK = 1024  #: stamps per internal chunk (bounds memory, fits caches; fixes the random streams)
 MAX_ROUNDS = 60  #: re-draw rounds for stamps that fail the candidate cut
 
 PIXEL_SCALE = float(CONDITIONS["pixel_scale_arcsec"])
@@ -141,8 +141,11 @@ def _moffat_k(beta: np.ndarray) -> np.ndarray:
     return 4.0 * (2.0 ** (1.0 / beta) - 1.0)
 
 
-def _render(n: int, obj: dict, sigma: np.ndarray, size: int = CANVAS) -> np.ndarray:
-    """Sum elliptical Moffat profiles of all objects into (n, size, size) float32 images.
+def _render(out: np.ndarray, obj: dict, sigma: np.ndarray) -> np.ndarray:
+    """Add elliptical Moffat profiles of objects into ``out`` (n, size, size), in place.
+
+    ``out`` may be a centred view of a larger canvas (pixel coordinates are measured from
+    its centre), so an image that is only ever seen on the stamp is rendered only there.
 
     ``obj`` holds flat per-object arrays: stamp index ``i``, centre ``x``, ``y`` (pixels from
     the canvas centre), total ``flux``, size matrix ``sxx, sxy, syy`` (alpha^2 units) and
@@ -150,7 +153,7 @@ def _render(n: int, obj: dict, sigma: np.ndarray, size: int = CANVAS) -> np.ndar
     invisible and skipped. Objects are added in rounds of 'k-th object of each stamp', so
     each round is one vectorised scatter without duplicate indices.
     """
-    out = np.zeros((n, size, size), dtype=_F32)
+    size = out.shape[1]
     det = obj["sxx"] * obj["syy"] - obj["sxy"] ** 2
     amp = obj["flux"] * (obj["beta"] - 1.0) / (np.pi * np.sqrt(det))
     keep = np.abs(amp) > 0.05 * sigma[obj["i"]]
@@ -292,7 +295,9 @@ def _saturate(img: np.ndarray, sat: np.ndarray, sky: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- batch
-def _batch(rng: np.random.Generator, kind: np.ndarray, with_meta: bool) -> tuple[dict, np.ndarray]:
+def _batch(
+    rng: np.random.Generator, kind: np.ndarray, with_meta: bool, detect_snr: float = DETECT_SNR
+) -> tuple[dict, np.ndarray]:
     """Simulate one batch of the given kinds; return stamps and the candidate-cut mask."""
     n = kind.size
     K = {name: kind == code for name, code in _K.items()}
@@ -441,8 +446,8 @@ def _batch(rng: np.random.Generator, kind: np.ndarray, with_meta: bool) -> tuple
     # below the threshold (rejected later: real sources reach the detection limit) up to
     # ~600x it; 80 % concentrate within 1 mag of the threshold, where the real HiTS
     # detections are (half of them have peak SNR < 10).
-    f5 = DETECT_SNR * sig_d / p0
-    u = np.where(rng.random(n) < 0.8, rng.uniform(-0.4, 1.0, n), rng.uniform(1.0, 7.0, n))
+    f5 = detect_snr * sig_d / p0
+    u = np.where(rng.random(n) < 0.8, rng.uniform(-0.25, 1.0, n), rng.uniform(1.0, 7.0, n))
     dflux = f5 * 10.0 ** (0.4 * u)
 
     # real: supernovae (alone) --------------------------------------------------------
@@ -466,7 +471,7 @@ def _batch(rng: np.random.Generator, kind: np.ndarray, with_meta: bool) -> tuple
     idx = all_i[K["dipole"]]
     m = idx.size
     dmag, a = rng.uniform(0.15, 1.5, m), rng.uniform(0, 2 * np.pi, m)
-    t = DETECT_SNR * 10.0 ** (0.4 * rng.uniform(-0.3, 4.0, m))
+    t = detect_snr * 10.0 ** (0.4 * rng.uniform(-0.3, 4.0, m))
     fd = t * sig_d[idx] / (p0[idx] * 0.6 * dmag / sig_b[idx])
     gal = rng.random(m) < 0.2
     shape = galaxy_shape(m, 0.5, 2.0)
@@ -475,7 +480,7 @@ def _batch(rng: np.random.Generator, kind: np.ndarray, with_meta: bool) -> tuple
     # bogus: rings -- bright star under a wrong kernel width / mismatched shape
     idx = all_i[K["ring"]]
     m = idx.size
-    t = DETECT_SNR * 10.0 ** (0.4 * rng.uniform(-0.3, 4.0, m))
+    t = detect_snr * 10.0 ** (0.4 * rng.uniform(-0.3, 4.0, m))
     fr = t * sig_d[idx] / (p0[idx] * np.maximum(0.4 * np.abs(eta[idx]), 0.02))
     add(idx, px[idx], py[idx], fr, fr)
     # bogus: saturated stars with bleed trails; masked = the same, with the core masked
@@ -490,7 +495,7 @@ def _batch(rng: np.random.Generator, kind: np.ndarray, with_meta: bool) -> tuple
     isgal = np.isfinite(ob["bg"])
     oi = ob["i"]
 
-    def render(F, beta, flux, shift_x, shift_y, sigma):
+    def render(F, beta, flux, shift_x, shift_y, sigma, conv_img):
         """Image of all objects for one PSF (F: FWHM^2 shape matrix, beta: Moffat index)."""
         b = np.where(isgal, ob["bg"], beta[oi])
         k = _moffat_k(b)
@@ -498,10 +503,16 @@ def _batch(rng: np.random.Generator, kind: np.ndarray, with_meta: bool) -> tuple
             i=oi, x=ob["x"] + shift_x, y=ob["y"] + shift_y, flux=flux, beta=b,
             sxx=(F[0][oi] + ob["gxx"]) / k, sxy=(F[1][oi] + ob["gxy"]) / k, syy=(F[2][oi] + ob["gyy"]) / k,
         )
-        return _render(n, obj, sigma)
+        out = np.zeros((n, C, C), dtype=_F32)
+        # the convolved (sharper) image on the whole canvas, the other only on the stamp
+        # plus a 1-px resampling margin: that is all of it that is ever seen
+        full = conv_img[oi]
+        _render(out, {key: v[full] for key, v in obj.items()}, sigma)
+        _render(out[:, PAD - 1 : PAD + STAMP + 1, PAD - 1 : PAD + STAMP + 1], {key: v[~full] for key, v in obj.items()}, sigma)
+        return out
 
-    M_s = render(F_s, beta_s, ob["fs"], 0.0, 0.0, np.sqrt(var_sky_s))
-    M_t = render(F_t, beta_t, ob["ft"], dxt[oi] + ob["sx"], dyt[oi] + ob["sy"], np.sqrt(var_sky_t))
+    M_s = render(F_s, beta_s, ob["fs"], 0.0, 0.0, np.sqrt(var_sky_s), ~t_sharp)
+    M_t = render(F_t, beta_t, ob["ft"], dxt[oi] + ob["sx"], dyt[oi] + ob["sy"], np.sqrt(var_sky_t), t_sharp)
 
     # --- noise: Poisson (sky + sources, gain) + read noise; template averaged over depth ---
     V_s = np.maximum(M_s, 0.0)
@@ -518,8 +529,8 @@ def _batch(rng: np.random.Generator, kind: np.ndarray, with_meta: bool) -> tuple
     # of the random numbers.
     w_full = rng.standard_normal((n, C + 2, C + 2), dtype=_F32)
     w_small = rng.standard_normal((n, STAMP + 2, STAMP + 2), dtype=_F32)
-    w_s = np.where(_col(~t_sharp), w_full, 0.0).astype(_F32)
-    w_t = np.where(_col(t_sharp), w_full, 0.0).astype(_F32)
+    w_s = np.where(_col(~t_sharp), w_full, np.float32(0.0))
+    w_t = np.where(_col(t_sharp), w_full, np.float32(0.0))
     inner = (slice(None), slice(PAD, PAD + STAMP + 2), slice(PAD, PAD + STAMP + 2))
     w_s[inner][t_sharp] = w_small[t_sharp]
     w_t[inner][~t_sharp] = w_small[~t_sharp]
@@ -558,7 +569,7 @@ def _batch(rng: np.random.Generator, kind: np.ndarray, with_meta: bool) -> tuple
         share_s = Vm_s[idx, ci, cj] / vd
         use_s = rng.random(m) < share_s
         sgn = np.where(rng.random(m) < 0.7, 1.0, -1.0)  # sign of the peak in the difference
-        target = DETECT_SNR + rng.exponential(0.8, m) - 0.3
+        target = detect_snr + rng.exponential(0.8, m) - 0.1
 
         def pattern(kx, ky, rx, ry):
             cy = np.zeros((m, 2 * PAD + 3))
@@ -608,7 +619,7 @@ def _batch(rng: np.random.Generator, kind: np.ndarray, with_meta: bool) -> tuple
         jit = rng.normal(0.0, 0.15, (m, npt)) * (length[:, None] > 0)  # slightly wiggly worms
         xs = px[idx, None] + tpos * np.cos(ang)[:, None] - jit * np.sin(ang)[:, None]
         ys = py[idx, None] + tpos * np.sin(ang)[:, None] + jit * np.cos(ang)[:, None]
-        epix = np.sqrt(var_sky_s[idx]) * 10.0 ** (0.4 * rng.uniform(1.2, 8.0, m))
+        epix = np.sqrt(var_sky_s[idx]) * 10.0 ** (0.4 * rng.uniform(1.6, 8.0, m))
         e = (epix * np.maximum(length, 1.0) / npt)[:, None] * np.ones((1, npt))
         xs, ys = xs + (C - 1) / 2.0, ys + (C - 1) / 2.0
         x0, y0 = np.floor(xs).astype(int), np.floor(ys).astype(int)
@@ -629,7 +640,7 @@ def _batch(rng: np.random.Generator, kind: np.ndarray, with_meta: bool) -> tuple
         cj = np.rint(px[idx]).astype(int) + C // 2
         px[idx], py[idx] = np.rint(px[idx]), np.rint(py[idx])
         in_s = rng.random(m) < 0.7
-        val = np.sqrt(var_sky_s[idx]) * 10.0 ** (0.4 * rng.uniform(1.5, 8.0, m))
+        val = np.sqrt(var_sky_s[idx]) * 10.0 ** (0.4 * rng.uniform(1.7, 8.0, m))
         val *= np.where(rng.random(m) < 0.15, -0.3, 1.0)
         shape = rng.choice(3, m, p=[0.7, 0.2, 0.1])
         for dy, dx, use in ((0, 0, shape >= 0), (1, 0, shape >= 1), (0, 1, shape == 2), (1, 1, shape == 2)):
@@ -740,8 +751,8 @@ def _batch(rng: np.random.Generator, kind: np.ndarray, with_meta: bool) -> tuple
     absmax = np.where(win, np.abs(s), 0.0).reshape(n, -1).max(1)
     ok = np.where(
         real,
-        np.where(K["variable_neg"], neg <= -DETECT_SNR, pos >= DETECT_SNR),
-        absmax >= DETECT_SNR,
+        np.where(K["variable_neg"], neg <= -detect_snr, pos >= detect_snr),
+        absmax >= detect_snr,
     )
     peak = np.where(real, np.where(K["variable_neg"], -neg, pos), absmax)
 
@@ -786,6 +797,8 @@ def _batch(rng: np.random.Generator, kind: np.ndarray, with_meta: bool) -> tuple
             mag=(zp - 2.5 * np.log10(np.maximum(dflux, 1e-9) / exptime)).astype(_F32),
             template_depth=depth_t.astype(_F32),
             unit_scale=scale.astype(_F32),
+            template_scale=t_scale.astype(_F32),
+            template_noise_ratio=np.sqrt(var_sky_t / var_sky_s).astype(_F32),
             sky_subtracted=sub_s,
             filter=filt.astype(np.int16),
         )
@@ -803,12 +816,12 @@ def _chunk_kinds(rng: np.random.Generator, n: int, n_real: int) -> np.ndarray:
     return rng.permutation(kinds)
 
 
-def _simulate_chunk(rng: np.random.Generator, n: int, n_real: int, with_meta: bool) -> dict:
+def _simulate_chunk(rng: np.random.Generator, n: int, n_real: int, with_meta: bool, detect_snr: float = DETECT_SNR) -> dict:
     kind = _chunk_kinds(rng, n, n_real)
     result: dict[str, np.ndarray] | None = None
     todo = np.arange(n)
     for _ in range(MAX_ROUNDS):
-        out, ok = _batch(rng, kind[todo], with_meta)
+        out, ok = _batch(rng, kind[todo], with_meta, detect_snr)
         if result is None:
             result = {k: np.empty((n,) + v.shape[1:], dtype=v.dtype) for k, v in out.items()}
         for k, v in out.items():
@@ -820,7 +833,13 @@ def _simulate_chunk(rng: np.random.Generator, n: int, n_real: int, with_meta: bo
 
 
 def simulate_chunk(
-    index: int, n: int, seed: int, real_fraction: float = 0.5, chunk: int | None = None, meta: bool = False
+    index: int,
+    n: int,
+    seed: int,
+    real_fraction: float = 0.5,
+    chunk: int | None = None,
+    meta: bool = False,
+    detect_snr: float = DETECT_SNR,
 ) -> dict:
     """Chunk ``index`` of ``simulate(n, seed, real_fraction)`` (stamps ``index*chunk`` on).
 
@@ -837,19 +856,24 @@ def simulate_chunk(
         raise ValueError(f"chunk {index} is past the end of {n} stamps")
     n_real = int(round(stop * real_fraction)) - int(round(start * real_fraction))
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
-    return _simulate_chunk(rng, stop - start, n_real, meta)
+    return _simulate_chunk(rng, stop - start, n_real, meta, detect_snr)
 
 
-def iter_simulate(n: int, seed: int, real_fraction: float = 0.5, chunk: int | None = None, meta: bool = False):
+def iter_simulate(
+    n: int, seed: int, real_fraction: float = 0.5, chunk: int | None = None, meta: bool = False,
+    detect_snr: float = DETECT_SNR,
+):
     """Yield ``(start, stamps)`` chunk by chunk: the stamps of :func:`simulate` in bounded memory."""
     if n < 0 or not 0.0 <= real_fraction <= 1.0:
         raise ValueError("need n >= 0 and 0 <= real_fraction <= 1")
     chunk = chunk or CHUNK
     for i, start in enumerate(range(0, n, chunk)):
-        yield start, simulate_chunk(i, n, seed, real_fraction, chunk, meta)
+        yield start, simulate_chunk(i, n, seed, real_fraction, chunk, meta, detect_snr)
 
 
-def simulate(n: int, seed: int, real_fraction: float = 0.5, meta: bool = False) -> dict[str, np.ndarray]:
+def simulate(
+    n: int, seed: int, real_fraction: float = 0.5, meta: bool = False, detect_snr: float = DETECT_SNR
+) -> dict[str, np.ndarray]:
     """Simulate ``n`` HiTS-like real/bogus candidates.
 
     Parameters
@@ -862,6 +886,9 @@ def simulate(n: int, seed: int, real_fraction: float = 0.5, meta: bool = False) 
         Fraction of real (label 1) stamps; exact up to rounding.
     meta : bool
         Also return per-stamp simulation parameters (seeing, sky, peak SNR, ...).
+    detect_snr : float
+        Candidate threshold on |SNR| near the centre (HiTS: 5). Alert streams that detect
+        with a PSF-matched filter also send fainter per-pixel peaks (DECam examples: 3.6-5.7).
 
     Returns
     -------
@@ -870,7 +897,7 @@ def simulate(n: int, seed: int, real_fraction: float = 0.5, meta: bool = False) 
         (n, 21, 21); ``labels``: int64 (1 real, 0 bogus); ``kind``: int16 codes into
         :data:`KINDS`. NaN occurs only in kinds listed in :data:`NAN_KINDS`.
     """
-    parts = [c for _, c in iter_simulate(n, seed, real_fraction, meta=meta)]
+    parts = [c for _, c in iter_simulate(n, seed, real_fraction, meta=meta, detect_snr=detect_snr)]
     if not parts:
         empty = {k: np.zeros((0, STAMP, STAMP), _F32) for k in ("temp_images", "sci_images", "diff_images", "SNR_images")}
         return {**empty, "labels": np.zeros(0, np.int64), "kind": np.zeros(0, np.int16)}
