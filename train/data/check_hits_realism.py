@@ -174,6 +174,18 @@ def _q(a: np.ndarray) -> str:
     return f"{fmt(p50)} ({fmt(p5)}–{fmt(p95)})"
 
 
+def _save(fig, path: Path, dpi: int) -> None:
+    """Save a figure as a small palette PNG (the docs keep several of them in git)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(colors=128).save(path, optimize=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20000)
@@ -289,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.grid(alpha=0.3)
     fig.suptitle("HiTS simulator vs the 87 real HiTS 2015 supernovae", fontsize=10)
     fig.tight_layout()
-    fig.savefig(args.figdir / "hits_sim_realism.png", dpi=90)
+    _save(fig, args.figdir / "hits_sim_realism.png", 90)
     plt.close(fig)
 
     # --- figure 2: examples per kind (first 3 of each kind in the simulated set)
@@ -315,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             axes[r, 4 * j].set_title(f"{name}  SNR {sim['peak_snr'][i]:.0f}", fontsize=7, loc="left")
     fig.text(0.5, 0.002, "each group: template | science | difference | SNR-difference (NaN = white)", ha="center", fontsize=8)
     fig.subplots_adjust(wspace=0.04, hspace=0.35, left=0.01, right=0.99, top=0.98, bottom=0.015)
-    fig.savefig(args.figdir / "hits_sim_examples.png", dpi=80)
+    _save(fig, args.figdir / "hits_sim_examples.png", 72)
     plt.close(fig)
     print(f"\nwrote {args.figdir / 'hits_sim_realism.png'} and {args.figdir / 'hits_sim_examples.png'}")
     return 0

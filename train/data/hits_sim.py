@@ -765,7 +765,7 @@ def _batch(
     # --- pixel-unit randomisation (label-independent): global scale, an independently
     # scaled template (other zero point), sky-subtracted or raw images, pedestals
     scale = np.where(rng.random(n) < 0.5, 1.0, _loguniform(rng, 0.01, 100.0, n))
-    t_scale = np.where(rng.random(n) < 0.3, _loguniform(rng, 1e-3, 10.0, n), 1.0)
+    t_scale = np.where(rng.random(n) < 0.4, _loguniform(rng, 1e-4, 100.0, n), 1.0)  # DECam alerts: 1e-3..1.5e-2
     sub_s = rng.random(n) < 0.3
     sub_t = rng.random(n) < 0.5
     ped_d = np.where(rng.random(n) < 0.2, rng.normal(0.0, 0.3, n) * sig_d, 0.0)
