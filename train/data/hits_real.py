@@ -44,8 +44,8 @@ STAMP = 21
 KHALF = 10  #: half-width of the matching kernel (pixels)
 SIG2FWHM = 2.3548
 TEMPLATE_SEEING_FACTOR = 1.25  #: pre-explosion epochs with FWHM <= 1.25 x the best go in the template
-DETECT_NSIGMA = 3.0  #: a light-curve point is a detection above 3 sigma ...
-DETECT_FRAC = 0.05  #: ... and above 5 % of the peak flux (guards against host residuals)
+DETECT_NSIGMA = 3.0  #: light-curve detection threshold (sigma)
+CP_PENALTY = 4.0  #: change-point cost per post-explosion epoch: a post epoch needs |z| > 2 to pay off
 IMAGE_KEYS = ("temp_images", "sci_images", "diff_images", "SNR_images")
 DIAGNOSTICS = (
     "peak_snr", "detected", "host_snr", "explosion_mjd", "peak_flux_mjd", "science_mjd", "n_template_epochs",
@@ -168,6 +168,30 @@ def _coadd(stack: np.ndarray, var: np.ndarray, fwhm: np.ndarray) -> tuple[np.nda
     return co, cv, target
 
 
+def _explosion(flux: np.ndarray, err: np.ndarray, pre: np.ndarray, peak: int) -> tuple[int, bool]:
+    """Explosion epoch index from a difference light curve (epochs in time order).
+
+    Change point: epochs before ``j`` have zero flux, epochs from ``j`` on any positive flux;
+    ``j`` (1..peak) minimises sum_{e<j} z_e^2 + sum_{e>=j} min(z_e, 0)^2 + CP_PENALTY (n - j),
+    with z = flux / error, the errors first inflated by the robust scatter of the current
+    pre-explosion epochs (host-subtraction systematics). Returns ``(j, clean)``; ``clean`` is
+    False when every epoch up to the peak is a > 3 sigma detection (the SN was already there).
+    """
+    z = flux / err
+    if len(pre) >= 3:
+        zp = z[pre]
+        z = z / max(1.0, 1.4826 * float(np.median(np.abs(zp - np.median(zp)))))
+    n = len(z)
+    if peak == 0 or np.all(z[: peak + 1] > DETECT_NSIGMA):
+        return 0, False
+    c_pre = np.cumsum(z**2)  # c_pre[j-1] = sum_{e<j} z^2
+    neg2 = np.minimum(z, 0.0) ** 2
+    c_post = np.cumsum(neg2[::-1])[::-1]  # c_post[j] = sum_{e>=j} min(z,0)^2
+    js = np.arange(1, peak + 1)
+    cost = c_pre[js - 1] + c_post[js] + CP_PENALTY * (n - js)
+    return int(js[np.argmin(cost)]), True
+
+
 # ----------------------------------------------------------------------------- per SN
 def build_one(
     images: np.ndarray,
@@ -211,16 +235,12 @@ def build_one(
             d, v, fb, _ = _match(img[e], var[e], fwhm[e], tmp, vt, ft, fit_kernel)
             flux[e], err[e] = _psf_flux(d, v, fb)
         peak = int(np.argmax(flux))
-        sig = (flux > DETECT_NSIGMA * err) & (flux > DETECT_FRAC * flux[peak])
-        j = peak
-        while j > 0 and sig[j - 1]:
-            j -= 1
-        new_pre = np.arange(j) if j > 0 else np.array([int(np.argmin(flux))])
+        j, clean = _explosion(flux, err, pre, peak)
+        new_pre = np.arange(j) if clean else np.array([int(np.argmin(flux))])
         if np.array_equal(new_pre, pre):
             break
         pre = new_pre
     explosion = j
-    clean = j > 0  # False: the SN is already there at the first epoch (template from its faintest epoch)
 
     # science epoch; everything in the science epoch's own ADU
     if science == "peak_flux":
