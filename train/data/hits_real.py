@@ -288,7 +288,7 @@ def build_one(
 
 def build_real_sn_stamps(
     path: str | Path = DEFAULT_STAMPS,
-    conditions: str | Path = DEFAULT_CONDITIONS,
+    conditions: str | Path | None = None,
     science: str = "peak_flux",
     fit_kernel: bool = False,
 ) -> dict:
@@ -301,9 +301,13 @@ def build_real_sn_stamps(
     (SN names, bytes) and per-SN diagnostics (``peak_snr``, ``detected``, ``explosion_mjd``,
     ``science_mjd``, ``n_template_epochs``, ``clean_template``, ``fwhm_sci``, ``fwhm_tmpl``,
     ``sky_sci``). ``science`` chooses the science epoch (see :func:`build_one`).
+    ``conditions`` defaults to the conditions JSON next to ``path`` (else the shared one).
     """
     import h5py
 
+    if conditions is None:
+        beside = Path(path).with_name(DEFAULT_CONDITIONS.name)
+        conditions = beside if beside.exists() else DEFAULT_CONDITIONS
     mjd_table, rows = _conditions_by_mjd(Path(conditions))
     with h5py.File(path, "r") as f:
         images = f["images"][:]
@@ -348,7 +352,7 @@ def write_h5(d: dict, out: Path, command: str = "") -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Build 4-channel stamps of the 87 real HiTS supernovae.")
     ap.add_argument("--stamps", type=Path, default=DEFAULT_STAMPS)
-    ap.add_argument("--conditions", type=Path, default=DEFAULT_CONDITIONS)
+    ap.add_argument("--conditions", type=Path, default=None, help="default: the JSON next to --stamps")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--science", choices=["peak_flux", "best_snr"], default="peak_flux",
                     help="science epoch: largest difference flux (default) or largest light-curve S/N")
