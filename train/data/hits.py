@@ -63,13 +63,15 @@ def to_tensors(stamps: np.ndarray, labels: np.ndarray, spec: Any) -> TensorDatas
     return TensorDataset(torch.from_numpy(x), torch.from_numpy(np.asarray(labels, dtype=np.int64)))
 
 
-def _shard(job: tuple[int, int, dict[str, Any], dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Simulate and preprocess one shard (runs in a worker process)."""
+def _shard(job: tuple[int, int, dict[str, Any] | None, dict[str, Any] | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Simulate (and, given a card's input and preprocessing, preprocess) one shard; runs in a worker."""
     from .hits_sim import simulate
 
     n, seed, card_input, preprocessing = job
     d = simulate(n, seed)
-    x, _ = prepare_stamps(stack_channels(d), card_input, preprocessing, f"simulated shard (seed {seed})")
+    x = stack_channels(d)
+    if card_input is not None and preprocessing is not None:
+        x, _ = prepare_stamps(x, card_input, preprocessing, f"simulated shard (seed {seed})")
     return x, np.asarray(d["labels"], dtype=np.int64), np.asarray(d["kind"], dtype=np.int16)
 
 
@@ -81,14 +83,21 @@ def _cpus() -> int:
 
 
 def simulate_prepared(
-    n: int, split_seed: int, card_input: dict[str, Any], preprocessing: dict[str, Any], workers: int | None = None
+    n: int,
+    split_seed: int,
+    card_input: dict[str, Any] | None,
+    preprocessing: dict[str, Any] | None,
+    workers: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``n`` simulated stamps, preprocessed as the card says: ``(x, labels, kind)``.
+    """``n`` simulated stamps ``(x, labels, kind)``, preprocessed as the card says (raw if None).
 
     Shards of `SHARD` stamps with seeds ``10_000 * split_seed + j`` run in ``workers``
     processes; the result does not depend on the number of workers.
     """
-    jobs = [(min(SHARD, n - i), 10_000 * split_seed + j, card_input, preprocessing) for j, i in enumerate(range(0, n, SHARD))]
+    jobs = [
+        (min(SHARD, n - i), 10_000 * split_seed + j, card_input, preprocessing)
+        for j, i in enumerate(range(0, n, SHARD))
+    ]
     workers = max(1, min(workers or _cpus(), len(jobs)))
     if workers == 1:
         parts = [_shard(job) for job in jobs]
@@ -100,7 +109,7 @@ def simulate_prepared(
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
             parts = list(pool.map(_shard, jobs))
     if not parts:
-        return np.zeros((0, len(card_input["channels"]), 21, 21), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int16)
+        return np.zeros((0, 4, 21, 21), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int16)
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
 
