@@ -267,16 +267,39 @@ class Classifier:
             if x.ndim != 4 or x.shape[1:] != self.card.shape:
                 raise InputError(f"images: expected preprocessed shape (N, {self.card.shape}), got {x.shape}")
             status = np.full(len(x), OK, dtype=object)
+        elif isinstance(stamps, np.ndarray) and stamps.ndim == 4 and len(stamps) > 2 * self.batch_size:
+            x = None  # large array: preprocess batch by batch, overlapped with inference
+            proba, labels, status = self._classify_in_batches(stamps)
         else:
             x, status = prepare_stamps(stamps, self.card.input, self.card.preprocessing)
         if ids is None:
-            ids = np.arange(len(x))
+            ids = np.arange(len(status))
         else:
             dup = duplicate_rows(ids)
-            if dup.any():
+            if dup.any():  # a flag only: never changes which rows are scored
                 status = merge_status(status, np.where(dup, DUPLICATE_ID, OK).astype(object))
-        proba, labels = self._predict_prepared(x, status)
+        if x is not None:
+            proba, labels = self._predict_prepared(x, status)
         return Predictions(ids, labels, proba, status)
+
+    def _classify_in_batches(self, stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`classify` of a large array: the same rows and numbers, in bounded memory.
+
+        Batches are preprocessed in a background thread (a pool on CUDA) while the
+        previous batch runs through the model, as for files.
+        """
+        bs = self.batch_size
+
+        def prep(start: int) -> tuple[np.ndarray, np.ndarray]:
+            return prepare_stamps(stamps[start : start + bs], self.card.input, self.card.preprocessing)
+
+        starts = range(0, len(stamps), bs)
+        if self.prep_workers <= 1:
+            stream = _prefetch(map(prep, starts))
+        else:
+            stream = _ordered_map(prep, starts, self.prep_workers)
+        parts = [(*self._predict_prepared(x, status), status) for x, status in stream]
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
     def predict_proba(self, stamps: np.ndarray) -> np.ndarray:
         """Class probabilities ``(N, n_classes)``; rows that could not be scored are NaN."""

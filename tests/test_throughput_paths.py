@@ -293,3 +293,26 @@ def test_flop_count_of_a_known_graph(tiny_model_path: Path) -> None:
     per_row, by_op = ce.count_flops(str(tiny_model_path), 8)
     assert per_row == 2 * 4 * 2  # Gemm (1 x 4) @ (4 x 2); pooling and softmax are not counted
     assert by_op == {"Gemm": 16.0}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_large_in_memory_classify_streams_with_identical_results(tiny_model_path: Path, workers: int) -> None:
+    from stampclf.preprocess import prepare_stamps
+
+    stamps = make_stamps(230, seed=14)
+    stamps[7, :3] = np.nan  # failed row (75 % of pixels)
+    stamps[9, 0, 0, 0] = np.inf  # flagged row
+    ids = np.arange(230) % 200  # duplicates flagged
+    clf = Classifier(tiny_model_path, device="cpu", batch_size=16)  # 230 rows > 2 batches: streamed
+    clf.prep_workers = workers
+    got = clf.classify(stamps, ids)
+    x, status = prepare_stamps(stamps, clf.card.input, clf.card.preprocessing)
+    ref = clf.session.run(None, {"stamps": x})[0]
+    ok = np.array([not s.startswith("failed") for s in status])
+    assert np.array_equal(got.proba[ok], ref[ok]) and np.isnan(got.proba[~ok]).all()
+    assert got.status[7].startswith("failed") and got.labels[7] == ""
+    assert got.status[9].startswith("flagged") and "non-finite" in got.status[9]
+    assert "duplicate id" in got.status[205] and "duplicate id" not in got.status[5]
+    small = Classifier(tiny_model_path, device="cpu", batch_size=4096).classify(stamps, ids)  # one piece
+    assert np.array_equal(got.proba, small.proba, equal_nan=True)
+    assert list(got.status) == list(small.status) and list(got.labels) == list(small.labels)
