@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ._card import ModelCard, read_card
-from ._errors import InputError, ModelError
+from ._errors import DeviceError, InputError, ModelError
 from ._registry import resolve_model
 from ._session import PRECISIONS, BatchRunner, cpu_count, create_session, to_fp16
 from .io import InputBatch, open_inputs
@@ -168,6 +168,7 @@ class Classifier:
         if precision == "fp16":
             data = to_fp16(data, source=str(self.path))
         info = create_session(data, device, threads, source=str(self.path), cuda_graph=cuda_graph)
+        self._cuda_graph = cuda_graph
         self._info = info
         # Preprocessing threads for file streams: on CPU the inference threads own the
         # cores (one reader/preprocessing thread overlaps), on CUDA the cores are free.
@@ -223,6 +224,12 @@ class Classifier:
     def _run(self, x: np.ndarray) -> np.ndarray:
         # fixed batch shape (short batches padded), IOBinding on CUDA: see BatchRunner
         if self._runner is None or self._runner.batch_size != self.batch_size:
+            if self._runner is not None and self._cuda_graph and self.device == "cuda":
+                # the captured graph holds the old buffers' addresses: replaying it would be wrong
+                raise DeviceError(
+                    f"batch size {self._runner.batch_size} is fixed by the captured CUDA graph; "
+                    "create a new Classifier for another batch size"
+                )
             self._runner = BatchRunner(self._info, self.batch_size, self.card.shape, len(self.card.classes))
         return self._runner(x)
 

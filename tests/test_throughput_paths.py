@@ -257,6 +257,20 @@ def test_iobinding_matches_cpu(tiny_model_path: Path, cuda_graph: bool) -> None:
 
 @gpu
 @pytest.mark.skipif(not _CUDA, reason="no usable CUDA execution provider on this machine")
+def test_cuda_graph_fixes_the_batch_size(tiny_model_path: Path) -> None:
+    from stampclf import DeviceError
+
+    clf = Classifier(tiny_model_path, device="cuda", batch_size=32, cuda_graph=True)
+    x = make_stamps(40, seed=15)
+    p = clf.predict_proba(x)
+    assert np.array_equal(clf.predict_proba(x), p)  # graph replay: same numbers
+    clf.batch_size = 16
+    with pytest.raises(DeviceError, match="fixed by the captured CUDA graph"):
+        clf.predict_proba(x)
+
+
+@gpu
+@pytest.mark.skipif(not _CUDA, reason="no usable CUDA execution provider on this machine")
 def test_fp16_close_to_fp32(tiny_model_path: Path) -> None:
     pytest.importorskip("onnxconverter_common")
     x = make_stamps(100, seed=13)
