@@ -106,7 +106,9 @@ def test_all_kinds_present():
 def test_snr_background_is_unit_noise(sim):
     """Far from sources the SNR channel is ~N(0, 1): SNR = difference / its noise."""
     ok = np.isin(sim["kind"], [KINDS.index(k) for k in ("sn", "noise_peak", "cosmic_ray", "hot_pixel")])
-    border = np.concatenate([sim["SNR_images"][ok, :3].reshape(ok.sum(), -1), sim["SNR_images"][ok, -3:].reshape(ok.sum(), -1)], 1)
+    border = np.concatenate(
+        [sim["SNR_images"][ok, :3].reshape(ok.sum(), -1), sim["SNR_images"][ok, -3:].reshape(ok.sum(), -1)], 1
+    )
     mad = 1.4826 * np.median(np.abs(border - np.median(border, 1, keepdims=True)), 1)
     assert 0.7 < np.median(mad) < 1.4
 
@@ -169,7 +171,9 @@ def _fake_sn_sequence(rng: np.random.Generator, n_ep: int = 24, t_exp: int = 12)
     rows, images = [], []
     for e in range(n_ep):
         seeing = rng.uniform(0.95, 1.6)
-        rows.append({"obs_days": mjd[e], "seeing": seeing, "zero_point": 25.0, "exp_time": 86.0, "sky_brightness": 110.0})
+        rows.append(
+            {"obs_days": mjd[e], "seeing": seeing, "zero_point": 25.0, "exp_time": 86.0, "sky_brightness": 110.0}
+        )
         s2 = (seeing / PIXEL_SCALE / 2.3548) ** 2
         host = 3000.0 * np.exp(-0.5 * ((xx - 1.5) ** 2 + yy**2) / (s2 + 4.0)) / (2 * np.pi * (s2 + 4.0))
         sn = (4000.0 if e >= t_exp else 0.0) * np.exp(-0.5 * (xx**2 + yy**2) / s2) / (2 * np.pi * s2)

@@ -53,7 +53,12 @@ def _chunks_parallel(n: int, seed: int, real_fraction: float, workers: int):
 
 
 def write_h5(
-    out: Path, n: int, seed: int, real_fraction: float = 0.5, workers: int = 1, command: str | None = None,
+    out: Path,
+    n: int,
+    seed: int,
+    real_fraction: float = 0.5,
+    workers: int = 1,
+    command: str | None = None,
     compression: str | None = None,
 ) -> dict:
     """Simulate ``n`` stamps into ``out``; return a small summary (timing, class counts)."""
@@ -71,11 +76,18 @@ def write_h5(
         kind = f.create_dataset("kind", shape=(n,), dtype="i2")
         kind.attrs["names"] = json.dumps({str(i): name for i, name in enumerate(KINDS)})
         f.attrs.update(
-            seed=seed, n=n, real_fraction=real_fraction, simulator="train.data.hits_sim",
-            sim_version=SIM_VERSION, command=command or "", created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            seed=seed,
+            n=n,
+            real_fraction=real_fraction,
+            simulator="train.data.hits_sim",
+            sim_version=SIM_VERSION,
+            command=command or "",
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             channels=json.dumps(list(IMAGE_KEYS)),
         )
-        chunks = iter_simulate(n, seed, real_fraction) if workers <= 1 else _chunks_parallel(n, seed, real_fraction, workers)
+        chunks = (
+            iter_simulate(n, seed, real_fraction) if workers <= 1 else _chunks_parallel(n, seed, real_fraction, workers)
+        )
         for start, d in chunks:
             stop = start + len(d["labels"])
             for k in IMAGE_KEYS:
@@ -85,8 +97,12 @@ def write_h5(
             counts += np.bincount(d["kind"], minlength=len(KINDS))
     tmp.replace(out)  # never leave a half-written file under the final name
     dt = time.perf_counter() - t0
-    return {"n": n, "seconds": dt, "stamps_per_s": n / dt if dt > 0 else float("inf"),
-            "kinds": {name: int(c) for name, c in zip(KINDS, counts)}}
+    return {
+        "n": n,
+        "seconds": dt,
+        "stamps_per_s": n / dt if dt > 0 else float("inf"),
+        "kinds": {name: int(c) for name, c in zip(KINDS, counts, strict=True)},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ Written by train/data/derive_hits_conditions.py from the public HiTS 2015
 camera/observing-conditions table; see that script for the meaning of each field.
 """
 
+# fmt: off
 CONDITIONS = {'source': 'rodrigcd/HiTS_simulations real_obs/camera_and_obs_cond (HiTS 2015, DECam)',
  'source_sha256': '8b552a984f1d51c3436920d047d1aca25452e0d414fc1b4b0aaa34e1e0f02e96',
  'pixel_scale_arcsec': 0.27,
@@ -105,3 +106,4 @@ CONDITIONS = {'source': 'rodrigcd/HiTS_simulations real_obs/camera_and_obs_cond 
                            50010.0, 44144.0, 45844.0, 46251.0, 40983.0, 44177.0, 51000.0, 46390.0,
                            39602.0, 48694.0, 46559.0, 41302.0, 46642.0, 46415.0, 40268.0, 40698.0,
                            50306.0, 49415.0, 36677.0, 43135.0, 41544.0, 43295.0, 47995.0]}}
+# fmt: on

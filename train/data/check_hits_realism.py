@@ -105,7 +105,7 @@ def _lag1(a: np.ndarray) -> np.ndarray:
 def _scale_fit(sci: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """Per stamp a in sci ~ a * ref + b (least squares): template-to-science flux units."""
     out = np.empty(len(sci))
-    for i, (s_, r_) in enumerate(zip(sci, ref)):
+    for i, (s_, r_) in enumerate(zip(sci, ref, strict=True)):
         ok = np.isfinite(s_) & np.isfinite(r_)
         A = np.stack([r_[ok], np.ones(ok.sum())], 1)
         out[i] = np.linalg.lstsq(A, s_[ok], rcond=None)[0][0]
@@ -193,8 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--figdir", type=Path, default=Path("docs/figures"))
     ap.add_argument("--stamps", type=Path, default=hits_real.DEFAULT_STAMPS)
     ap.add_argument("--conditions", type=Path, default=hits_real.DEFAULT_CONDITIONS)
-    ap.add_argument("--alerts", type=Path, default=hits_real.DEFAULT_STAMPS.parents[1] / "alerts" / "decam",
-                    help="DECam alert packets (Avro) to compare pipeline properties with; skipped if absent")
+    ap.add_argument(
+        "--alerts",
+        type=Path,
+        default=hits_real.DEFAULT_STAMPS.parents[1] / "alerts" / "decam",
+        help="DECam alert packets (Avro) to compare pipeline properties with; skipped if absent",
+    )
     args = ap.parse_args(argv)
 
     import h5py
@@ -232,12 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     rows_md = [
         ("science sky level (ADU), border median", _q(r_sky_all), _q(r_sky), _q(s_sky)),
         ("science pixel noise (ADU), border 1.4826 MAD", _q(r_noise_all), _q(r_noise), _q(s_noise)),
-        ("seeing FWHM of the science image (px), tabulated", _q(seeing_all), _q(real["fwhm_sci"]), _q(sim["fwhm_sci"][rl])),
+        (
+            "seeing FWHM of the science image (px), tabulated",
+            _q(seeing_all),
+            _q(real["fwhm_sci"]),
+            _q(sim["fwhm_sci"][rl]),
+        ),
         ("FWHM of the source in the difference (px), Gaussian fit", "–", _q(r_fw[det]) + " (detected)", _q(s_fw)),
         ("peak abs SNR in the central 9x9 px", "–", _q(r_peak) + f"; detected {_q(r_peak[det])}", _q(s_peak)),
     ]
-    print(f"simulator: {args.n} stamps in {wall:.2f} s wall ({args.n / wall:.0f} stamps/s), "
-          f"{cpu:.2f} s CPU ({args.n / cpu:.0f} stamps per CPU-second)")
+    print(
+        f"simulator: {args.n} stamps in {wall:.2f} s wall ({args.n / wall:.0f} stamps/s), "
+        f"{cpu:.2f} s CPU ({args.n / cpu:.0f} stamps per CPU-second)"
+    )
     print(f"real SNe detected (|SNR| >= 5 within the central 9x9): {int(det.sum())}/{len(det)}")
     print(f"h5 'seeing' field (constant per SN; not the tabulated seeing): {_q(ep_seeing_h5[:, 0])}")
     print()
@@ -246,16 +257,22 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows_md:
         print("| " + " | ".join(r) + " |")
     print(f"\nsimulated real-class stamps used: {rl.sum()} (sky/noise: {raw.sum()} in raw ADU with sky)")
-    print(f"fraction of simulated real class with peak SNR < 10: {np.mean(s_peak < 10):.2f}; real detected: "
-          f"{np.mean(r_peak[det] < 10):.2f}")
+    print(
+        f"fraction of simulated real class with peak SNR < 10: {np.mean(s_peak < 10):.2f}; real detected: "
+        f"{np.mean(r_peak[det] < 10):.2f}"
+    )
 
     # --- pipeline properties: DECam alert stamps vs simulated real class
     if args.alerts.is_dir():
         at, asci, ad = decam_alert_stamps(args.alerts)
         a_stats = stamp_stats(at, asci, ad)
         sub = np.flatnonzero(rl)[:3000]
-        s_stats = stamp_stats(sim["temp_images"][sub].astype(float), sim["sci_images"][sub].astype(float),
-                              sim["diff_images"][sub].astype(float), {k: v[sub] for k, v in sim.items()})
+        s_stats = stamp_stats(
+            sim["temp_images"][sub].astype(float),
+            sim["sci_images"][sub].astype(float),
+            sim["diff_images"][sub].astype(float),
+            {k: v[sub] for k, v in sim.items()},
+        )
         print(f"\n| property | DECam alerts ({len(at)} trigger stamps) | simulated real class: median (5–95 %) |")
         print("| --- | --- | --- |")
         for k in a_stats:
@@ -325,7 +342,13 @@ def main(argv: list[str] | None = None) -> int:
                     ax.imshow(a, cmap="gray", vmin=lo, vmax=hi, origin="lower")
                 ax.set_xticks([]), ax.set_yticks([])
             axes[r, 4 * j].set_title(f"{name}  SNR {sim['peak_snr'][i]:.0f}", fontsize=7, loc="left")
-    fig.text(0.5, 0.002, "each group: template | science | difference | SNR-difference (NaN = white)", ha="center", fontsize=8)
+    fig.text(
+        0.5,
+        0.002,
+        "each group: template | science | difference | SNR-difference (NaN = white)",
+        ha="center",
+        fontsize=8,
+    )
     fig.subplots_adjust(wspace=0.04, hspace=0.35, left=0.01, right=0.99, top=0.98, bottom=0.015)
     _save(fig, args.figdir / "hits_sim_examples.png", 72)
     plt.close(fig)

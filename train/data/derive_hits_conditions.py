@@ -51,10 +51,7 @@ def derive(json_path: Path) -> dict:
             "exp_time": {str(k): v for k, v in sorted(exp.items())},
         }
     cams = sorted(data["camera_params"], key=lambda c: c["ccd_num"])
-    camera = {
-        key: [round(float(c[key]), 4) for c in cams]
-        for key in ("ccd_num", "gain", "read_noise", "saturation")
-    }
+    camera = {key: [round(float(c[key]), 4) for c in cams] for key in ("ccd_num", "gain", "read_noise", "saturation")}
     return {
         "source": "rodrigcd/HiTS_simulations real_obs/camera_and_obs_cond (HiTS 2015, DECam)",
         "source_sha256": hashlib.sha256(raw).hexdigest(),
@@ -80,8 +77,7 @@ def main() -> None:
     ap.add_argument(
         "--json",
         type=Path,
-        default=Path(__file__).resolve().parents[3]
-        / "shared/data/hits/hits2015_camera_and_obs_conditions.json",
+        default=Path(__file__).resolve().parents[3] / "shared/data/hits/hits2015_camera_and_obs_conditions.json",
     )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -91,7 +87,9 @@ def main() -> None:
         "Written by train/data/derive_hits_conditions.py from the public HiTS 2015\n"
         "camera/observing-conditions table; see that script for the meaning of each field.\n"
         '"""\n\n'
+        "# fmt: off\n"
         "CONDITIONS = " + pprint.pformat(summary, width=100, compact=True, sort_dicts=False) + "\n"
+        "# fmt: on\n"
     )
     args.out.write_text(text)
     print(f"wrote {args.out} ({len(text)} bytes)")

@@ -48,8 +48,18 @@ DETECT_NSIGMA = 3.0  #: light-curve detection threshold (sigma)
 CP_PENALTY = 4.0  #: change-point cost per post-explosion epoch: a post epoch needs |z| > 2 to pay off
 IMAGE_KEYS = ("temp_images", "sci_images", "diff_images", "SNR_images")
 DIAGNOSTICS = (
-    "peak_snr", "detected", "host_snr", "explosion_mjd", "peak_flux_mjd", "science_mjd", "n_template_epochs",
-    "n_pre_epochs", "clean_template", "fwhm_sci", "fwhm_tmpl", "sky_sci",
+    "peak_snr",
+    "detected",
+    "host_snr",
+    "explosion_mjd",
+    "peak_flux_mjd",
+    "science_mjd",
+    "n_template_epochs",
+    "n_pre_epochs",
+    "clean_template",
+    "fwhm_sci",
+    "fwhm_tmpl",
+    "sky_sci",
 )
 
 _yy, _xx = np.mgrid[:STAMP, :STAMP] - STAMP // 2
@@ -157,7 +167,7 @@ def _coadd(stack: np.ndarray, var: np.ndarray, fwhm: np.ndarray) -> tuple[np.nda
     """Inverse-variance weighted co-add after convolving every epoch to the worst seeing."""
     target = float(fwhm.max())
     imgs, vars_, w = [], [], []
-    for img, v, f in zip(stack, var, fwhm):
+    for img, v, f in zip(stack, var, fwhm, strict=True):
         k = np.sqrt(max((target / SIG2FWHM) ** 2 - (f / SIG2FWHM) ** 2, 0.0))
         imgs.append(_convolve(img, k))
         vars_.append(_convolve(v, k, square=True))
@@ -344,7 +354,10 @@ def write_h5(d: dict, out: Path, command: str = "") -> None:
         f.attrs.update(
             description="87 real HiTS 2015 supernovae: template = co-added pre-explosion epochs, science = peak "
             "epoch, difference and SNR-difference built by train/data/hits_real.py (docs/hits-real-data.md)",
-            command=command, detect_snr=DETECT_SNR, centre_half=CENTRE_HALF, science_epoch=str(d.get("science", "")),
+            command=command,
+            detect_snr=DETECT_SNR,
+            centre_half=CENTRE_HALF,
+            science_epoch=str(d.get("science", "")),
             fit_kernel=bool(d.get("fit_kernel", False)),
         )
 
@@ -354,16 +367,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stamps", type=Path, default=DEFAULT_STAMPS)
     ap.add_argument("--conditions", type=Path, default=None, help="default: the JSON next to --stamps")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--science", choices=["peak_flux", "best_snr"], default="peak_flux",
-                    help="science epoch: largest difference flux (default) or largest light-curve S/N")
+    ap.add_argument(
+        "--science",
+        choices=["peak_flux", "best_snr"],
+        default="peak_flux",
+        help="science epoch: largest difference flux (default) or largest light-curve S/N",
+    )
     ap.add_argument("--fit-kernel", action="store_true", help="refine kernel width, flux scale and offset on the stamp")
     args = ap.parse_args(argv)
     d = build_real_sn_stamps(args.stamps, args.conditions, args.science, args.fit_kernel)
     write_h5(d, args.out, " ".join(sys.argv))
     n = len(d["labels"])
-    print(f"wrote {args.out}: {n} SNe; detected (|SNR| >= {DETECT_SNR:g} within the central "
-          f"{2 * CENTRE_HALF + 1}x{2 * CENTRE_HALF + 1} px): {int(d['detected'].sum())}/{n}; "
-          f"clean pre-explosion template: {int(d['clean_template'].sum())}/{n}")
+    print(
+        f"wrote {args.out}: {n} SNe; detected (|SNR| >= {DETECT_SNR:g} within the central "
+        f"{2 * CENTRE_HALF + 1}x{2 * CENTRE_HALF + 1} px): {int(d['detected'].sum())}/{n}; "
+        f"clean pre-explosion template: {int(d['clean_template'].sum())}/{n}"
+    )
     return 0
 
 

@@ -79,7 +79,6 @@ BOGUS_WEIGHTS = np.array([0.15, 0.12, 0.14, 0.09, 0.09, 0.09, 0.09, 0.08, 0.15])
 _K = {name: code for code, name in enumerate(KINDS)}
 
 
-
 _PROBS = np.asarray(CONDITIONS["probs"], dtype=float)
 _FILTERS = tuple(CONDITIONS["filters"])
 _FILTER_P = np.array([CONDITIONS["filter_counts"][f] for f in _FILTERS], dtype=float)
@@ -412,10 +411,17 @@ def _batch(
             gal = (np.zeros(m), np.zeros(m), np.zeros(m))
         objs.append(
             dict(
-                i=idx, x=x, y=y, ft=f_t, fs=f_s,
-                gxx=gal[0], gxy=gal[1], gyy=gal[2],
+                i=idx,
+                x=x,
+                y=y,
+                ft=f_t,
+                fs=f_s,
+                gxx=gal[0],
+                gxy=gal[1],
+                gyy=gal[2],
                 bg=np.full(m, np.nan) if beta_g is None else beta_g,
-                sx=np.broadcast_to(sx, (m,)).astype(float), sy=np.broadcast_to(sy, (m,)).astype(float),
+                sx=np.broadcast_to(sx, (m,)).astype(float),
+                sy=np.broadcast_to(sy, (m,)).astype(float),
             )
         )
 
@@ -465,7 +471,15 @@ def _batch(
     add(idx, px[idx], py[idx], np.zeros(m), dflux[idx])
     d, a = rng.uniform(0.0, 4.0, m), rng.uniform(0, 2 * np.pi, m)
     fh = exptime[idx] * 10.0 ** (-0.4 * (rng.uniform(16.5, 23.5, m) - zp[idx]))
-    add(idx, px[idx] + d * np.cos(a), py[idx] + d * np.sin(a), fh, fh, galaxy_shape(m, 1.5, 12.0), rng.uniform(1.6, 3.5, m))
+    add(
+        idx,
+        px[idx] + d * np.cos(a),
+        py[idx] + d * np.sin(a),
+        fh,
+        fh,
+        galaxy_shape(m, 1.5, 12.0),
+        rng.uniform(1.6, 3.5, m),
+    )
     # real: variable stars; the template star may be fainter or brighter than the change
     for name, sign, lo in (("variable_pos", 1.0, -3.0), ("variable_neg", -1.0, 0.05)):
         idx = all_i[K[name]]
@@ -482,7 +496,17 @@ def _batch(
     gal = rng.random(m) < 0.2
     shape = galaxy_shape(m, 0.5, 2.0)
     shape = tuple(np.where(gal, s, 0.0) for s in shape)
-    add(idx, px[idx], py[idx], fd, fd, shape, np.where(gal, rng.uniform(2.0, 4.0, m), np.nan), dmag * np.cos(a), dmag * np.sin(a))
+    add(
+        idx,
+        px[idx],
+        py[idx],
+        fd,
+        fd,
+        shape,
+        np.where(gal, rng.uniform(2.0, 4.0, m), np.nan),
+        dmag * np.cos(a),
+        dmag * np.sin(a),
+    )
     # bogus: rings -- bright star under a wrong kernel width / mismatched shape
     idx = all_i[K["ring"]]
     m = idx.size
@@ -506,15 +530,25 @@ def _batch(
         b = np.where(isgal, ob["bg"], beta[oi])
         k = _moffat_k(b)
         obj = dict(
-            i=oi, x=ob["x"] + shift_x, y=ob["y"] + shift_y, flux=flux, beta=b,
-            sxx=(F[0][oi] + ob["gxx"]) / k, sxy=(F[1][oi] + ob["gxy"]) / k, syy=(F[2][oi] + ob["gyy"]) / k,
+            i=oi,
+            x=ob["x"] + shift_x,
+            y=ob["y"] + shift_y,
+            flux=flux,
+            beta=b,
+            sxx=(F[0][oi] + ob["gxx"]) / k,
+            sxy=(F[1][oi] + ob["gxy"]) / k,
+            syy=(F[2][oi] + ob["gyy"]) / k,
         )
         out = np.zeros((n, C, C), dtype=_F32)
         # the convolved (sharper) image on the whole canvas, the other only on the stamp
         # plus a 1-px resampling margin: that is all of it that is ever seen
         full = conv_img[oi]
         _render(out, {key: v[full] for key, v in obj.items()}, sigma)
-        _render(out[:, PAD - 1 : PAD + STAMP + 1, PAD - 1 : PAD + STAMP + 1], {key: v[~full] for key, v in obj.items()}, sigma)
+        _render(
+            out[:, PAD - 1 : PAD + STAMP + 1, PAD - 1 : PAD + STAMP + 1],
+            {key: v[~full] for key, v in obj.items()},
+            sigma,
+        )
         return out
 
     M_s = render(F_s, beta_s, ob["fs"], 0.0, 0.0, np.sqrt(var_sky_s), ~t_sharp)
@@ -618,7 +652,9 @@ def _batch(
     idx = all_i[K["cosmic_ray"]]
     if idx.size:
         m = idx.size
-        length = np.where(rng.random(m) < 0.5, 0.0, np.where(rng.random(m) < 0.7, rng.uniform(1, 3, m), rng.uniform(3, 9, m)))
+        length = np.where(
+            rng.random(m) < 0.5, 0.0, np.where(rng.random(m) < 0.7, rng.uniform(1, 3, m), rng.uniform(3, 9, m))
+        )
         ang = rng.uniform(0, np.pi, m)
         npt = 12
         tpos = (np.arange(npt) / (npt - 1) - 0.5)[None, :] * length[:, None]
@@ -632,7 +668,12 @@ def _batch(
         fx, fy = xs - x0, ys - y0
         ii = np.broadcast_to(idx[:, None], xs.shape)
         flat = np.zeros(n * C * C)
-        for ddy, ddx, wgt in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
+        for ddy, ddx, wgt in (
+            (0, 0, (1 - fx) * (1 - fy)),
+            (0, 1, fx * (1 - fy)),
+            (1, 0, (1 - fx) * fy),
+            (1, 1, fx * fy),
+        ):
             lin = (ii * C + (y0 + ddy)) * C + (x0 + ddx)
             flat += np.bincount(lin.ravel(), weights=(e * wgt).ravel(), minlength=n * C * C)
         I_s += flat.reshape(n, C, C).astype(_F32)
@@ -664,10 +705,15 @@ def _batch(
         px[idx] = col
         width = np.where(rng.random(m) < 0.2, 2, 1)
         mode = rng.choice(3, m, p=[0.45, 0.35, 0.2])
-        ylo = np.where(mode == 0, -half, np.where(mode == 1, py[idx] - rng.uniform(0, 8, m), py[idx] - rng.uniform(1.5, 6, m)))
+        ylo = np.where(
+            mode == 0, -half, np.where(mode == 1, py[idx] - rng.uniform(0, 8, m), py[idx] - rng.uniform(1.5, 6, m))
+        )
         yhi = np.where(mode == 2, py[idx] + rng.uniform(1.5, 6, m), half)
         flip = rng.random(m) < 0.5  # partial columns run up or down
-        ylo, yhi = np.where(flip & (mode == 1), -half, ylo), np.where(flip & (mode == 1), py[idx] + rng.uniform(0, 8, m), yhi)
+        ylo, yhi = (
+            np.where(flip & (mode == 1), -half, ylo),
+            np.where(flip & (mode == 1), py[idx] + rng.uniform(0, 8, m), yhi),
+        )
         val = np.sqrt(var_sky_s[idx]) * rng.uniform(0.8, 3.0, m) * 10.0 ** (0.4 * rng.uniform(0.5, 4.0, m))
         val *= np.where(rng.random(m) < 0.7, 1.0, -1.0)
         inx = (g[None, :] >= col[:, None] - 0.1) & (g[None, :] <= col[:, None] + width[:, None] - 0.9)
@@ -702,9 +748,11 @@ def _batch(
         ms = (crd > e[:, None, None]) & (which != 1)[:, None, None]
         mt = (crd > e_t[:, None, None]) & (which != 0)[:, None, None]
         miss_s[idx], miss_t[idx] = ms, mt
-        glow = (rng.random(m) < 0.6)[:, None, None] * (
-            np.sqrt(var_sky_s[idx]) * rng.uniform(0.0, 30.0, m)
-        )[:, None, None] * np.exp(-np.clip(e[:, None, None] - crd, 0, None) / rng.uniform(0.5, 2.5, m)[:, None, None])
+        glow = (
+            (rng.random(m) < 0.6)[:, None, None]
+            * (np.sqrt(var_sky_s[idx]) * rng.uniform(0.0, 30.0, m))[:, None, None]
+            * np.exp(-np.clip(e[:, None, None] - crd, 0, None) / rng.uniform(0.5, 2.5, m)[:, None, None])
+        )
         glow_in_s = (which != 1)[:, None, None]
         I_s[idx] += np.where(glow_in_s & ~ms, glow, 0.0).astype(_F32)
         I_t[idx] += np.where(~glow_in_s & ~mt, glow, 0.0).astype(_F32)
@@ -724,7 +772,9 @@ def _batch(
     if idx.size:
         dil = rng.integers(0, 3, idx.size)
         mask_sci[idx] = _dilate(crop(I_s[idx] >= sat[idx, None, None]), dil)
-        mask_tmp[idx] = _dilate(crop(I_t[idx] >= sat_t[idx, None, None]), dil) & (rng.random(idx.size) < 0.5)[:, None, None]
+        mask_tmp[idx] = (
+            _dilate(crop(I_t[idx] >= sat_t[idx, None, None]), dil) & (rng.random(idx.size) < 0.5)[:, None, None]
+        )
 
     # --- PSF matching, subtraction, SNR -----------------------------------------------------
     Sm = matched(I_s, ~t_sharp, ky_s, kx_s)
@@ -827,7 +877,9 @@ def _chunk_kinds(rng: np.random.Generator, n: int, n_real: int) -> np.ndarray:
     return rng.permutation(kinds)
 
 
-def _simulate_chunk(rng: np.random.Generator, n: int, n_real: int, with_meta: bool, detect_snr: float = DETECT_SNR) -> dict:
+def _simulate_chunk(
+    rng: np.random.Generator, n: int, n_real: int, with_meta: bool, detect_snr: float = DETECT_SNR
+) -> dict:
     kind = _chunk_kinds(rng, n, n_real)
     result: dict[str, np.ndarray] | None = None
     todo = np.arange(n)
@@ -871,7 +923,11 @@ def simulate_chunk(
 
 
 def iter_simulate(
-    n: int, seed: int, real_fraction: float = 0.5, chunk: int | None = None, meta: bool = False,
+    n: int,
+    seed: int,
+    real_fraction: float = 0.5,
+    chunk: int | None = None,
+    meta: bool = False,
     detect_snr: float = DETECT_SNR,
 ):
     """Yield ``(start, stamps)`` chunk by chunk: the stamps of :func:`simulate` in bounded memory."""
@@ -910,6 +966,8 @@ def simulate(
     """
     parts = [c for _, c in iter_simulate(n, seed, real_fraction, meta=meta, detect_snr=detect_snr)]
     if not parts:
-        empty = {k: np.zeros((0, STAMP, STAMP), _F32) for k in ("temp_images", "sci_images", "diff_images", "SNR_images")}
+        empty = {
+            k: np.zeros((0, STAMP, STAMP), _F32) for k in ("temp_images", "sci_images", "diff_images", "SNR_images")
+        }
         return {**empty, "labels": np.zeros(0, np.int64), "kind": np.zeros(0, np.int16)}
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
