@@ -9,7 +9,7 @@
 # this script installs onnxruntime-gpu into $SITE (default /tmp/stampclf_site, put first on
 # PYTHONPATH: the image's own onnxruntime is left alone, never both in one folder) from a
 # wheel carried in parts (the wheel is ~256 MB, a call carries at most 64 MiB):
-#   data/wheels/ortgpu.part00 .. part03 + data/wheels/ortgpu.sha256   (cp312), or
+#   data/wheels/ortgpu.part* (joined in name order) + data/wheels/ortgpu.sha256 (cp312), or
 #   data/wheels/cp3XX/<wheel>.part-aa .. + <wheel>.sha256               (any python)
 # and onnxconverter-common (fp16) from data/wheels/onnxconverter_common-*.whl when missing.
 # Parts carried in earlier calls stay on the machine while it is warm. INSTALL_ONLY=1: stop
