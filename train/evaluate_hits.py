@@ -217,6 +217,34 @@ def _real_sn(option: str | None) -> dict[str, np.ndarray] | None:
     return {"stamps": stamps, "detected": detected, "id": np.asarray(d.get("id", np.arange(len(stamps)))).astype(str)}
 
 
+def input_figure(path: str, card: Any, groups: dict[str, np.ndarray], per_group: int = 4) -> None:
+    """PNG of stamps as the model sees them (after the card's preprocessing): rows = stamps, columns = channels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stampclf.preprocess import prepare_stamps
+
+    rows = [(g, x) for g, stamps in groups.items() for x in prepare_stamps(stamps[:per_group], card.input, card.preprocessing)[0]]
+    channels = list(card.input["channels"])
+    fig, axes = plt.subplots(len(rows), len(channels), figsize=(1.6 * len(channels), 1.5 * len(rows)), squeeze=False)
+    for r, (group, x) in enumerate(rows):
+        for c, name in enumerate(channels):
+            ax = axes[r, c]
+            ax.imshow(x[c], origin="lower", cmap="magma", vmin=-3, vmax=5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(group, fontsize=7)
+    fig.suptitle("model input: asinh(x / robust noise) per stamp and channel; colour range -3..5", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", required=True, help="ONNX file or shipped name (repeatable)")
@@ -227,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
     p.add_argument("--workers", type=int, default=None, help="simulation processes")
+    p.add_argument("--figure", default=None, help="write a PNG of DECam, real-SN and simulated inputs as the model sees them")
     return p
 
 
@@ -236,8 +265,19 @@ def main(argv: list[str] | None = None) -> int:
     real_sn = _real_sn(args.real_sn)
     decam = None
     folder = Path(args.decam) if args.decam else (_REPO / DECAM_DEFAULT).resolve()
-    if str(args.decam).lower() != "none" and folder.is_dir():
+    if (args.decam is None or args.decam.lower() != "none") and folder.is_dir():
         decam = decam_triggers(str(folder))
+    if args.figure:
+        groups = {}
+        if decam is not None:
+            groups["DECam alert"] = decam["stamps"]
+        if real_sn is not None:
+            groups["HiTS SN (detected)"] = real_sn["stamps"][real_sn["detected"]]
+        if sim is not None:
+            for label, name in ((1, "sim real"), (0, "sim bogus")):
+                groups[name] = sim["stamps"][sim["labels"] == label]
+        input_figure(args.figure, Classifier(args.model[0], device="cpu").card, groups)
+        print(f"[eval] wrote {args.figure}")
     results = []
     for model in args.model:
         r = evaluate(model, sim, real_sn, decam, args.threads)

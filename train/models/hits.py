@@ -59,12 +59,12 @@ HITS_CLASSES = ("bogus", "real")
 #: fraction of training stamps whose SNR channel is replaced by the difference channel
 #: (what an alert stream without a noise map gives, see `train.data.hits`).
 HITS_RECIPE = {
-    "epochs": 12,
+    "epochs": 8,
     "batch_size": 512,
     "lr": 3e-3,
     "weight_decay": 1e-4,
     "label_smoothing": 0.0,
-    "n_train": 200_000,
+    "n_train": 500_000,
     "n_val": 20_000,
     "n_test": 100_000,
     "snr_derived": 0.25,
