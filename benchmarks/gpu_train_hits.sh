@@ -6,7 +6,8 @@
 #
 # 1. simulates the data once (train 500k, validation 20k, test 100k; all CPUs) into a cache;
 # 2. trains Deep-HiTS (`hits-deep`, the slow one) and, next to it on the same GPU, the
-#    small models one after another (hits, hits-tiny, hits-seed-pytorch, hits-seed-keras):
+#    small models one after another (hits, hits-seed-pytorch, hits-seed-keras, hits-tiny,
+#    hits-fullres):
 #    the small models cannot fill an H100 alone, so running the two chains at once
 #    saves minutes and changes no result;
 # 3. copies runs/<model>/{checkpoint.pt,report.json,*.png} to $OUT/runs/<model>/ as soon
@@ -63,9 +64,9 @@ main() {
   : "${OUT:?set OUT to a folder for the results}"
   DEVICE=${DEVICE:-cuda}
   QUICK=${QUICK:-0}
-  PYTHON=${PYTHON:-python}
+  PYTHON=${PYTHON:-$(command -v python || command -v python3)}
   BUDGET_S=${BUDGET_S:-480}
-  SMALL_MODELS=${SMALL_MODELS:-"hits hits-tiny hits-seed-pytorch hits-seed-keras"}
+  SMALL_MODELS=${SMALL_MODELS:-"hits hits-seed-pytorch hits-seed-keras hits-tiny hits-fullres"}
   BIG_MODELS=${BIG_MODELS:-"hits-deep"}
   SIZE_ARGS=()
   if [[ "$QUICK" == 1 ]]; then

@@ -33,7 +33,7 @@ def _stamps(n: int, seed: int = 0) -> np.ndarray:
 
 
 def test_registry_has_the_hits_models() -> None:
-    assert {"hits", "hits-tiny", "hits-deep", "hits-seed-pytorch", "hits-seed-keras"} <= set(HITS_MODELS)
+    assert {"hits", "hits-tiny", "hits-fullres", "hits-deep", "hits-seed-pytorch", "hits-seed-keras"} <= set(HITS_MODELS)
     for name in HITS_MODELS:
         spec = get_spec(name)
         assert spec.recipe == get_spec("hits").recipe, f"{name}: every HiTS model uses the same recipe"

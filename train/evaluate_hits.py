@@ -89,6 +89,40 @@ def decam_triggers(folder: str) -> dict[str, Any]:
     return {"ids": ids, "stamps": np.asarray(stamps, np.float32), "rb": np.asarray(rb), "files": files}
 
 
+def mflop_per_stamp(name: str, params: int | None = None) -> float | None:
+    """Multiply-adds x 2 of convolutions and dense layers for one stamp.
+
+    None if *name* is not registered or its parameter count differs from *params* (the card's).
+    """
+    try:
+        import torch
+
+        from train.registry import create_model, get_spec
+    except ImportError:
+        return None
+    try:
+        spec = get_spec(name)
+    except KeyError:
+        return None
+    model = create_model(name).eval()
+    if params is not None and params != sum(p.numel() for p in model.parameters()):
+        return None  # the registered architecture is not the one exported
+    macs = [0]
+
+    def hook(mod: Any, inp: Any, out: Any) -> None:
+        if isinstance(mod, torch.nn.Conv2d):
+            macs[0] += out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, torch.nn.Linear):
+            macs[0] += out.numel() * mod.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    with torch.no_grad():
+        model(torch.zeros(1, len(spec.input["channels"]), spec.input["height"], spec.input["width"]))
+    for h in handles:
+        h.remove()
+    return 2 * macs[0] / 1e6
+
+
 def _classify(clf: Classifier, stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """p(real) (NaN where the runtime refused the row) and the status per row."""
     pos = clf.classes.index(clf.card.positive_class)
@@ -116,6 +150,7 @@ def evaluate(
     thr = float(clf.threshold)
     out: dict[str, Any] = {"model": str(model), "name": card.name, "version": card.version, "threshold": thr}
     out["parameters"] = (card.training or {}).get("parameters")
+    out["mflop_per_stamp"] = mflop_per_stamp(card.name, out["parameters"])
     ops = dict(card.operating_points or {})
     if sim is not None:
         t0 = time.time()
@@ -167,7 +202,8 @@ def evaluate(
 
 
 def _print(r: dict[str, Any]) -> None:
-    print(f"== {r['name']} v{r['version']} ({r['model']}), threshold {r['threshold']:.4f}")
+    print(f"== {r['name']} v{r['version']} ({r['model']}), threshold {r['threshold']:.4f}, "
+          f"{r['parameters']} parameters, {r['mflop_per_stamp'] or float('nan'):.2f} MFLOP/stamp")
     if "sim_test" in r:
         m = r["sim_test"]
         print(
@@ -240,7 +276,7 @@ def input_figure(path: str, card: Any, groups: dict[str, np.ndarray], per_group:
             if c == 0:
                 ax.set_ylabel(group, fontsize=7)
     fig.suptitle("model input: asinh(x / robust noise) per stamp and channel; colour range -3..5", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
