@@ -124,3 +124,22 @@ def test_augment_rotates_mirrors_and_derives_snr() -> None:
     # every stamp is one of the 8 symmetries of the original
     views = [torch.rot90(v, k, (2, 3)) for v in (x, x.flip(3)) for k in range(4)]
     assert all(any(torch.equal(xb[i], v[i]) for v in views) for i in range(64))
+
+
+def test_evaluate_hits_runs_through_the_runtime(tiny_model_path, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from train import evaluate_hits
+
+    out = tmp_path / "eval.json"
+    argv = ["--model", str(tiny_model_path), "--n", "48", "--workers", "1", "--real-sn", "none", "--decam", "none",
+            "--json", str(out), "--markdown"]
+    assert evaluate_hits.main(argv) == 0
+    (r,) = json.loads(out.read_text())
+    m = r["sim_test"]
+    assert m["n"] == 48 and m["split_seed"] == evaluate_hits.EVAL_SPLIT_SEED
+    assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["ece"] <= 1.0
+    assert sum(k["n"] for k in m["per_kind"].values()) == 48
+    assert {k["label"] for k in m["per_kind"].values()} == {"real", "bogus"}
+    assert "real_sn" not in r and "decam" not in r
+    assert "| `tiny` |" in capsys.readouterr().out

@@ -225,6 +225,21 @@ def _print(r: dict[str, Any]) -> None:
         print(f"  DECam {d['id']:<28} rb {d['rb']:.3f}  p_real {d['p_real']:.4f}  {d['status']}")
 
 
+def markdown_row(r: dict[str, Any]) -> str:
+    """One row of the accuracy table in docs/hits-models.md."""
+    m, sn = r.get("sim_test"), r.get("real_sn")
+    cells = [f"`{r['name']}`"]
+    cells += [f"{m[k]:.4f}" for k in ("accuracy", "precision", "recall", "f1", "roc_auc", "ece")] if m else [""] * 6
+    if sn:
+        cells.append(
+            f"{sn['recall']:.3f} ({round(sn['recall'] * sn['n'])}) / "
+            f"{sn['recall_detected']:.3f} ({round(sn['recall_detected'] * sn['n_detected'])} of {sn['n_detected']})"
+        )
+    else:
+        cells.append("")
+    return "| " + " | ".join(cells) + " |"
+
+
 def _sim_set(n: int, seed: int, workers: int | None) -> dict[str, Any]:
     from train.data.hits import simulate_prepared
     from train.data.hits_sim import KINDS, SIM_VERSION
@@ -291,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
     p.add_argument("--workers", type=int, default=None, help="simulation processes")
+    p.add_argument("--markdown", action="store_true", help="also print one table row per model (docs/hits-models.md)")
     p.add_argument("--figure", default=None, help="write a PNG of DECam, real-SN and simulated inputs as the model sees them")
     return p
 
@@ -320,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
         r["command"] = "python train/evaluate_hits.py " + " ".join(sys.argv[1:] if argv is None else argv)
         _print(r)
         results.append(r)
+    if args.markdown:
+        print("| model | sim. accuracy | precision | recall | F1 | ROC AUC | ECE | real SNe recall (all 87 / detected) |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in results:
+            print(markdown_row(r))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2, default=float))
