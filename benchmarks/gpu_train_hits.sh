@@ -93,20 +93,7 @@ main() {
   # 1. the data, once (the loader simulates in all CPUs and writes the cache)
   local t0
   t0=$(date +%s)
-  if "$PYTHON" - "$CACHE" "${SIZE_ARGS[@]}" > "$OUT/logs/data.log" 2>&1 <<'PY'
-import sys
-sys.path.insert(0, ".")
-import train.models  # noqa: F401 - registers the models
-from train.data import load_dataset
-from train.registry import get_spec
-from train.train import parse_options
-
-args = sys.argv[2:]
-pairs = [args[i + 1] for i in range(len(args) - 1) if args[i] == "--set"]
-opts = {**parse_options(pairs), "cache": sys.argv[1], "real_sn": "none"}
-data = load_dataset(get_spec("hits"), opts, 0)
-print("cached", len(data.train), len(data.val), len(data.test), data.provenance["sha256"])
-PY
+  if "$PYTHON" -m train.data.hits --cache "$CACHE" --seed 0 "${SIZE_ARGS[@]}" > "$OUT/logs/data.log" 2>&1
   then
     echo "data: $(tail -n 1 "$OUT/logs/data.log") in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/summary.txt"
   else  # each training then simulates for itself: slower, same data

@@ -143,3 +143,15 @@ def test_evaluate_hits_runs_through_the_runtime(tiny_model_path, tmp_path, capsy
     assert {k["label"] for k in m["per_kind"].values()} == {"real", "bogus"}
     assert "real_sn" not in r and "decam" not in r
     assert "| `tiny` |" in capsys.readouterr().out
+
+
+def test_cache_round_trip(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    sizes = ["--set", "n_train=40", "--set", "n_val=8", "--set", "n_test=8", "--set", "sim_workers=1"]
+    assert hits_data.main(["--cache", str(tmp_path), "--epochs", "1", *sizes]) == 0
+    assert "cached 40 8 8" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("hits_sim_*_x.npy"))) == 3
+    opts = {"n_train": 40, "n_val": 8, "n_test": 8, "real_sn": "none", "sim_workers": 1}
+    fresh = hits_data.load_hits(get_spec("hits"), opts, seed=0)
+    cached = hits_data.load_hits(get_spec("hits"), {**opts, "cache": str(tmp_path)}, seed=0)
+    assert fresh.provenance["sha256"] == cached.provenance["sha256"]
+    assert torch.equal(fresh.train.tensors[0], cached.train.tensors[0])

@@ -238,3 +238,33 @@ def load_hits(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
         train=train, val=val, test=test, provenance=prov,
         augment=HitsAugment(float(recipe.get("snr_derived", 0.0))), extra_tests=extra,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m train.data.hits --cache DIR [--model hits] [--seed 0] [--set key=value ...]``.
+
+    Simulates and preprocesses the splits a training run would use and writes them to the
+    cache, so that several trainings started afterwards (or at once) only load them.
+    """
+    import argparse
+
+    import train.models  # noqa: F401 - registers the models
+    from train.registry import get_spec
+    from train.train import parse_options
+
+    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0] if main.__doc__ else None)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--model", default="hits")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE")
+    args, _unknown = p.parse_known_args(argv)  # tolerate train.py-only flags such as --epochs
+    opts = {**parse_options(args.options), "cache": args.cache, "real_sn": "none"}
+    data = load_hits(get_spec(args.model), opts, args.seed)
+    print("cached", len(data.train), len(data.val), len(data.test), json.dumps(data.provenance["sha256"]))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
