@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Train every registered HiTS model on one GPU: same data, same recipe (train/models/hits.py), seed 0.
 #
-#   OUT=/path/for/results bash benchmarks/gpu_train_hits.sh                   # H100 box: about 6-8 min
-#   QUICK=1 DEVICE=cpu OUT=/tmp/hits_out bash benchmarks/gpu_train_hits.sh    # CPU smoke test: ~5 min here
+#   OUT=/path/for/results bash benchmarks/gpu_train_hits.sh                   # H100 box: at most 8 min
+#   QUICK=1 DEVICE=cpu OUT=/tmp/hits_out bash benchmarks/gpu_train_hits.sh    # CPU smoke test: ~2 min here
 #
-# 1. simulates the data once (train 500k, validation 20k, test 100k; all CPUs) into a cache;
+# 1. simulates the data once (train 500k, validation 20k, test 100k; all CPUs) into a cache
+#    (`python -m train.data.hits --cache DIR`);
 # 2. trains three chains of models at once on the same GPU: Deep-HiTS (`hits-deep`, the
 #    slow one); hits, hits-tiny, hits-fullres; hits-seed-pytorch, hits-seed-keras. The small
 #    models cannot keep an H100 busy alone (launch- and Python-bound), so the chains overlap
