@@ -250,7 +250,8 @@ def test_iobinding_matches_cpu(tiny_model_path: Path, cuda_graph: bool) -> None:
     clf = Classifier(tiny_model_path, device="cuda", batch_size=128, cuda_graph=cuda_graph)
     assert clf.device == "cuda" and clf.session.get_providers()[0] == "CUDAExecutionProvider"
     got = clf.predict_proba(x)
-    assert np.allclose(got, ref, atol=1e-5)
+    # H100-class GPUs run convolutions in TF32 by default: differences of ~1e-5 (measured)
+    assert np.allclose(got, ref, atol=1e-4)
     assert np.array_equal(clf.predict_proba(x[:7]), got[:7])  # padded tail: same rows, same numbers
     assert clf._runner is not None and clf._runner._binding is not None
 
