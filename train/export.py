@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -139,9 +140,17 @@ def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str) -> Mod
 
 
 def _strip(m: Any) -> Any:
-    """Drop the confusion matrix from metric blocks (kept once under ``report``)."""
+    """Metrics for the card: no confusion matrix (kept once under ``report``), NaN -> null.
+
+    A single-class extra test set (e.g. real supernovae only) has an undefined ROC AUC;
+    strict JSON has no NaN, so it is stored as null.
+    """
     if isinstance(m, dict):
-        return {k: v for k, v in m.items() if k != "confusion_matrix"}
+        return {k: _strip(v) for k, v in m.items() if k != "confusion_matrix"}
+    if isinstance(m, list):
+        return [_strip(v) for v in m]
+    if isinstance(m, float) and not math.isfinite(m):
+        return None
     return m
 
 
