@@ -30,7 +30,7 @@ import numpy as np
 from ._card import read_card
 from ._errors import InputError, StampclfError
 from ._registry import resolve_model
-from ._run import RunSummary
+from ._run import RunSummary, finish, unreadable_images
 from .classifier import Classifier, Predictions
 from .io import LAYOUTS, HDF5Reader, InputBatch, input_kind, open_inputs, open_writer
 
@@ -340,20 +340,12 @@ def classify_dask(
                     summary.file_errors.append(f"rows of {res[1].split(':')[0]} were already written to stdout")
                 continue
             if unit.kind == "images":
-                # as in a local run: an image that cannot be read is a bad input file, not a bad stamp
-                unreadable = [str(st)[len("failed: ") :] for st in res.status if str(st).startswith("failed")]
-                if unreadable and not keep_going:
-                    raise InputError(unreadable[0])
-                summary.file_errors.extend(unreadable)
+                summary.file_errors.extend(unreadable_images(res.status))  # as in a local run
             writer.write(res.ids, res.labels, res.proba, res.status, res.file, res.extra)
             summary.rows += len(res)
             summary.flagged += sum(1 for s in res.status if s.startswith("flagged"))
             summary.failed += sum(1 for s in res.status if s.startswith("failed"))
-        if summary.files == 0 and summary.file_errors and writer.path is not None:
-            writer.abort()
-            summary.output = None
-        else:
-            writer.commit()
+        finish(writer, summary)
     except BaseException:
         writer.abort()
         raise

@@ -115,9 +115,10 @@ def classify_files(
         still ends with an error, listed in ``summary.file_errors``); otherwise
         stop at the first bad file and write no output. A file that fails
         half-way contributes no rows (file outputs; rows already streamed to
-        stdout cannot be taken back). An unreadable image is a bad file too:
-        with *keep_going* its row stays in the output as ``failed``. When every
-        input fails no output file is written.
+        stdout cannot be taken back). An unreadable image is always kept as a
+        ``failed`` row and reported as an input error (exit code 2 in the CLI),
+        with or without *keep_going*. When no row could be scored because of
+        input errors, no output file is written.
     evaluate
         Compute metrics against the inputs' labels.
     progress
@@ -146,11 +147,7 @@ def classify_files(
                 reader = opener()
                 for pred in clf._classify_reader(reader, batch_size or clf.batch_size):
                     if getattr(opener, "images", False):
-                        # an image that cannot be read is a bad input file, not a bad stamp
-                        unreadable = [str(s)[len("failed: ") :] for s in pred.status if str(s).startswith("failed")]
-                        if unreadable and not keep_going:
-                            raise InputError(unreadable[0])
-                        summary.file_errors.extend(unreadable)
+                        summary.file_errors.extend(unreadable_images(pred.status))
                     writer.write(pred.ids, pred.labels, pred.proba, pred.status, pred.file, pred.extra)
                     rows += len(pred)
                     flagged += sum(1 for s in pred.status if s.startswith("flagged"))
@@ -174,11 +171,7 @@ def classify_files(
             y_prob.extend(prob)
         if evaluate and summary.files and not y_true:  # before the output appears: an error leaves none
             raise InputError(f"--evaluate: no labels in {', '.join(paths)} (expected a 'labels' dataset)")
-        if summary.files == 0 and summary.file_errors and writer.path is not None:
-            writer.abort()  # every input failed: an empty file would look like "nothing found"
-            summary.output = None
-        else:
-            writer.commit()
+        finish(writer, summary)
     except BaseException:
         writer.abort()
         raise
@@ -188,6 +181,28 @@ def classify_files(
     if evaluate and y_true:
         summary.metrics = evaluate_predictions(clf, np.concatenate(y_true), np.concatenate(y_prob))
     return summary
+
+
+def unreadable_images(status: Any) -> list[str]:
+    """Errors of the images in a batch that could not be read (their rows stay, ``failed``).
+
+    An unreadable image is kept in the output as a failed row *and* reported as an
+    input error, so the run ends with exit code 2 but nothing is dropped.
+    """
+    return [str(s)[len("failed: ") :] for s in status if str(s).startswith("failed")]
+
+
+def finish(writer: Any, summary: RunSummary) -> None:
+    """Commit the output, unless nothing at all could be scored because of input errors.
+
+    An output with no scored row (every input failed, or one unreadable image) would
+    look like a result; the errors already say what happened.
+    """
+    if summary.file_errors and summary.rows == summary.failed and writer.path is not None:
+        writer.abort()
+        summary.output = None
+    else:
+        writer.commit()
 
 
 def evaluate_predictions(clf: Classifier, y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:

@@ -353,7 +353,7 @@ CORPUS: dict[str, Case] = {
     ),
     "model_unknown_name": Case(
         lambda d, m: [str(write_hits_h5(d / "good.h5", 4)), "--model", "nope"],
-        "shipped models: tiny",
+        "shipped models:",
         names="nope",
         model="",
     ),
@@ -365,8 +365,8 @@ CORPUS: dict[str, Case] = {
         lambda d, m: [str(write_hits_h5(d / "good.h5", 4)), "--device", "tpu"], "unknown device 'tpu'", names=""
     ),
     # --- images (image model) ---------------------------------------------------------------
-    "unreadable_image": Case(
-        _images(("ok.png", None), ("broken.png", b"\x89PNG\r\n\x1a\nnot really")),
+    "unreadable_image": Case(  # alone: nothing could be scored, so no output (among others: a failed row)
+        _images(("broken.png", b"\x89PNG\r\n\x1a\nnot really")),
         "cannot read image",
         names="broken.png",
         model="image",
@@ -729,7 +729,10 @@ def test_keep_going_with_every_input_bad_writes_nothing(tmp_path: Path, tiny_mod
     assert leftovers(tmp_path, "out.csv") == []
 
 
-def test_keep_going_keeps_unreadable_image_as_failed_row(tmp_path: Path, tiny_image_model_path: Path) -> None:
+@pytest.mark.parametrize("keep_going", [False, True])
+def test_unreadable_image_is_a_failed_row_and_an_error(
+    tmp_path: Path, tiny_image_model_path: Path, keep_going: bool
+) -> None:
     from PIL import Image
 
     Image.new("RGB", (10, 10), (0, 120, 0)).save(tmp_path / "a.png")
@@ -745,7 +748,7 @@ def test_keep_going_keeps_unreadable_image_as_failed_row(tmp_path: Path, tiny_im
         str(tiny_image_model_path),
         "--device",
         "cpu",
-        "--keep-going",
+        *(["--keep-going"] if keep_going else []),
     )
     assert result.exit_code == 2
     lines = error_lines(stderr_of(result))
