@@ -84,7 +84,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     y = torch.from_numpy(labels).long()
     grid = torch.logspace(np.log10(0.05), np.log10(20.0), 241, dtype=torch.float64)
     nll = torch.stack([F.cross_entropy(z / t, y) for t in grid])
-    return float(grid[int(nll.argmin())])
+    return float(np.clip(float(grid[int(nll.argmin())]), 0.05, 20.0))
 
 
 def _softmax(z: np.ndarray, t: float) -> np.ndarray:
