@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import ModelError
+from ._errors import ModelError, open_failure
 
 __all__ = [
     "CARD_KEY",
@@ -262,12 +262,8 @@ def read_card(path: str | Path, verify: bool = True) -> tuple[ModelCard, bytes]:
     path = Path(path)
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise ModelError(f"{path}: model file does not exist") from None
-    except IsADirectoryError:
-        raise ModelError(f"{path}: is a directory, not an ONNX model file") from None
-    except PermissionError:
-        raise ModelError(f"{path}: no permission to read the model file") from None
+    except OSError as exc:
+        raise (open_failure(path, exc, "model file", ModelError) or ModelError(f"{path}: cannot read: {exc}")) from None
     graph, meta = read_onnx_parts(data, str(path))
     if CARD_KEY not in meta:
         raise ModelError(f"{path}: ONNX file has no stampclf model card (metadata key {CARD_KEY!r})")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["StampclfError", "InputError", "ModelError", "DeviceError"]
+__all__ = ["StampclfError", "InputError", "ModelError", "DeviceError", "open_failure"]
 
 
 class StampclfError(Exception):
@@ -30,3 +30,19 @@ class DeviceError(StampclfError):
     """The requested execution device cannot be used (exit code 2)."""
 
     exit_code = 2
+
+
+def open_failure(
+    path: object, exc: OSError, what: str = "file", error: type[StampclfError] = InputError
+) -> StampclfError | None:
+    """The one-line error for a *path* that could not be opened, or None if *exc* is another failure.
+
+    Covers the cases every reader shares: missing, a directory, no permission.
+    """
+    if isinstance(exc, FileNotFoundError):
+        return error(f"{path}: {what} does not exist")
+    if isinstance(exc, IsADirectoryError):
+        return error(f"{path}: is a directory, not a {what}")
+    if isinstance(exc, PermissionError):
+        return error(f"{path}: no permission to read the {what}")
+    return None

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import InputError
+from ._errors import InputError, open_failure
 
 __all__ = [
     "OK",
@@ -338,12 +338,8 @@ def open_image(path: Any) -> Any:
         with Image.open(path) as img:
             img.load()  # decode now, while the file is open; pixels stay in memory after close
             return img
-    except FileNotFoundError:
-        raise InputError(f"{path}: file does not exist") from None
-    except PermissionError:
-        raise InputError(f"{path}: no permission to read") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a folder, not an image") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise open_failure(path, exc, "image") from None  # type: ignore[misc]
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         raise InputError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import InputError
+from .._errors import InputError, open_failure
 from ..preprocess import OK, merge_status
 from ._base import DUPLICATE_ID, InputBatch
 from ._cutouts import card_channels, cutouts_to_input
@@ -114,12 +114,8 @@ def _open_avro(path: str) -> tuple[Any, Any]:
         raise InputError(f"{path}: reading Avro alerts needs fastavro (pip install 'stampclf[alerts]')") from None
     try:
         fh = open(path, "rb")
-    except FileNotFoundError:
-        raise InputError(f"{path}: file does not exist") from None
-    except PermissionError:
-        raise InputError(f"{path}: no permission to read") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory") from None
+    except OSError as exc:
+        raise (open_failure(path, exc) or InputError(f"{path}: cannot read: {exc}")) from None
     try:
         if fh.read(4) != AVRO_MAGIC:
             raise InputError(f"{path}: not an Avro container file (schemaless packets need their schema)")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import InputError, StampclfError
+from .._errors import InputError, StampclfError, open_failure
 from ..preprocess import OK
 from ._base import DUPLICATE_ID, InputBatch, duplicate_rows
 
@@ -29,13 +29,10 @@ def _open(path: str) -> Any:
 
     try:
         return h5py.File(path, "r")
-    except FileNotFoundError:
-        raise InputError(f"{path}: file does not exist") from None
-    except PermissionError:
-        raise InputError(f"{path}: no permission to read") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory") from None
     except OSError as exc:
+        failure = open_failure(path, exc)
+        if failure is not None:
+            raise failure from None
         text = str(exc)
         if "signature" in text or "file signature" in text:
             raise InputError(f"{path}: not an HDF5 file") from None
