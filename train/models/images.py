@@ -7,6 +7,8 @@ applies it in training and at run time.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -234,14 +236,20 @@ _POKEMON_DATA = ("Pokémon artwork by primary type (../shared/data/pokemon_types
                  "1,209 images, 18 types, one image per Pokémon; stratified 70/15/15 split")
 
 
-@register_model(
-    "pokemon-cnn",
+#: Registry fields shared by the two Pokémon models (same data, preprocessing and recipe).
+_POKEMON_SPEC: dict[str, Any] = dict(
     task="image-classification",
     classes=POKEMON_CLASSES,
     input=_POKEMON_INPUT,
     preprocessing=_POKEMON_PREP,
     dataset="pokemon_types",
     recipe=_POKEMON_RECIPE,
+)
+
+
+@register_model(
+    "pokemon-cnn",
+    **_POKEMON_SPEC,
     description="Pokémon primary type from artwork: the seed's plain CNN, five blocks of conv 3x3, batch norm, "
     "ReLU and 2x2 max-pool (16, 32, 64, 128, 256 filters), global average pooling, dropout 0.3 and one linear "
     "layer. " + _POKEMON_DATA + ".",
@@ -276,12 +284,7 @@ class BasicBlock(nn.Module):
 
 @register_model(
     "pokemon-resnet",
-    task="image-classification",
-    classes=POKEMON_CLASSES,
-    input=_POKEMON_INPUT,
-    preprocessing=_POKEMON_PREP,
-    dataset="pokemon_types",
-    recipe=_POKEMON_RECIPE,
+    **_POKEMON_SPEC,
     description="Pokémon primary type from artwork: the seed's 4-stage ResNet (stem conv + max-pool, then one "
     "basic block per stage of two conv-BN-ReLU layers with a skip connection, 16-32-64-128 filters, stride 2 "
     "between stages), global average pooling, dropout 0.3, linear. " + _POKEMON_DATA + ".",
