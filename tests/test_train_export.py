@@ -131,3 +131,11 @@ def test_export_module_entry_point_help() -> None:
     for argv in (["-m", "train.export", "--help"], [str(ROOT / "train" / "export.py"), "--help"]):
         r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "--checkpoint" in r.stdout
+
+
+def test_card_metrics_store_undefined_values_as_null() -> None:
+    # a single-class extra test set (e.g. real supernovae only) has no ROC AUC
+    metrics = {"real_sn": {"recall": 0.97, "roc_auc": float("nan"), "confusion_matrix": [[0, 0], [1, 31]]}}
+    clean = {k: export_mod._strip(v) for k, v in metrics.items()}
+    assert clean == {"real_sn": {"recall": 0.97, "roc_auc": None}}
+    json.dumps(clean, allow_nan=False)
