@@ -139,3 +139,17 @@ def test_card_metrics_store_undefined_values_as_null() -> None:
     clean = {k: export_mod._strip(v) for k, v in metrics.items()}
     assert clean == {"real_sn": {"recall": 0.97, "roc_auc": None}}
     json.dumps(clean, allow_nan=False)
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 4, 5, 8, 20])
+@pytest.mark.parametrize("pct", [0.15, 0.25, 0.5])
+def test_one_cycle_schedule_works_for_tiny_runs(total: int, pct: float) -> None:
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=0.1, total_steps=total, pct_start=train_mod.safe_pct_start(pct, total)
+    )
+    for _ in range(total):
+        opt.step()
+        sched.step()
+    assert np.isfinite(sched.get_last_lr()[0])

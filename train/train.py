@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `train` and `stampclf` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -87,6 +87,17 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.clip(float(grid[int(nll.argmin())]), 0.05, 20.0))
 
 
+def safe_pct_start(pct: float, total_steps: int) -> float:
+    """*pct* for `OneCycleLR`, nudged where it would divide by zero.
+
+    OneCycleLR divides by ``pct * total_steps - 1``, which is exactly 0 in some tiny runs
+    (e.g. 4 steps at 0.25).
+    """
+    if abs(pct * total_steps - 1.0) < 1e-9:
+        return 1.5 / total_steps if total_steps > 2 else pct / 2
+    return pct
+
+
 def _softmax(z: np.ndarray, t: float) -> np.ndarray:
     z = z / t
     z = z - z.max(axis=1, keepdims=True)
@@ -142,7 +153,10 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     steps_per_epoch = max(1, -(-len(data.train) // bs))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=float(recipe.get("pct_start", 0.15)))
+    total_steps = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=total_steps, pct_start=safe_pct_start(float(recipe.get("pct_start", 0.15)), total_steps)
+    )
     # extra loss terms a model declares itself (e.g. L1 on dense weights of a Keras-style baseline)
     regularization = getattr(model, "regularization", None)
     on_device = bool(getattr(data.augment, "on_device", False))  # batched tensor augmentation after the transfer
@@ -235,7 +249,7 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     }
     report["figures"] = write_figures(out, spec, history, test_m, tproba, ty)
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=float))
-    print(f"[train] test: " + ", ".join(f"{k} {test_m[k]:.4f}" for k in ("accuracy", "precision", "recall", "f1", "roc_auc")), flush=True)
+    print("[train] test: " + ", ".join(f"{k} {test_m[k]:.4f}" for k in ("accuracy", "precision", "recall", "f1", "roc_auc")), flush=True)
     print(f"[train] wrote {out}/checkpoint.pt, report.json and figures in {time.time() - t_start:.0f} s", flush=True)
     return report
 
