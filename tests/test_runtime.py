@@ -12,13 +12,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import make_stamps, write_hits_h5
 from typer.testing import CliRunner
 
 import stampclf
 from stampclf import Classifier, ModelError
 from stampclf.cli import app
-
-from conftest import make_stamps, write_hits_h5
 
 runner = CliRunner()
 

@@ -7,8 +7,9 @@ preprocessed with ``stampclf.preprocess`` (the runtime's own implementation).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
