@@ -66,16 +66,21 @@ def write_stamp_file(
             ids[start : start + m] = np.arange(start, start + m)
 
 
-def time_model(clf: Classifier, x: np.ndarray, n: int) -> float:
-    """Seconds for the model alone on *n* rows of prepared input, cycling through *x*."""
-    clf._run(x[: clf.batch_size])  # warm-up outside the timing
+def _time_calls(fn: Any, rows: np.ndarray, n: int, warm: int) -> float:
+    """Seconds for ``fn`` over *n* rows, cycling through *rows* (one warm-up call of *warm* rows first)."""
+    fn(rows[:warm])
     t0 = time.perf_counter()
     done = 0
     while done < n:
-        m = min(len(x), n - done)
-        clf._run(x[:m])
+        m = min(len(rows), n - done)
+        fn(rows[:m])
         done += m
     return time.perf_counter() - t0
+
+
+def time_model(clf: Classifier, x: np.ndarray, n: int) -> float:
+    """Seconds for the model alone on *n* rows of prepared input, cycling through *x*."""
+    return _time_calls(clf._run, x, n, clf.batch_size)
 
 
 def time_in_memory(clf: Classifier, raw: np.ndarray, n: int) -> float:
@@ -83,14 +88,7 @@ def time_in_memory(clf: Classifier, raw: np.ndarray, n: int) -> float:
 
     Each call gets the whole block, so preprocessing overlaps inference as it does for files.
     """
-    clf.classify(raw[: clf.batch_size])  # warm-up
-    t0 = time.perf_counter()
-    done = 0
-    while done < n:
-        m = min(len(raw), n - done)
-        clf.classify(raw[:m])
-        done += m
-    return time.perf_counter() - t0
+    return _time_calls(clf.classify, raw, n, clf.batch_size)
 
 
 def time_file(clf: Classifier, path: str, output: str) -> tuple[float, int]:

@@ -126,20 +126,10 @@ def classify(
         s = classify_files(
             clf, files, output, batch_size, layout, channels_last, keep_going, evaluate, False if quiet else progress
         )
-        for err in s.file_errors:
-            typer.echo(f"stampclf: error: {err}", err=True)
-        if not quiet:
-            rate = s.rows / s.seconds if s.seconds > 0 else 0.0
-            typer.echo(
-                f"stampclf: {s.rows:,} rows from {s.files} input(s) with {clf.name} v{clf.version} on {clf.device} "
-                f"in {s.seconds:.2f} s ({rate:,.0f} rows/s); flagged {s.flagged:,}, failed {s.failed:,}"
-                + (f"; written to {s.output}" if s.output and s.output != "-" else "")
-                + ("; no output written" if output and output != "-" and not s.output else ""),
-                err=True,
-            )
+        code = _report(s, f"with {clf.name} v{clf.version} on {clf.device}", output, quiet)
         if s.metrics is not None:
             _print_metrics(s.metrics)
-        return 2 if s.file_errors else 0
+        return code
 
     code = _guard(run)
     if code:
@@ -162,14 +152,20 @@ def _classify_on_dask(
             client, files, model, output, batch_size=batch_size, device=device, threads=threads or 1,
             threshold=threshold, layout=layout, channels_last=channels_last, keep_going=keep_going,
         )  # fmt: skip
+    return _report(s, f"on Dask ({scheduler})", output, quiet)
+
+
+def _report(s: Any, where: str, output: Optional[str], quiet: bool) -> int:
+    """Print the run's file errors and (unless quiet) its summary line; return the exit code."""
     for err in s.file_errors:
         typer.echo(f"stampclf: error: {err}", err=True)
     if not quiet:
         rate = s.rows / s.seconds if s.seconds > 0 else 0.0
         typer.echo(
-            f"stampclf: {s.rows:,} rows from {s.files} input(s) on Dask ({scheduler}) in {s.seconds:.2f} s "
+            f"stampclf: {s.rows:,} rows from {s.files} input(s) {where} in {s.seconds:.2f} s "
             f"({rate:,.0f} rows/s); flagged {s.flagged:,}, failed {s.failed:,}"
-            + (f"; written to {s.output}" if s.output and s.output != "-" else ""),
+            + (f"; written to {s.output}" if s.output and s.output != "-" else "")
+            + ("; no output written" if output and output != "-" and not s.output else ""),
             err=True,
         )
     return 2 if s.file_errors else 0
