@@ -47,7 +47,7 @@ __all__ = [
     "iter_simulate",
 ]
 
-SIM_VERSION = "1.0.0"
+SIM_VERSION = "1.1.0"
 
 STAMP = 21  #: stamp side (pixels)
 PAD = 7  #: canvas margin: half-width of the PSF-matching kernel
@@ -55,6 +55,8 @@ CANVAS = STAMP + 2 * PAD  #: images are rendered on this larger canvas, then cro
 DETECT_SNR = 5.0  #: candidate threshold on |SNR-difference|
 CENTRE_HALF = 4  #: candidates have |SNR| >= DETECT_SNR within the central 9x9 box
 MAX_OFFSET = 3.0  #: largest offset (px, per axis) of the candidate from the stamp centre
+CLEAR_PX = 3.0  #: static field stars and galaxies keep this far (px) from the candidate
+MIN_VAR_AMP = 0.3  #: smallest variable-star amplitude (mag) in the real class
 CHUNK = 1024  #: stamps per internal chunk (bounds memory, fits caches; fixes the random streams)
 MAX_ROUNDS = 60  #: re-draw rounds for stamps that fail the candidate cut
 
@@ -258,6 +260,17 @@ def _centre_window(x: np.ndarray, y: np.ndarray, half: int) -> np.ndarray:
     return (wy & box)[:, :, None] & (wx & box)[:, None, :]
 
 
+def _keep_clear(
+    rng: np.random.Generator, idx: np.ndarray, cx: np.ndarray, cy: np.ndarray, half: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform canvas positions for objects of stamps ``idx``, moved out of `CLEAR_PX` of the candidate."""
+    m = idx.size
+    x, y = rng.uniform(-half, half, m), rng.uniform(-half, half, m)
+    r, a = rng.uniform(CLEAR_PX, 2.0 * CLEAR_PX, m), rng.uniform(0.0, 2.0 * np.pi, m)
+    near = np.hypot(x - cx[idx], y - cy[idx]) < CLEAR_PX
+    return np.where(near, cx[idx] + r * np.cos(a), x), np.where(near, cy[idx] + r * np.sin(a), y)
+
+
 def _dilate(m: np.ndarray, k: np.ndarray) -> np.ndarray:
     """Dilate boolean masks (n, H, W) by per-stamp k pixels (k in 0..2), 4-connected."""
     out = m.copy()
@@ -431,7 +444,12 @@ def _batch(
 
     all_i = np.arange(n)
     half = C / 2.0
-    # static scene: stars (crowded fields for 15 %) and galaxies, anywhere on the canvas
+    # per-stamp diagnostics of the labelled phenomenon (meta only; NaN where not applicable)
+    nuis = np.full(n, np.nan)  # variables: template star flux / flux change
+    art = np.full(n, np.nan)  # dipoles: offset (px); cosmic rays: track length (px)
+    # static scene: stars (crowded fields for 15 %) and galaxies, anywhere on the canvas but
+    # on the candidate itself (whatever its label): a field star under the candidate turns
+    # any kind into "a flux change on a star", which is what the variable kinds stand for
     lam_star = np.where(rng.random(n) < 0.15, rng.uniform(3.0, 12.0, n), 0.3)
     ns = rng.poisson(lam_star)
     si = np.repeat(all_i, ns)
@@ -439,20 +457,20 @@ def _batch(
     u = rng.random(m)
     mag = np.log10(u * (10 ** (0.25 * 25) - 10 ** (0.25 * 14)) + 10 ** (0.25 * 14)) / 0.25
     f = exptime[si] * 10.0 ** (-0.4 * (mag - zp[si]))
-    add(si, rng.uniform(-half, half, m), rng.uniform(-half, half, m), f, f)
+    add(si, *_keep_clear(rng, si, px, py, half), f, f)
     ng = rng.poisson(_loguniform(rng, 0.2, 1.5, n))
     gi = np.repeat(all_i, ng)
     m = gi.size
     u = rng.random(m)
     mag = np.log10(u * (10 ** (0.35 * 25) - 10 ** (0.35 * 18)) + 10 ** (0.35 * 18)) / 0.35
     f = exptime[gi] * 10.0 ** (-0.4 * (mag - zp[gi]))
-    add(gi, rng.uniform(-half, half, m), rng.uniform(-half, half, m), f, f, galaxy_shape(m), rng.uniform(1.6, 3.5, m))
-    # a bright neighbour inside the stamp for 15 %
+    add(gi, *_keep_clear(rng, gi, px, py, half), f, f, galaxy_shape(m), rng.uniform(1.6, 3.5, m))
+    # a bright neighbour inside the stamp for 15 %, 5-14 px from the candidate
     bi = all_i[rng.random(n) < 0.15]
     m = bi.size
     r, a = rng.uniform(5.0, 14.0, m), rng.uniform(0, 2 * np.pi, m)
     f = exptime[bi] * 10.0 ** (-0.4 * (rng.uniform(13.0, 18.0, m) - zp[bi]))
-    add(bi, r * np.cos(a), r * np.sin(a), f, f)
+    add(bi, px[bi] + r * np.cos(a), py[bi] + r * np.sin(a), f, f)
 
     # flux change / artefact amplitudes are drawn relative to the 5-sigma-peak flux, from
     # below the threshold (rejected later: real sources reach the detection limit) up to
@@ -480,12 +498,21 @@ def _batch(
         galaxy_shape(m, 1.5, 12.0),
         rng.uniform(1.6, 3.5, m),
     )
-    # real: variable stars; the template star may be fainter or brighter than the change
-    for name, sign, lo in (("variable_pos", 1.0, -3.0), ("variable_neg", -1.0, 0.05)):
+    # real: variable stars; the template star may be fainter or brighter than the change,
+    # but the change is at least MIN_VAR_AMP mag. A smaller change on a brighter star leaves
+    # a difference that a flux-scaling or PSF-matching error of a constant star leaves too
+    # (bogus); one stamp cannot tell them apart (v1.0 had down to 0.03 mag: 60-80 % recall
+    # there, with the rings and noise peaks it was confused with paying the rest).
+    top = 1.0 / (10.0 ** (0.4 * MIN_VAR_AMP) - 1.0)  # template star / change at that amplitude
+    for name, sign, lo, hi in (
+        ("variable_pos", 1.0, -3.0, 2.5 * np.log10(top)),
+        ("variable_neg", -1.0, 0.05, top),
+    ):
         idx = all_i[K[name]]
         m = idx.size
-        f0 = dflux[idx] * (10.0 ** (0.4 * rng.uniform(lo, 4.0, m)) if sign > 0 else 1.0 + _loguniform(rng, lo, 30.0, m))
+        f0 = dflux[idx] * (10.0 ** (0.4 * rng.uniform(lo, hi, m)) if sign > 0 else 1.0 + _loguniform(rng, lo, hi, m))
         add(idx, px[idx], py[idx], f0, f0 + sign * dflux[idx])
+        nuis[idx] = f0 / dflux[idx]
 
     # bogus: dipoles -- a star (or compact galaxy core) with its own extra misregistration
     idx = all_i[K["dipole"]]
@@ -493,6 +520,7 @@ def _batch(
     dmag, a = rng.uniform(0.15, 1.5, m), rng.uniform(0, 2 * np.pi, m)
     t = detect_snr * 10.0 ** (0.4 * rng.uniform(-0.3, 4.0, m))
     fd = t * sig_d[idx] / (p0[idx] * 0.6 * dmag / sig_b[idx])
+    art[idx] = dmag
     gal = rng.random(m) < 0.2
     shape = galaxy_shape(m, 0.5, 2.0)
     shape = tuple(np.where(gal, s, 0.0) for s in shape)
@@ -600,6 +628,7 @@ def _batch(
     # minimal white-noise perturbation that raises output pixel p is L^T e_p (L = kernel *
     # resampling), i.e. kriging: the peak gets exactly the shape of the noise correlation.
     idx = all_i[K["noise_peak"]]
+    np_sci = np.zeros(n, dtype=bool)
     if idx.size:
         m = idx.size
         oxp, oyp = np.rint(px[idx]).astype(int), np.rint(py[idx]).astype(int)
@@ -608,6 +637,7 @@ def _batch(
         vd = V_d[idx, ci, cj]
         share_s = Vm_s[idx, ci, cj] / vd
         use_s = rng.random(m) < share_s
+        np_sci[idx] = use_s
         sgn = np.where(rng.random(m) < 0.7, 1.0, -1.0)  # sign of the peak in the difference
         target = detect_snr + rng.exponential(0.8, m) - 0.1
 
@@ -655,6 +685,7 @@ def _batch(
         length = np.where(
             rng.random(m) < 0.5, 0.0, np.where(rng.random(m) < 0.7, rng.uniform(1, 3, m), rng.uniform(3, 9, m))
         )
+        art[idx] = length
         ang = rng.uniform(0, np.pi, m)
         npt = 12
         tpos = (np.arange(npt) / (npt - 1) - 0.5)[None, :] * length[:, None]
@@ -862,6 +893,13 @@ def _batch(
             template_noise_ratio=np.sqrt(var_sky_t / var_sky_s).astype(_F32),
             sky_subtracted=sub_s,
             filter=filt.astype(np.int16),
+            kernel_error=eta.astype(_F32),
+            bad_wcs=bad_wcs,
+            template_sharper=t_sharp,
+            kernel_sigma=np.sqrt(np.maximum(kvar, 0.0)).astype(_F32),
+            star_to_change=nuis.astype(_F32),
+            artefact_size=art.astype(_F32),
+            noise_in_science=np_sci,
         )
     return out, ok
 
