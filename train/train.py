@@ -37,7 +37,7 @@ from stampclf import metrics as M
 from train.data import DataBundle, load_dataset
 from train.registry import ModelSpec, create_model, get_spec, list_models
 
-__all__ = ["train", "main", "predict_logits", "fit_temperature"]
+__all__ = ["train", "main", "predict_logits", "fit_temperature", "reproduce_command"]
 
 
 def seed_everything(seed: int) -> None:
@@ -230,7 +230,7 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
         "version": spec.version,
         "parameters": params,
         "seed": args.seed,
-        "command": "python train/train.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": reproduce_command(sys.argv[1:]),
         "options": options,
         "recipe": {**recipe, "epochs": epochs},
         "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(0)})",
@@ -340,6 +340,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe or data option, e.g. --set n_train=20000")
     return p
+
+
+def reproduce_command(argv: list[str]) -> str:
+    """The training command for the card, without the options that cannot change the result.
+
+    ``--set cache=DIR`` only keeps simulated data between runs (a temporary path that means
+    nothing on another machine); ``--threads`` only changes the speed.
+    """
+    keep: list[str] = []
+    skip = False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a in ("--set", "--threads") and i + 1 < len(argv):
+            if a == "--threads" or argv[i + 1].startswith("cache="):
+                skip = True
+                continue
+        if a.startswith("--threads=") or a.startswith("--set=cache="):
+            continue
+        keep.append(a)
+    return "python train/train.py " + " ".join(shlex.quote(a) for a in keep)
 
 
 def main(argv: list[str] | None = None) -> int:
