@@ -35,7 +35,10 @@ def _fail(message: str, code: int) -> None:
 def _guard(fn: Callable[[], Any]) -> Any:
     """Run *fn*, turning errors into one line and an exit code (traceback with --debug)."""
 
+    got: list[int] = []
+
     def on_term(signum: int, _frame: Any) -> None:
+        got.append(signum)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)
@@ -47,7 +50,8 @@ def _guard(fn: Callable[[], Any]) -> Any:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         typer.echo("stampclf: interrupted; no output written", err=True)
-        raise typer.Exit(130) from None
+        # the shell's convention, 128 + signal number: 130 for Ctrl-C, 143 for SIGTERM
+        raise typer.Exit(128 + (got[0] if got else signal.SIGINT)) from None
     except BrokenPipeError:
         sys.stderr.close()  # the reader of stdout went away (e.g. `| head`): not an error
         raise typer.Exit(0) from None
