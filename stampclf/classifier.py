@@ -66,20 +66,24 @@ def _prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     done = object()
     stop = threading.Event()
 
+    def offer(item: Any) -> bool:
+        # never block for good: a consumer that stopped early sets `stop` and reads no more
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(item):
                     return
-            q.put(done)
+            offer(done)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            q.put(exc)
+            offer(exc)
 
     thread = threading.Thread(target=work, name="stampclf-reader", daemon=True)
     thread.start()
@@ -230,6 +234,8 @@ class Classifier:
                     f"batch size {self._runner.batch_size} is fixed by the captured CUDA graph; "
                     "create a new Classifier for another batch size"
                 )
+            if self._runner is not None:
+                self._runner.close()
             self._runner = BatchRunner(self._info, self.batch_size, self.card.shape, len(self.card.classes))
         return self._runner(x)
 

@@ -95,7 +95,7 @@ def test_bucket_sizes() -> None:
 
 
 def test_padded_batches_give_identical_results(tiny_model_path: Path) -> None:
-    clf = Classifier(tiny_model_path, device="cpu", batch_size=64)
+    clf = Classifier(tiny_model_path, device="cpu", batch_size=64, threads=1)
     x = np.ascontiguousarray(make_stamps(150, seed=8))
     ref = clf.session.run(None, {"stamps": x})[0]  # one unpadded call
     shapes: list[tuple] = []
@@ -113,6 +113,53 @@ def test_padded_batches_give_identical_results(tiny_model_path: Path) -> None:
     assert [s[0] for s in shapes] == [64, 64, 32]  # the 22-row tail padded to 32
     assert np.array_equal(runner(x[:3]), ref[:3])
     assert shapes[-1][0] == 4
+
+
+class _SpySession:
+    """Records the batch shapes a session is run with."""
+
+    def __init__(self, session: object, shapes: list[tuple], fail: bool = False) -> None:
+        self.session, self.shapes, self.fail = session, shapes, fail
+
+    def run(self, out, feed):  # noqa: ANN001, ANN201
+        self.shapes.append(feed["stamps"].shape)
+        if self.fail:
+            raise RuntimeError("replica failed")
+        return self.session.run(out, feed)
+
+
+def test_cpu_replicas_give_identical_results(tiny_model_path: Path) -> None:
+    x = np.ascontiguousarray(make_stamps(200, seed=12))
+    one = Classifier(tiny_model_path, device="cpu", batch_size=64, threads=1)
+    ref = one.session.run(None, {"stamps": x})[0]
+    runner = BatchRunner(Classifier(tiny_model_path, device="cpu", threads=3)._info, 64, one.card.shape, 2)
+    assert runner.parallel == 3
+    shapes: list[tuple] = []
+    runner._start_replicas()
+    runner._replicas = [_SpySession(r, shapes) for r in runner._replicas]
+    assert np.array_equal(runner(x), ref)
+    # 64-row batches over 3 sessions: 22-row pieces, raised to the 32-row floor; tail padded
+    assert sorted(s[0] for s in shapes) == [32] * 7 and len(shapes) == 7
+    runner.close()
+    assert runner._pool is None
+
+
+def test_small_calls_stay_on_the_main_session(tiny_model_path: Path) -> None:
+    clf = Classifier(tiny_model_path, device="cpu", batch_size=64, threads=2)
+    x = make_stamps(40, seed=13)  # fewer than 2 x 32 rows
+    p = clf.predict_proba(x)
+    assert clf._runner is not None and clf._runner._replicas == []
+    assert np.array_equal(p, Classifier(tiny_model_path, device="cpu", threads=1).predict_proba(x))
+
+
+def test_replica_error_reaches_the_caller(tiny_model_path: Path) -> None:
+    clf = Classifier(tiny_model_path, device="cpu", batch_size=64, threads=2)
+    runner = BatchRunner(clf._info, 64, clf.card.shape, 2)
+    runner._start_replicas()
+    runner._replicas = [_SpySession(r, [], fail=True) for r in runner._replicas]
+    with pytest.raises(RuntimeError, match="replica failed"):
+        runner(make_stamps(100, seed=14))
+    runner.close()
 
 
 def test_batch_size_change_rebuilds_the_runner(tiny_model_path: Path) -> None:
@@ -148,6 +195,18 @@ def test_prefetch_reraises_reader_errors() -> None:
 
     with pytest.raises(ValueError, match="bad block"):
         list(_prefetch(items()))
+
+
+def test_prefetch_reader_stops_when_the_consumer_does() -> None:
+    before = {t.ident for t in threading.enumerate()}
+    gen = _prefetch(iter(range(2)), depth=1)  # the end marker waits behind a full queue
+    assert next(gen) == 0
+    time.sleep(0.2)
+    gen.close()
+    readers = [t for t in threading.enumerate() if t.name == "stampclf-reader" and t.ident not in before]
+    for t in readers:
+        t.join(timeout=2.0)
+    assert readers and not any(t.is_alive() for t in readers)
 
 
 @pytest.mark.parametrize("workers", [1, 3])
