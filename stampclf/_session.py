@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,7 +248,7 @@ class BatchRunner:
         ]
         self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="stampclf-cpu")
 
-    def _run_parallel(self, x: Any, out: Any, piece: int) -> None:
+    def _start_parallel(self, x: Any, out: Any, piece: int) -> list[Any]:
         import numpy as np
 
         if not self._replicas:
@@ -263,8 +264,29 @@ class BatchRunner:
                     chunk = np.concatenate([chunk, np.zeros((piece - m, *chunk.shape[1:]), np.float32)])
                 out[start : start + m] = sess.run([self.output_name], {self.input_name: chunk})[0][:m]
 
-        for f in [self._pool.submit(work, j) for j in range(min(self.parallel, len(starts)))]:
-            f.result()  # re-raises a worker's error here
+        return [self._pool.submit(work, j) for j in range(min(self.parallel, len(starts)))]
+
+    def submit(self, x: Any) -> Callable[[], Any]:
+        """Start inference of *x*; the returned function waits and gives the probabilities.
+
+        On CPU with several sessions the work runs in the background, so a caller can
+        write the previous batch's results meanwhile; elsewhere it runs here, now.
+        """
+        import numpy as np
+
+        piece = self._piece_rows(len(x)) if self._binding is None else 0
+        if not piece:
+            out = self(x)
+            return lambda: out
+        out = np.empty((len(x), self.n_out), dtype=np.float32)
+        futures = self._start_parallel(x, out, piece)
+
+        def result() -> Any:
+            for f in futures:
+                f.result()  # re-raises a worker's error here
+            return out
+
+        return result
 
     def close(self) -> None:
         """Stop the CPU worker threads (also done at interpreter exit)."""
@@ -281,8 +303,7 @@ class BatchRunner:
         bs = self.batch_size
         piece = self._piece_rows(n) if self._binding is None else 0
         if piece:
-            self._run_parallel(x, out, piece)
-            return out
+            return self.submit(x)()
         for start in range(0, n, bs):
             chunk = np.ascontiguousarray(x[start : start + bs], dtype=np.float32)
             m = len(chunk)

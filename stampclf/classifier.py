@@ -226,6 +226,9 @@ class Classifier:
 
     # --- core --------------------------------------------------------------------------
     def _run(self, x: np.ndarray) -> np.ndarray:
+        return self._submit(x)()
+
+    def _submit(self, x: np.ndarray) -> Callable[[], np.ndarray]:
         # fixed batch shape (short batches padded), IOBinding on CUDA: see BatchRunner
         if self._runner is None or self._runner.batch_size != self.batch_size:
             if self._runner is not None and self._cuda_graph and self.device == "cuda":
@@ -237,7 +240,7 @@ class Classifier:
             if self._runner is not None:
                 self._runner.close()
             self._runner = BatchRunner(self._info, self.batch_size, self.card.shape, len(self.card.classes))
-        return self._runner(x)
+        return self._runner.submit(x)
 
     def _decide(self, proba: np.ndarray) -> np.ndarray:
         if self._positive is not None and len(self.card.classes) == 2:
@@ -257,9 +260,19 @@ class Classifier:
         return x, status
 
     def _predict_prepared(self, x: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        proba = self._run(x) if len(x) else np.empty((0, len(self.card.classes)), np.float32)
+        return self._finish(self._start(x)(), status)
+
+    def _start(self, x: np.ndarray) -> Callable[[], np.ndarray]:
+        """Inference of prepared rows, started; call the result to wait for the probabilities."""
+        if not len(x):
+            empty = np.empty((0, len(self.card.classes)), np.float32)
+            return lambda: empty
+        return self._submit(x)
+
+    def _finish(self, proba: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Labels from probabilities; failed rows get NaN and no label."""
         failed = np.array([s.startswith("failed") for s in status], dtype=bool)
-        labels = self._decide(proba) if len(x) else np.empty(0, dtype=object)
+        labels = self._decide(proba) if len(proba) else np.empty(0, dtype=object)
         if failed.any():
             proba[failed] = np.nan
             labels[failed] = ""
@@ -311,7 +324,15 @@ class Classifier:
             stream = _prefetch(map(prep, starts))
         else:
             stream = _ordered_map(prep, starts, self.prep_workers)
-        parts = [(*self._predict_prepared(x, status), status) for x, status in stream]
+        parts = []
+        pending: tuple[np.ndarray, Callable[[], np.ndarray]] | None = None
+        for x, status in stream:  # one batch in flight, as in `_classify_reader`
+            started = (status, self._start(x))
+            if pending is not None:
+                parts.append((*self._finish(pending[1](), pending[0]), pending[0]))
+            pending = started
+        if pending is not None:
+            parts.append((*self._finish(pending[1](), pending[0]), pending[0]))
         return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
     def predict_proba(self, stamps: np.ndarray) -> np.ndarray:
@@ -353,12 +374,23 @@ class Classifier:
             stream = _prefetch(prepared())
         else:  # one thread reads, a pool preprocesses
             stream = _ordered_map(prepare_one, _prefetch(reader.batches(batch_size)), self.prep_workers)
+        def done(batch: InputBatch, status: np.ndarray, result: Callable[[], np.ndarray]) -> Predictions:
+            proba, labels = self._finish(result(), status)
+            return Predictions(
+                batch.ids, labels, proba, status, self._label_index(batch.labels, what), what, batch.extra
+            )
+
         try:
+            # one batch in flight: the next one runs through the model while the caller
+            # writes this one's rows (CPU sessions run in the background; see BatchRunner)
+            pending: tuple[InputBatch, np.ndarray, Callable[[], np.ndarray]] | None = None
             for batch, x, status in stream:
-                proba, labels = self._predict_prepared(x, status)
-                yield Predictions(
-                    batch.ids, labels, proba, status, self._label_index(batch.labels, what), what, batch.extra
-                )
+                started = (batch, status, self._start(x))
+                if pending is not None:
+                    yield done(*pending)
+                pending = started
+            if pending is not None:
+                yield done(*pending)
         finally:
             reader.close()
 

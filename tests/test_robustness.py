@@ -454,7 +454,7 @@ def test_internal_error_is_exit_1_one_line(
     def boom(*a: Any, **k: Any) -> Any:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr("stampclf.classifier.Classifier._run", boom)
+    monkeypatch.setattr("stampclf.classifier.Classifier._submit", boom)
     h5 = write_hits_h5(tmp_path / "good.h5", 4)
     result = run_cli(
         "classify", str(h5), "-o", str(tmp_path / "out.csv"), "--model", str(tiny_model_path), "--device", "cpu"

@@ -162,6 +162,20 @@ def test_replica_error_reaches_the_caller(tiny_model_path: Path) -> None:
     runner.close()
 
 
+def test_pipelined_file_stream_matches_one_session(tmp_path: Path, tiny_model_path: Path) -> None:
+    # 2 sessions in the background, one batch in flight while the previous is handed out
+    h5 = write_hits_h5(tmp_path / "s.h5", 300, seed=15)
+    preds = {}
+    for threads in (1, 2):
+        clf = Classifier(tiny_model_path, device="cpu", batch_size=64, threads=threads)
+        parts = list(clf.classify_file(h5))
+        assert [len(p.ids) for p in parts] == [64, 64, 64, 64, 44]
+        preds[threads] = (np.concatenate([p.ids for p in parts]), np.concatenate([p.proba for p in parts]))
+    assert clf._runner is not None and len(clf._runner._replicas) == 2
+    assert np.array_equal(preds[1][0], preds[2][0]) and len(set(preds[2][0].tolist())) == 300  # same order
+    assert np.array_equal(preds[1][1], preds[2][1])
+
+
 def test_batch_size_change_rebuilds_the_runner(tiny_model_path: Path) -> None:
     clf = Classifier(tiny_model_path, device="cpu", batch_size=8)
     x = make_stamps(20, seed=9)
