@@ -216,3 +216,10 @@ def test_real_builder_on_shared_data():
             r = build_one(f["images"][i], ep, mjd, rows)
             for k in IMAGES:
                 assert r[k].shape == (21, 21) and np.isfinite(r[k]).all()
+
+
+def test_simulator_does_not_import_torch() -> None:
+    # simulate.py's worker processes start fast only if the numpy-only simulator stays torch-free
+    code = "import sys, train.data.hits_sim; sys.exit(1 if 'torch' in sys.modules else 0)"
+    root = Path(__file__).resolve().parent.parent
+    assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0

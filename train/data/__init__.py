@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
+
+if TYPE_CHECKING:  # annotations only: the numpy-only simulator must not pull torch in
+    import torch
+    from torch.utils.data import Dataset
 
 __all__ = ["DataBundle", "register_dataset", "load_dataset", "array_sha256"]
 
