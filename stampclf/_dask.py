@@ -97,7 +97,6 @@ class _Unit:
     start: int = 0
     stop: int = 0
     error: str = ""  # the client could not read this input (keep_going)
-    file: str = ""  # the ``file`` column when the unit is part of a larger input (images)
 
 
 class _Ready:
@@ -121,7 +120,7 @@ def _join(preds: list[Predictions]) -> Predictions:
         np.concatenate([p.proba for p in preds]),
         np.concatenate([p.status for p in preds]),
         None if any(t is None for t in truth) else np.concatenate(truth),  # type: ignore[arg-type]
-        preds[0].file,
+        preds[0].file if isinstance(preds[0].file, str) else np.concatenate([p.file for p in preds]),
         {k: np.concatenate([p.extra[k] for p in preds]) for k in keys} if keys else None,  # type: ignore[index]
     )
 
@@ -154,10 +153,7 @@ def _score_unit(data: bytes, sha: str, options: dict[str, Any], settings: dict[s
                 raise InputError(f"{unit.paths[0]}: inputs grouped differently on the worker")
             reader = opener()
         preds = list(clf._classify_reader(reader, batch))
-        result = _join(preds) if preds else _empty(clf, getattr(reader, "path", unit.paths[0]))
-        if unit.file:
-            result.file = unit.file
-        return result
+        return _join(preds) if preds else _empty(clf, getattr(reader, "path", unit.paths[0]))
     except StampclfError as exc:
         if settings["keep_going"]:
             return ("error", str(exc))
@@ -181,10 +177,10 @@ def _plan(
     units: list[_Unit] = []
     for index, (group, opener) in enumerate(open_inputs(paths, card, layout, channels_last)):
         if getattr(opener, "images", False):
-            reader = opener()  # lists the files; its name ("12 images") is the file column of every row
+            reader = opener()  # lists the files (each row's file column is its own path)
             files = reader.files
             units += [
-                _Unit(index, "images", files[s : s + chunk_rows], file=reader.path)
+                _Unit(index, "images", files[s : s + chunk_rows])
                 for s in range(0, len(files), chunk_rows)
             ]
         elif input_kind(group[0]) == "hdf5":

@@ -43,7 +43,7 @@ class Predictions:
     true_labels
         Class indices from the input file, when it has labels.
     file
-        The input the rows came from.
+        The input the rows came from: one name, or one per row (image files).
     extra
         Reader-specific columns, e.g. ``object_id`` for alert packets.
     """
@@ -53,7 +53,7 @@ class Predictions:
     proba: np.ndarray
     status: np.ndarray
     true_labels: np.ndarray | None = None
-    file: str = ""
+    file: str | np.ndarray = ""
     extra: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -376,8 +376,9 @@ class Classifier:
             stream = _ordered_map(prepare_one, _prefetch(reader.batches(batch_size)), self.prep_workers)
         def done(batch: InputBatch, status: np.ndarray, result: Callable[[], np.ndarray]) -> Predictions:
             proba, labels = self._finish(result(), status)
+            file = batch.files if batch.files is not None else what
             return Predictions(
-                batch.ids, labels, proba, status, self._label_index(batch.labels, what), what, batch.extra
+                batch.ids, labels, proba, status, self._label_index(batch.labels, what), file, batch.extra
             )
 
         try:

@@ -295,3 +295,20 @@ def test_tiny_train_export_classify(tmp_path: Path) -> None:
         assert r["status"] == "ok" and r["label"] in classes and r["model"] == "galaxy"
         p = np.array([float(r[f"p_{c}"]) for c in classes])
         assert abs(p.sum() - 1) < 1e-4
+    # every row names its own file (the id), in CSV (fast and quoted paths) and HDF5 output
+    assert all(r["file"] == r["id"] for r in rows)
+    comma = tmp_path / "a,b.png"  # needs CSV quoting: the csv-module path
+    comma.write_bytes(png.read_bytes())
+    out2 = tmp_path / "out2.csv"
+    assert CliRunner().invoke(app, ["classify", str(comma), str(png), "--model", str(onnx_path), "-o", str(out2),
+                                    "-q"]).exit_code == 0
+    with open(out2, newline="") as fh:
+        rows2 = list(csv.DictReader(fh))
+    assert [r["file"] for r in rows2] == [str(comma), str(png)] == [r["id"] for r in rows2]
+    out_h5 = tmp_path / "out.h5"
+    assert CliRunner().invoke(app, ["classify", str(png), str(folder / "deeper" / "x.jpeg"), "--model",
+                                    str(onnx_path), "-o", str(out_h5), "-q"]).exit_code == 0
+    import h5py
+
+    with h5py.File(out_h5) as f:
+        assert [v.decode() for v in f["file"][:]] == [str(png), str(folder / "deeper" / "x.jpeg")]

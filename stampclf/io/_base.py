@@ -35,6 +35,8 @@ class InputBatch:
     order) and ``x`` (already preprocessed model input) is set. ``status`` holds
     a per-row status from reading (e.g. an unreadable image) or is None.
     ``extra`` holds extra output columns of the reader (e.g. alerts' ``object_id``).
+    ``files`` names each row's own source file where a reader mixes files (images);
+    otherwise None and the reader's ``path`` is every row's file.
     """
 
     ids: np.ndarray
@@ -43,6 +45,7 @@ class InputBatch:
     labels: np.ndarray | None = None
     status: np.ndarray | None = None
     extra: dict[str, np.ndarray] | None = None
+    files: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -90,7 +90,8 @@ class ImageReader:
                     status[i] = st
                 else:
                     x[i] = arr
-            yield InputBatch(ids=np.array(names, dtype=object), x=x, status=status)
+            paths = np.array(names, dtype=object)
+            yield InputBatch(ids=paths, x=x, status=status, files=paths)
 
     def close(self) -> None:
         """Stop the decoding threads."""

@@ -132,12 +132,15 @@ class ResultWriter:
         labels: np.ndarray,
         proba: np.ndarray,
         status: np.ndarray,
-        file: str,
+        file: str | Any,
         extra: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """Append one batch of rows; *extra* fills the extra columns (empty where missing)."""
+        """Append one batch of rows; *file* is one name or one per row; *extra* fills the extra columns."""
         n = len(ids)
         more = [[str(v) for v in (extra or {}).get(c, [""] * n)] for c in self.extra_columns]
+        files = [file] * n if isinstance(file, str) else [str(f) for f in file]
+        if len(files) != n:
+            raise ValueError(f"{len(files)} file names for {n} rows")
         if self._h5 is not None:
             cols: dict[str, Any] = {
                 "id": [str(i) for i in ids],
@@ -145,7 +148,7 @@ class ResultWriter:
                 "status": [str(s) for s in status],
                 "model": [self.model] * n,
                 "model_version": [self.version] * n,
-                "file": [file] * n,
+                "file": files,
             }
             cols.update(zip(self.extra_columns, more, strict=True))
             for k, c in enumerate(self.classes):
@@ -155,14 +158,17 @@ class ResultWriter:
                 ds.resize((self.rows + n,))
                 ds[self.rows :] = values
         else:
-            text = _csv_text(ids, labels, proba, status, [self.model, self.version, file], more)
+            # a single file name is a constant field; per-row names are the first varying one
+            fixed = [self.model, self.version, file] if isinstance(file, str) else [self.model, self.version]
+            varying = more if isinstance(file, str) else [files, *more]
+            text = _csv_text(ids, labels, proba, status, fixed, varying)
             if text is not None:
                 self._fh.write(text)  # type: ignore[union-attr]
             else:  # some field needs CSV quoting: let the csv module do it
                 fmt = [[("" if not np.isfinite(v) else f"{v:.7g}") for v in row] for row in proba.tolist()]
                 self._csv.writerows(
-                    [str(i), str(lab), *p, str(s), self.model, self.version, file, *e]
-                    for i, lab, p, s, *e in zip(ids, labels, fmt, status, *more, strict=True)
+                    [str(i), str(lab), *p, str(s), self.model, self.version, f, *e]
+                    for i, lab, p, s, f, *e in zip(ids, labels, fmt, status, files, *more, strict=True)
                 )
         self.rows += n
 
