@@ -112,42 +112,44 @@ _GALAXY_SOURCE = "Galaxy Zoo 1 SDSS cut-outs (../shared/data/galaxy_zoo1), strat
 
 @register_model(
     "galaxy",
+    version="1.1.0",
     task="image-classification",
     classes=GALAXY_CLASSES,
-    input=_image_input(64, "SDSS colour cut-out centred on the galaxy, as in Galaxy Zoo 1 (423x423 px, scaled to "
-                           "the galaxy's size); the central 169x169 px are kept"),
+    input=_image_input(128, "SDSS colour cut-out centred on the galaxy, as in Galaxy Zoo 1 (423x423 px, scaled to "
+                            "the galaxy's size); the central 211x211 px are kept"),
     preprocessing=_image_prep(
-        fit="crop", resize=160, crop=64, mean=GALAXY_MEAN, std=GALAXY_STD,
-        doc="shorter side -> 160 px (423 -> 160: 2.6x, antialiased), centre crop 64x64 = the central 169x169 "
-            "original pixels, where the galaxy is; /255, minus mean, over std per channel",
+        fit="crop", resize=256, crop=128, mean=GALAXY_MEAN, std=GALAXY_STD,
+        doc="shorter side -> 256 px (423 -> 256: 1.65x, antialiased), centre crop 128x128 = the central 211x211 "
+            "original pixels, where the galaxy and its close neighbours are; /255, minus mean, over std per channel",
     ),
     dataset="galaxy_zoo1",
     recipe={
-        "epochs": 20, "batch_size": 64, "lr": 3e-3, "weight_decay": 5e-4, "label_smoothing": 0.05,
+        "epochs": 30, "batch_size": 64, "lr": 3e-3, "weight_decay": 5e-4, "label_smoothing": 0.05,
         "class_weights": GALAXY_CLASS_WEIGHTS,
-        "augment": {"rot90": True, "hflip": 0.5, "vflip": 0.5, "swap": [[1, 2]], "noise": 0.05, "crop_pad": 3},
+        "augment": {"rot90": True, "hflip": 0.5, "vflip": 0.5, "swap": [[1, 2]], "noise": 0.05, "crop_pad": 6},
     },
     description="Galaxy Zoo 1 morphology (elliptical, clockwise / anticlockwise spiral, edge-on, don't know, "
-    "merger) from SDSS colour cut-outs: a small residual CNN (three stride-2 stages of 24, 48, 96 filters, each "
-    "followed by a residual block of two conv-BN-ReLU layers, global average pooling, dropout 0.2) on the central "
-    "169x169 px at 64x64; at inference the logits of the 4 rotations of the image and of its mirror image "
-    "(with the two spiral classes exchanged) are averaged inside the graph. Trained with "
+    "merger) from SDSS colour cut-outs: a small residual CNN (four stride-2 stages of 24, 48, 96, 192 filters, "
+    "each followed by a residual block of two conv-BN-ReLU layers, global average pooling, dropout 0.2) on the "
+    "central 211x211 px at 128x128; at inference the logits of the 4 rotations of the image and of its mirror "
+    "image (with the two spiral classes exchanged) are averaged inside the graph. Trained with "
     "90-degree rotations and mirrors that swap the clockwise and anticlockwise labels (chirality), noise, "
     "small shifts and square-root class weights. " + _GALAXY_SOURCE + ".",
 )
 def galaxy() -> nn.Module:
     """Default galaxy-morphology model (see the registry description)."""
-    w = (24, 48, 96)
+    w = (24, 48, 96, 192)
 
     def res(c: int) -> Residual:
         return Residual(nn.Sequential(conv_bn_act(c, c), conv_bn_act(c, c)))
 
     return DihedralTTA(
-        conv_bn_act(3, w[0], stride=2), res(w[0]),  # 64 -> 32
-        conv_bn_act(w[0], w[1], stride=2), res(w[1]),  # 16x16
-        conv_bn_act(w[1], w[2], stride=2), res(w[2]),  # 8x8
+        conv_bn_act(3, w[0], stride=2), res(w[0]),  # 128 -> 64
+        conv_bn_act(w[0], w[1], stride=2), res(w[1]),  # 32x32
+        conv_bn_act(w[1], w[2], stride=2), res(w[2]),  # 16x16
+        conv_bn_act(w[2], w[3], stride=2), res(w[3]),  # 8x8
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
-        nn.Linear(w[2], len(GALAXY_CLASSES)),
+        nn.Linear(w[3], len(GALAXY_CLASSES)),
     )
 
 
