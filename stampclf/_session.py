@@ -276,8 +276,8 @@ class BatchRunner:
 
         piece = self._piece_rows(len(x)) if self._binding is None else 0
         if not piece:
-            out = self(x)
-            return lambda: out
+            done = self._run_here(x)
+            return lambda: done
         out = np.empty((len(x), self.n_out), dtype=np.float32)
         futures = self._start_parallel(x, out, piece)
 
@@ -296,14 +296,15 @@ class BatchRunner:
         self._replicas = []
 
     def __call__(self, x: Any) -> Any:
+        """Probabilities for *x*, waiting for them (see `submit`)."""
+        return self.submit(x)()
+
+    def _run_here(self, x: Any) -> Any:
         import numpy as np
 
         n = len(x)
         out = np.empty((n, self.n_out), dtype=np.float32)
         bs = self.batch_size
-        piece = self._piece_rows(n) if self._binding is None else 0
-        if piece:
-            return self.submit(x)()
         for start in range(0, n, bs):
             chunk = np.ascontiguousarray(x[start : start + bs], dtype=np.float32)
             m = len(chunk)

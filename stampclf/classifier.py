@@ -262,6 +262,23 @@ class Classifier:
     def _predict_prepared(self, x: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self._finish(self._start(x)(), status)
 
+    def _predict_stream(
+        self, stream: Iterable[tuple[Any, np.ndarray, np.ndarray]]
+    ) -> Iterator[tuple[Any, np.ndarray, np.ndarray, np.ndarray]]:
+        """``(tag, x, status)`` -> ``(tag, proba, labels, status)`` in order, one batch in flight.
+
+        The next batch runs through the model while the caller handles this one (writes
+        its rows); CPU sessions run in the background, see `BatchRunner.submit`.
+        """
+        pending: tuple[Any, np.ndarray, Callable[[], np.ndarray]] | None = None
+        for tag, x, status in stream:
+            started = (tag, status, self._start(x))
+            if pending is not None:
+                yield (pending[0], *self._finish(pending[2](), pending[1]), pending[1])
+            pending = started
+        if pending is not None:
+            yield (pending[0], *self._finish(pending[2](), pending[1]), pending[1])
+
     def _start(self, x: np.ndarray) -> Callable[[], np.ndarray]:
         """Inference of prepared rows, started; call the result to wait for the probabilities."""
         if not len(x):
@@ -324,15 +341,8 @@ class Classifier:
             stream = _prefetch(map(prep, starts))
         else:
             stream = _ordered_map(prep, starts, self.prep_workers)
-        parts = []
-        pending: tuple[np.ndarray, Callable[[], np.ndarray]] | None = None
-        for x, status in stream:  # one batch in flight, as in `_classify_reader`
-            started = (status, self._start(x))
-            if pending is not None:
-                parts.append((*self._finish(pending[1](), pending[0]), pending[0]))
-            pending = started
-        if pending is not None:
-            parts.append((*self._finish(pending[1](), pending[0]), pending[0]))
+        tagged = ((None, x, status) for x, status in stream)
+        parts = [(proba, labels, status) for _, proba, labels, status in self._predict_stream(tagged)]
         return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
     def predict_proba(self, stamps: np.ndarray) -> np.ndarray:
@@ -374,24 +384,12 @@ class Classifier:
             stream = _prefetch(prepared())
         else:  # one thread reads, a pool preprocesses
             stream = _ordered_map(prepare_one, _prefetch(reader.batches(batch_size)), self.prep_workers)
-        def done(batch: InputBatch, status: np.ndarray, result: Callable[[], np.ndarray]) -> Predictions:
-            proba, labels = self._finish(result(), status)
-            file = batch.files if batch.files is not None else what
-            return Predictions(
-                batch.ids, labels, proba, status, self._label_index(batch.labels, what), file, batch.extra
-            )
-
         try:
-            # one batch in flight: the next one runs through the model while the caller
-            # writes this one's rows (CPU sessions run in the background; see BatchRunner)
-            pending: tuple[InputBatch, np.ndarray, Callable[[], np.ndarray]] | None = None
-            for batch, x, status in stream:
-                started = (batch, status, self._start(x))
-                if pending is not None:
-                    yield done(*pending)
-                pending = started
-            if pending is not None:
-                yield done(*pending)
+            for batch, proba, labels, status in self._predict_stream(stream):
+                file = batch.files if batch.files is not None else what
+                yield Predictions(
+                    batch.ids, labels, proba, status, self._label_index(batch.labels, what), file, batch.extra
+                )
         finally:
             reader.close()
 

@@ -218,7 +218,7 @@ class HDF5Reader:
         chunk = self._datasets[0].chunks
         rows = chunk[0] if chunk else 1
         block = max(rows, int(math.ceil(batch_size / rows)) * rows)
-        row_bytes = sum(d.dtype.itemsize * math.prod(d.shape[1:]) for d in self._datasets)
+        row_bytes = sum(_row_bytes(d) for d in self._datasets)
         return block if block * row_bytes <= max(MAX_BLOCK_BYTES, batch_size * row_bytes) else batch_size
 
     def batches(self, batch_size: int) -> Iterator[InputBatch]:
@@ -277,13 +277,18 @@ class HDF5Reader:
         self._file.close()
 
 
+def _row_bytes(ds: Any) -> int:
+    """Bytes of one row (first-axis index) of a dataset."""
+    return int(ds.dtype.itemsize * math.prod(ds.shape[1:]))
+
+
 def _read_rows(ds: Any, start: int, stop: int) -> np.ndarray:
     """Rows ``start:stop`` of a dataset, read one chunk's rows per h5py call.
 
     h5py holds the GIL for the whole of a call; several short calls let the
     inference threads pick up their results in between.
     """
-    step = ds.chunks[0] if ds.chunks else max(1, (4 * 2**20) // max(1, ds.dtype.itemsize * math.prod(ds.shape[1:])))
+    step = ds.chunks[0] if ds.chunks else max(1, (4 * 2**20) // max(1, _row_bytes(ds)))
     if stop - start <= step:
         return ds[start:stop]
     out = np.empty((stop - start, *ds.shape[1:]), dtype=ds.dtype)
@@ -295,9 +300,8 @@ def _read_rows(ds: Any, start: int, stop: int) -> np.ndarray:
 
 def _byte_ranges(ds: Any, start: int, stop: int) -> list[tuple[int, int]]:
     """File byte ranges holding rows ``start:stop`` of a dataset (stored chunks or the contiguous block)."""
-    row_bytes = ds.dtype.itemsize * math.prod(ds.shape[1:])
     if ds.chunks is None:
-        offset = ds.id.get_offset()
+        offset, row_bytes = ds.id.get_offset(), _row_bytes(ds)
         return [] if offset is None else [(offset + start * row_bytes, (stop - start) * row_bytes)]
     rows = ds.chunks[0]
     if any(c != n for c, n in zip(ds.chunks[1:], ds.shape[1:], strict=True)):
