@@ -223,3 +223,14 @@ def test_simulator_does_not_import_torch() -> None:
     code = "import sys, train.data.hits_sim; sys.exit(1 if 'torch' in sys.modules else 0)"
     root = Path(__file__).resolve().parent.parent
     assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
+
+
+def test_diagnose_prints_every_kind_and_parameter(tiny_model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from train import diagnose_hits
+
+    assert diagnose_hits.main(["--model", str(tiny_model_path), "--n", "400", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "n=400, seed=3: accuracy" in out
+    for kind in KINDS:
+        assert any(line.startswith(f"{kind} ") for line in out.splitlines())
+    assert "star/change:" in out and "template convolved:" in out
