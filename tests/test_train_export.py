@@ -153,3 +153,12 @@ def test_one_cycle_schedule_works_for_tiny_runs(total: int, pct: float) -> None:
         opt.step()
         sched.step()
     assert np.isfinite(sched.get_last_lr()[0])
+
+
+def test_card_command_keeps_only_what_changes_the_result() -> None:
+    from train.train import reproduce_command
+
+    argv = ["--model", "hits", "--out", "/tmp/x/run", "--threads", "2", "--set", "cache=/tmp/c", "--seed", "3",
+            "--set", "real_sn=none", "--threads=1", "--out=/tmp/y", "--set=decode_threads=8", "--set", "lr=0.1"]
+    assert reproduce_command(argv) == ("python train/train.py --model hits --seed 3 --set real_sn=none "
+                                       "--set lr=0.1")
