@@ -146,7 +146,7 @@ def _score_unit(data: bytes, sha: str, options: dict[str, Any], settings: dict[s
         elif unit.kind == "images":
             from .io import ImageReader
 
-            reader = ImageReader(unit.paths, clf.card.preprocessing, clf.card.shape)
+            reader = ImageReader(unit.paths, clf.card.preprocessing, clf.card.shape, classes=clf.card.classes)
         else:
             (_, opener), *rest = open_inputs(unit.paths, clf.card, settings["layout"], settings["channels_last"])
             if rest:  # the client grouped these paths as one reader; the worker must agree

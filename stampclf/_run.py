@@ -145,6 +145,9 @@ def classify_files(
             prob: list[np.ndarray] = []
             try:
                 reader = opener()
+                if evaluate and not reader.has_labels:  # say so now, not after classifying it
+                    reader.close()
+                    raise InputError(f"--evaluate: no labels in {reader.path} ({_NO_LABELS})")
                 for pred in clf._classify_reader(reader, batch_size or clf.batch_size):
                     if getattr(opener, "images", False):
                         summary.file_errors.extend(unreadable_images(pred.status))
@@ -170,7 +173,7 @@ def classify_files(
             y_true.extend(truth)
             y_prob.extend(prob)
         if evaluate and summary.files and not y_true:  # before the output appears: an error leaves none
-            raise InputError(f"--evaluate: no labels in {', '.join(paths)} (expected a 'labels' dataset)")
+            raise InputError(f"--evaluate: no labels in {', '.join(paths)} ({_NO_LABELS})")
         finish(writer, summary)
     except BaseException:
         writer.abort()
@@ -181,6 +184,9 @@ def classify_files(
     if evaluate and y_true:
         summary.metrics = evaluate_predictions(clf, np.concatenate(y_true), np.concatenate(y_prob))
     return summary
+
+
+_NO_LABELS = "expected a 'labels' dataset in HDF5, or images in folders named after the model's classes"
 
 
 def unreadable_images(status: Any) -> list[str]:

@@ -126,6 +126,7 @@ def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str) -> Mod
             "train_seconds": round(float(report.get("train_seconds", 0.0)), 1),
             "data": report["data"],
             "parameters": report.get("parameters"),
+            **({"evaluated_from": report["evaluated_from"]} if "evaluated_from" in report else {}),
         },
         metrics={k: _strip(v) for k, v in report["metrics"].items()},
         report={

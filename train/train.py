@@ -160,7 +160,6 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
           f"({time.time() - t_start:.0f} s)", flush=True)
 
     model = create_model(spec.name).to(device)
-    params = sum(p.numel() for p in model.parameters())
     _init_from_data(model, data.train, int(recipe.get("init_from_data", 0)), device, gen_seed=args.seed)
     # NHWC is ~1.4x faster for convolutions on CPU (oneDNN); the weights and the result are the same
     memory_format = torch.channels_last if recipe.get("channels_last") else torch.contiguous_format
@@ -220,7 +219,23 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
               f"val_loss {vloss:.4f} val_acc {vacc:.4f} ({time.time() - t0:.0f} s)", flush=True)
     assert best_state is not None
     model.load_state_dict(best_state)
+    run = {"history": history, "best_epoch": best_epoch + 1, "command": reproduce_command(sys.argv[1:]),
+           "recipe": {**recipe, "epochs": epochs}, "device": device if device == "cpu" else
+           f"{device} ({torch.cuda.get_device_name(0)})", "train_seconds": time.time() - t_start}
+    return finish(spec, model, best_state, data, run, out, args, options)
 
+
+def finish(spec: ModelSpec, model: nn.Module, best_state: dict[str, torch.Tensor], data: DataBundle,
+           run: dict[str, Any], out: Path, args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the trained *model* and write checkpoint, report.json and figures to *out*.
+
+    *run* holds what the training loop knew: ``history``, ``best_epoch``, ``command``,
+    ``recipe``, ``device`` and ``train_seconds``. Calibration, operating points and every
+    metric are computed here, with the model as registered (its eval-mode graph).
+    """
+    t_start = time.time()
+    device, recipe, history = args.device, run["recipe"], run["history"]
+    bs, workers = int(recipe.get("batch_size", 256)), int(recipe.get("workers", 0))
     vlogits, vy = predict_logits(model, data.val, bs * 2, device, workers)
     temperature = fit_temperature(vlogits, vy)
     vproba = _softmax(vlogits, temperature)
@@ -247,13 +262,13 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     report: dict[str, Any] = {
         "model": spec.name,
         "version": spec.version,
-        "parameters": params,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "seed": args.seed,
-        "command": reproduce_command(sys.argv[1:]),
+        "command": run["command"],
         "options": options,
-        "recipe": {**recipe, "epochs": epochs},
-        "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(0)})",
-        "best_epoch": best_epoch + 1,
+        "recipe": recipe,
+        "device": run["device"],
+        "best_epoch": run["best_epoch"],
         "history": history,
         "temperature": temperature,
         "calibration": {"method": "temperature scaling on the validation split", "temperature": temperature,
@@ -262,15 +277,37 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
         "operating_points": operating_points,
         "metrics": {"val": val_m, "test": test_m, **extra},
         "data": data.provenance,
-        "train_seconds": time.time() - t_start,
+        "train_seconds": run["train_seconds"] + (time.time() - t_start if "evaluated_from" not in run else 0.0),
+        **({"evaluated_from": run["evaluated_from"]} if "evaluated_from" in run else {}),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
     }
     report["figures"] = write_figures(out, spec, history, test_m, tproba, ty)
     (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=float))
     print("[train] test: " + ", ".join(f"{k} {test_m[k]:.4f}" for k in ("accuracy", "precision", "recall", "f1", "roc_auc")), flush=True)
-    print(f"[train] wrote {out}/checkpoint.pt, report.json and figures in {time.time() - t_start:.0f} s", flush=True)
+    print(f"[train] wrote {out}/checkpoint.pt, report.json and figures", flush=True)
     return report
+
+
+def evaluate_only(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """Re-run :func:`finish` on ``<out>/checkpoint.pt`` with the registered model as it is now.
+
+    For a change that touches only the eval-mode graph (test-time augmentation): the
+    weights, history and training command of the earlier run (its ``report.json``) are kept.
+    """
+    out = Path(args.out or f"runs/{spec.name}")
+    old = json.loads((out / "report.json").read_text())
+    seed_everything(old["seed"])
+    args.seed = old["seed"]
+    options = {**old.get("options", {}), **options}
+    data = load_dataset(spec, options, args.seed)
+    model = create_model(spec.name).to(args.device)
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict(state)
+    run = {k: old[k] for k in ("history", "best_epoch", "command", "recipe", "device", "train_seconds")}
+    run["evaluated_from"] = (f"weights of the run of {old['date']} ({old['command']}), re-evaluated with "
+                             f"{reproduce_command(sys.argv[1:])}; history figures are from that run")
+    return finish(spec, model, state, data, run, out, args, options)
 
 
 def write_figures(out: Path, spec: ModelSpec, history: dict[str, list[float]], test_m: dict[str, Any],
@@ -358,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe or data option, e.g. --set n_train=20000")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="do not train: re-evaluate <out>/checkpoint.pt with the model as registered now "
+                        "(after a change to its test-time augmentation) and rewrite report and figures")
     return p
 
 
@@ -397,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as exc:
         print(f"train: error: {exc.args[0]}", file=sys.stderr)
         return 2
-    train(spec, args, parse_options(args.options))
+    (evaluate_only if args.evaluate_only else train)(spec, args, parse_options(args.options))
     return 0
 
 

@@ -119,7 +119,7 @@ def open_inputs(
         group: list[str] = [path]
 
         def opener(g: list[str] = group) -> ImageReader:
-            return ImageReader(g, card.preprocessing, card.shape)
+            return ImageReader(g, card.preprocessing, card.shape, classes=card.classes)
 
         opener.images = True  # type: ignore[attr-defined]
         groups.append((group, opener))

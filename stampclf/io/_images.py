@@ -55,11 +55,17 @@ class ImageReader:
     has_labels = False
 
     def __init__(
-        self, paths: list[str], spec: dict[str, Any], shape: tuple[int, int, int], threads: int | None = None
+        self, paths: list[str], spec: dict[str, Any], shape: tuple[int, int, int], threads: int | None = None,
+        classes: list[str] | tuple[str, ...] | None = None,
     ) -> None:
         self.files = expand_image_paths(paths)
         self.path = self.files[0] if len(self.files) == 1 else f"{len(self.files)} images"
         self.n_rows: int | None = len(self.files)
+        # the training layout, a folder per class: the folder names are the true labels, but
+        # only when every image has one (a partial set of labels would bias the metrics)
+        parents = [Path(f).parent.name for f in self.files]
+        self._labels = np.array(parents, dtype=object) if classes and set(parents) <= set(classes) else None
+        self.has_labels = self._labels is not None
         self._spec = spec
         self._shape = shape
         self._threads = threads or _decode_threads()
@@ -91,7 +97,8 @@ class ImageReader:
                 else:
                     x[i] = arr
             paths = np.array(names, dtype=object)
-            yield InputBatch(ids=paths, x=x, status=status, files=paths)
+            labels = self._labels[start : start + batch_size] if self._labels is not None else None
+            yield InputBatch(ids=paths, x=x, status=status, files=paths, labels=labels)
 
     def close(self) -> None:
         """Stop the decoding threads."""
