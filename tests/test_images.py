@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -264,6 +265,13 @@ def test_tiny_train_export_classify(tmp_path: Path) -> None:
     assert export_mod.main(["--model", "galaxy", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(out_dir)]) == 0
     onnx_path = out_dir / "galaxy.onnx"
     assert onnx_path.is_file() and (out_dir / "galaxy" / "confusion_matrix.png").is_file()
+    from stampclf import Classifier
+
+    clf = Classifier(onnx_path, device="cpu")
+    # galaxy: 8 views x 24 x 64 x 64 float32 = 3 MB per image at the first stride-2 conv
+    assert clf.card.input["largest_activation_bytes_per_row"] >= 8 * 24 * 64 * 64 * 4
+    assert clf.batch_size == clf.card.input["default_batch_size"] == 64
+    assert Classifier(onnx_path, device="cpu", batch_size=5).batch_size == 5
 
     # a folder (recursive) with one corrupt image, plus two single files of other formats
     folder = tmp_path / "to_classify"
@@ -312,3 +320,64 @@ def test_tiny_train_export_classify(tmp_path: Path) -> None:
 
     with h5py.File(out_h5) as f:
         assert [v.decode() for v in f["file"][:]] == [str(png), str(folder / "deeper" / "x.jpeg")]
+
+    # a folder per class (the training layout) carries its labels, so --evaluate works on it
+    labelled = tmp_path / "labelled"
+    scored = [r for r in rows if r["status"] == "ok"]
+    for r in scored:  # each image in the folder of the class it was given: accuracy 1
+        (labelled / r["label"]).mkdir(parents=True, exist_ok=True)
+        (labelled / r["label"] / Path(r["id"]).name).write_bytes(Path(r["id"]).read_bytes())
+    other = next(c for c in classes if c != scored[0]["label"])  # and one image under a wrong label
+    (labelled / other).mkdir(exist_ok=True)
+    (labelled / other / "wrong.png").write_bytes(Path(scored[0]["id"]).read_bytes())
+    ev = CliRunner().invoke(app, ["classify", str(labelled), "--model", str(onnx_path), "-o", str(tmp_path / "ev.csv"),
+                                  "-q", "--evaluate"])
+    n = len(scored) + 1
+    assert ev.exit_code == 0 and f"n: {n}\n" in ev.output and f"accuracy: {(n - 1) / n:.4f}" in ev.output
+    # images outside such folders have no labels: said up front, no output file
+    none = tmp_path / "none.csv"
+    ev = CliRunner().invoke(app, ["classify", str(png), "--model", str(onnx_path), "-o", str(none), "-q", "--evaluate"])
+    assert ev.exit_code == 2 and f"no labels in {png}" in ev.output and not none.exists()
+
+    # --evaluate-only re-runs the evaluation of the saved weights with the run's own options
+    before = json.loads(report)
+    assert train_mod.main(["--model", "galaxy", "--evaluate-only", "--out", str(run), "--threads", "1"]) == 0
+    after = json.loads((run / "report.json").read_text())
+    assert after["evaluated_from"].startswith(f"weights of the run of {before['date']}")
+    assert after["metrics"]["test"]["accuracy"] == before["metrics"]["test"]["accuracy"]
+    assert after["history"] == before["history"] and after["command"] == before["command"]
+
+
+def test_whiten_init_decorrelates_patches_and_stays_frozen() -> None:
+    from train.models.images import Whiten
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 24, 24, generator=g)
+    x = torch.nn.functional.avg_pool2d(x, 3, 1, 1) * 3 + 0.3 * x.roll(1, 1)  # strongly correlated pixels
+    layer = Whiten(3)
+    layer.init_from_data(x)
+    f = torch.nn.functional.conv2d(x, layer.weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
+    f = f - f.mean(0)
+    cov = f.T @ f / len(f)
+    assert torch.allclose(cov, torch.eye(12), atol=0.01)
+    assert torch.equal(layer.weight[12:], -layer.weight[:12])  # both signs survive the GELU
+    assert not layer.weight.requires_grad and layer.bias.requires_grad
+
+
+def test_trainer_calls_init_from_data_with_training_inputs() -> None:
+    from torch.utils.data import TensorDataset
+
+    from train.train import _init_from_data
+
+    seen: list[torch.Tensor] = []
+
+    class Hook(torch.nn.Module):
+        def init_from_data(self, x: torch.Tensor) -> None:
+            seen.append(x)
+
+    ds = TensorDataset(torch.arange(10.0)[:, None], torch.zeros(10, dtype=torch.long))
+    model = torch.nn.Sequential(torch.nn.Identity(), Hook())
+    _init_from_data(model, ds, 0, "cpu", gen_seed=0)
+    assert not seen
+    _init_from_data(model, ds, 4, "cpu", gen_seed=0)
+    assert seen[0].shape == (4, 1) and len(set(seen[0].flatten().tolist())) == 4
