@@ -117,7 +117,7 @@ def _time_device_resident(clf: Classifier, n: int) -> float | None:
 def run_bench(
     model: str,
     device: str,
-    batch_size: int,
+    batch_size: int | None,
     n: int,
     threads: int | None,
     precision: str = "fp32",
@@ -130,7 +130,7 @@ def run_bench(
     )
     yield (
         f"model {clf.name} v{clf.version} ({precision}) on {clf.device} ({clf.threads} threads), "
-        f"batch {batch_size}, load {time.perf_counter() - t0:.2f} s"
+        f"batch {clf.batch_size}, load {time.perf_counter() - t0:.2f} s"
     )
     if clf.notice:
         yield f"note: {clf.notice}"
@@ -149,7 +149,7 @@ def run_bench(
         path = os.path.join(tmp, "bench.h5")
         write_stamp_file(path, raw, n, clf.card.input.get("hdf5_datasets"))
         out = os.path.join(tmp, "out.csv")
-        clf.classify(raw[:batch_size])  # warm-up
+        clf.classify(raw[: clf.batch_size])  # warm-up
         dt_file, rows = time_file(clf, path, out)
     yield (
         f"classify, HDF5 -> CSV:   {rows / dt_file:>12,.0f} rows/s ({rows:,} rows in {dt_file:.2f} s; "

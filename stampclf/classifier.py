@@ -132,7 +132,8 @@ class Classifier:
     threads
         CPU threads for inference; default: the CPUs this process may use.
     batch_size
-        Rows per inference call.
+        Rows per inference call; default: the card's ``input.default_batch_size`` (sized at
+        export so that one batch's largest intermediate tensor stays under 256 MB), else 1024.
     threshold
         Decision threshold on the positive class (binary models); default: the card's.
     verify
@@ -154,7 +155,7 @@ class Classifier:
         model: str | os.PathLike[str] = "hits",
         device: str = "auto",
         threads: int | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
         threshold: float | None = None,
         verify: bool = True,
         precision: str = "fp32",
@@ -162,7 +163,7 @@ class Classifier:
     ) -> None:
         if precision not in PRECISIONS:
             raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise InputError(f"threshold {threshold} is not in [0, 1]")
@@ -182,7 +183,7 @@ class Classifier:
         self.device = info.device
         self.notice = info.notice
         self.threads = info.threads
-        self.batch_size = batch_size
+        self.batch_size = batch_size or int(self.card.input.get("default_batch_size", DEFAULT_BATCH_SIZE))
         self.threshold = self.card.threshold if threshold is None else float(threshold)
         self._input = self.session.get_inputs()[0].name
         self._output = self.session.get_outputs()[0].name

@@ -89,7 +89,9 @@ def classify(
         Optional[str], typer.Option("--output", "-o", help="Output .csv or .h5 (default: CSV on stdout).")
     ] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Shipped model name or path to an .onnx file.")] = "hits",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Rows per inference call.")] = 1024,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", "-b", min=1, help="Rows per inference call [default: the model card's, 1024 for stamps].")
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: all allowed).")] = None,
     threshold: Annotated[
@@ -141,7 +143,7 @@ def classify(
 
 
 def _classify_on_dask(
-    scheduler: str, files: list[str], output: Optional[str], model: str, batch_size: int, device: str,
+    scheduler: str, files: list[str], output: Optional[str], model: str, batch_size: Optional[int], device: str,
     threads: Optional[int], threshold: Optional[float], layout: str, channels_last: bool, keep_going: bool,
     evaluate: bool, quiet: bool,
 ) -> int:  # fmt: skip
@@ -216,7 +218,7 @@ def info(model: Annotated[str, typer.Argument(help="Shipped model name or path t
 def bench(
     model: Annotated[str, typer.Option("--model", "-m", help="Shipped model name or path.")] = "hits",
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 1024,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="[default: the model card's]")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Rows to time.")] = 100_000,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1)] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16 (converted on load).")] = "fp32",

@@ -162,3 +162,22 @@ def test_card_command_keeps_only_what_changes_the_result() -> None:
             "--set", "real_sn=none", "--threads=1", "--out=/tmp/y", "--set=decode_threads=8", "--set", "lr=0.1"]
     assert reproduce_command(argv) == ("python train/train.py --model hits --seed 3 --set real_sn=none "
                                        "--set lr=0.1")
+
+
+def test_default_batch_size_keeps_largest_tensor_under_budget() -> None:
+    from train.export import ACTIVATION_BUDGET, default_batch_size
+
+    assert default_batch_size(1000) == 1024  # small stamps: the cap
+    assert default_batch_size(ACTIVATION_BUDGET // 100) == 64
+    assert default_batch_size(10 * ACTIVATION_BUDGET) == 8  # never below 8
+    for per_row in (1, 3_000, 200_000, 3_145_728):
+        n = default_batch_size(per_row)
+        assert n * per_row <= ACTIVATION_BUDGET or n == 8
+
+
+def test_export_cleans_old_card_commands() -> None:
+    from train.export import canonical_command
+
+    old = "python train/train.py --model galaxy --out /tmp/s9/run/galaxy --threads 2 --set cache=/x --set lr=0.1"
+    assert canonical_command(old) == "python train/train.py --model galaxy --set lr=0.1"
+    assert canonical_command("bash benchmarks/gpu.sh --out x") == "bash benchmarks/gpu.sh --out x"

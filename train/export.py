@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -93,6 +94,19 @@ def to_onnx_bytes(model: nn.Module, shape: tuple[int, int, int], input_name: str
     return proto.SerializeToString()
 
 
+def canonical_command(command: str) -> str:
+    """The training command without options that cannot change the result (see ``reproduce_command``).
+
+    Reports written before those options were dropped at training time still carry them.
+    """
+    from train.train import reproduce_command
+
+    argv = shlex.split(command)
+    if argv[:2] != ["python", "train/train.py"]:
+        return command
+    return reproduce_command(argv[2:])
+
+
 def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str) -> ModelCard:
     """The model card from the registry spec and the training report."""
     import onnx
@@ -118,7 +132,7 @@ def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str) -> Mod
         operating_points=report.get("operating_points", {}),
         calibration=report.get("calibration", {}),
         training={
-            "command": report["command"],
+            "command": canonical_command(report["command"]),
             "seed": report["seed"],
             "device": report.get("device", "cpu"),
             "recipe": report.get("recipe", {}),
@@ -189,6 +203,37 @@ def parity(model: nn.Module, path: Path, shape: tuple[int, int, int], seed: int 
     return worst
 
 
+#: one batch's largest intermediate tensor may take this much memory at the default batch size
+ACTIVATION_BUDGET = 256 * 2**20
+
+
+def largest_activation_per_row(model_bytes: bytes) -> int:
+    """Bytes of the graph's largest float32 tensor per input row (test-time views included).
+
+    Shape inference with the batch dimension fixed to 1, so that the views a graph
+    concatenates along the batch axis are counted.
+    """
+    import onnx
+
+    m = onnx.load_from_string(model_bytes)
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    m = onnx.shape_inference.infer_shapes(m)
+    largest = 0
+    for v in [*m.graph.input, *m.graph.value_info, *m.graph.output]:
+        dims = v.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            largest = max(largest, int(np.prod([d.dim_value for d in dims])) * 4)
+    return largest
+
+
+def default_batch_size(per_row: int, budget: int = ACTIVATION_BUDGET) -> int:
+    """The card's default batch: the largest power of two in 8..1024 whose largest tensor fits *budget*."""
+    n = 1024
+    while n > 8 and n * per_row > budget:
+        n //= 2
+    return n
+
+
 def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path | None = None) -> Path:
     """Export *spec* from *checkpoint*; returns the ONNX path. Raises on a failed check."""
     report_path = report_path or checkpoint.parent / "report.json"
@@ -198,6 +243,9 @@ def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path |
     raw = to_onnx_bytes(model, shape, "stamps" if spec.input.get("kind", "stamp") == "stamp" else "images")
     graph, _ = read_onnx_parts(raw)
     card = build_card(spec, report, graph_sha256(graph))
+    per_row = largest_activation_per_row(raw)
+    card.input["largest_activation_bytes_per_row"] = per_row
+    card.input["default_batch_size"] = default_batch_size(per_row)
     data = attach_card(raw, card)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{spec.name}.onnx"
