@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["galaxy", "pokemon-cnn", "pokemon-resnet", "cifar10"])
     p.add_argument("--images", type=Path, default=None, help="folder of image files (searched recursively)")
     p.add_argument("--n", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None, help="default: each card's default batch")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.images:
@@ -53,28 +53,29 @@ def main(argv: list[str] | None = None) -> int:
     else:
         files = _jpegs(Path(tempfile.gettempdir()) / "stampclf_bench_images", args.n)
     print(f"{len(files)} image files from {args.images or 'generated 256x256 JPEGs'}; {os.cpu_count()} CPUs", file=sys.stderr)
-    print("| model | input | ONNX size | parameters | test accuracy | macro-F1 | top-3 | in-memory images/s | end-to-end images/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | input | batch | ONNX size | parameters | test accuracy | macro-F1 | top-3 | in-memory images/s | "
+          "end-to-end images/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models:
         try:
             path = resolve_model(name)
         except Exception as exc:  # noqa: BLE001 - report and go on with the others
-            print(f"| {name} | not available: {exc} |||||||")
+            print(f"| {name} | not available: {exc} ||||||||")
             continue
         clf = Classifier(name, device="cpu", threads=args.threads, batch_size=args.batch_size)
         card = clf.card
         x = np.random.default_rng(0).normal(0, 1, (min(args.n, 2000), *card.shape)).astype(np.float32)
-        clf._run(x[: args.batch_size])  # warm-up
+        clf._run(x[: clf.batch_size])  # warm-up
         t = time.perf_counter()
         clf._run(x)
         mem = len(x) / (time.perf_counter() - t)
         with tempfile.TemporaryDirectory() as tmp:
-            s = classify_files(clf, files, os.path.join(tmp, "out.csv"), args.batch_size, progress=False)
+            s = classify_files(clf, files, os.path.join(tmp, "out.csv"), clf.batch_size, progress=False)
         e2e = s.rows / s.seconds
         test = card.metrics.get("test", {})
         top3 = test.get("top3_accuracy")
         print(
-            f"| {name} | {card.shape[1]}x{card.shape[2]} | {os.path.getsize(path) / 1e6:.2f} MB | "
+            f"| {name} | {card.shape[1]}x{card.shape[2]} | {clf.batch_size} | {os.path.getsize(path) / 1e6:.2f} MB | "
             f"{card.training.get('parameters', 0):,} | {test.get('accuracy', float('nan')):.4f} | "
             f"{test.get('f1', float('nan')):.4f} | {'' if top3 is None else f'{top3:.4f}'} | {mem:,.0f} | {e2e:,.0f} |"
         )
