@@ -90,7 +90,7 @@ def classify(
     ] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Shipped model name or path to an .onnx file.")] = "hits",
     batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", "-b", min=1, help="Rows per inference call [default: the model card's, 1024 for stamps].")
+        Optional[int], typer.Option("--batch-size", "-b", min=1, help="Rows per inference call (default: the model card's; 1024 for stamps).")
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: all allowed).")] = None,
@@ -218,7 +218,7 @@ def info(model: Annotated[str, typer.Argument(help="Shipped model name or path t
 def bench(
     model: Annotated[str, typer.Option("--model", "-m", help="Shipped model name or path.")] = "hits",
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="[default: the model card's]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Rows per inference call (default: the model card's).")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Rows to time.")] = 100_000,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1)] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16 (converted on load).")] = "fp32",
