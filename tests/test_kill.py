@@ -18,12 +18,14 @@ import pytest
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
-N_ROWS = 20_000
+# at batch 16 a fast machine classifies ~27,000 rows/s: 20,000 rows once ended before the
+# signal arrived; 200,000 leave seconds after the first rows reach the temporary file
+N_ROWS = 200_000
 
 
 @pytest.fixture(scope="module")
 def big_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """20,000 HiTS-layout rows, gzip-compressed (small on disk, seconds to classify at batch size 16)."""
+    """N_ROWS HiTS-layout rows, gzip-compressed (small on disk, several seconds to classify at batch size 16)."""
     path = tmp_path_factory.mktemp("big") / "big.h5"
     yy, xx = np.mgrid[:21, :21]
     bump = np.exp(-((yy - 10) ** 2 + (xx - 10) ** 2) / 4.0)
