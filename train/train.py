@@ -4,10 +4,19 @@ Usage
 -----
     python train/train.py --model hits [--epochs N] [--seed 0] [--out runs/hits] [--set key=value ...]
 
+    python train/train.py --model cifar10 --evaluate-only   # re-evaluate runs/cifar10 after a TTA change
+
 Writes ``<out>/checkpoint.pt`` (a plain state dict, loaded with ``weights_only=True``),
 ``<out>/report.json`` (history, validation and test metrics, calibration, operating
 points, provenance, the exact command) and PNG figures: learning curves, confusion
 matrix and ROC curve.
+
+Recipe keys (the registry's ``recipe``, each overridable with ``--set``): ``epochs``,
+``batch_size``, ``optimizer`` (``adamw`` | ``sgd``: Nesterov), ``lr`` (one-cycle peak),
+``momentum``, ``weight_decay``, ``pct_start``, ``label_smoothing``, ``class_weights``,
+``channels_last`` (NHWC tensors, faster convolutions on CPU), ``init_from_data`` (N: call
+every submodule's ``init_from_data(x)`` with N training inputs before training),
+``workers``, ``augment``; data options are the dataset loader's.
 """
 
 from __future__ import annotations
