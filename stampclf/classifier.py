@@ -183,7 +183,10 @@ class Classifier:
         self.device = info.device
         self.notice = info.notice
         self.threads = info.threads
-        self.batch_size = batch_size or int(self.card.input.get("default_batch_size", DEFAULT_BATCH_SIZE))
+        hint = self.card.input.get("default_batch_size", DEFAULT_BATCH_SIZE)
+        if isinstance(hint, bool) or not isinstance(hint, int) or hint < 1:
+            raise ModelError(f"{self.path}: card input.default_batch_size {hint!r} is not a positive integer")
+        self.batch_size = batch_size or hint
         self.threshold = self.card.threshold if threshold is None else float(threshold)
         self._input = self.session.get_inputs()[0].name
         self._output = self.session.get_outputs()[0].name

@@ -201,3 +201,17 @@ def test_subprocess_cli_never_imports_torch(tiny_model_path: Path, tmp_path: Pat
 def test_console_script_help() -> None:
     r = subprocess.run([sys.executable, "-m", "stampclf", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "classify" in r.stdout
+
+
+def test_default_batch_size_comes_from_the_card(tmp_path: Path) -> None:
+    from conftest import card_dict, write_model
+
+    card = card_dict()
+    card["input"]["default_batch_size"] = 48
+    path = write_model(tmp_path / "m.onnx", card)
+    assert Classifier(path, device="cpu").batch_size == 48
+    assert Classifier(path, device="cpu", batch_size=7).batch_size == 7
+    assert Classifier(write_model(tmp_path / "old.onnx", card_dict()), device="cpu").batch_size == 1024
+    card["input"]["default_batch_size"] = "lots"
+    with pytest.raises(ModelError, match="default_batch_size 'lots'"):
+        Classifier(write_model(tmp_path / "bad.onnx", card), device="cpu")
