@@ -291,8 +291,8 @@ def classify_dask(
         raise InputError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     t0 = time.perf_counter()
     card, sha, data = _load_model(client, model)
-    options = {"device": device, "threads": threads, "threshold": threshold}
-    options["batch_size"] = batch_size or card.input.get("default_batch_size", 1024)
+    # batch_size None: each worker's Classifier takes the card's default
+    options = {"device": device, "threads": threads, "threshold": threshold, "batch_size": batch_size}
     summary = RunSummary(output=output)
     if _is_dask_array(inputs):
         results: Iterator[tuple[Any, Any]] = _array_results(client, inputs, data, sha, options)
@@ -387,7 +387,7 @@ def predict_dask(
     if not _is_dask_array(stamps):
         raise InputError(f"predict_dask: expected a dask array, got {type(stamps).__name__}")
     card, sha, data = _load_model(client, model)
-    options = {"device": device, "threads": threads, "threshold": threshold, "batch_size": batch_size or card.input.get("default_batch_size", 1024)}
+    options = {"device": device, "threads": threads, "threshold": threshold, "batch_size": batch_size}
     preds = [res for _, res in _array_results(client, stamps, data, sha, options)]
     if not preds:
         return Predictions(np.empty(0, int), np.empty(0, object), np.empty((0, len(card.classes)), np.float32),

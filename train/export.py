@@ -37,6 +37,7 @@ import torch.nn as nn
 import stampclf
 from stampclf._card import CARD_KEY, ModelCard, graph_sha256, read_card, read_onnx_parts
 from train.registry import ModelSpec, create_model, get_spec, list_models
+from train.train import reproduce_command
 
 __all__ = ["export", "main", "Deployable", "TOLERANCE"]
 
@@ -99,8 +100,6 @@ def canonical_command(command: str) -> str:
 
     Reports written before those options were dropped at training time still carry them.
     """
-    from train.train import reproduce_command
-
     argv = shlex.split(command)
     if argv[:2] != ["python", "train/train.py"]:
         return command

@@ -52,8 +52,6 @@ class ImageReader:
     decoding and resizing); rows stay in input order.
     """
 
-    has_labels = False
-
     def __init__(
         self, paths: list[str], spec: dict[str, Any], shape: tuple[int, int, int], threads: int | None = None,
         classes: list[str] | tuple[str, ...] | None = None,
