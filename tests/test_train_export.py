@@ -181,3 +181,20 @@ def test_export_cleans_old_card_commands() -> None:
     old = "python train/train.py --model galaxy --out /tmp/s9/run/galaxy --threads 2 --set cache=/x --set lr=0.1"
     assert canonical_command(old) == "python train/train.py --model galaxy --set lr=0.1"
     assert canonical_command("bash benchmarks/gpu.sh --out x") == "bash benchmarks/gpu.sh --out x"
+
+
+def test_ema_recipe_key_saves_averaged_weights(trained: dict[str, Path], tmp_path: Path) -> None:
+    # the same run as the fixture with an average of the weights: other weights, still a good model
+    files = ",".join(str(trained["test"].parent / f"{s}.h5") for s in ("train", "val", "test"))
+    args = ["--model", "hits", "--epochs", "2", "--seed", "3", "--device", "cpu", "--set", "data=" + files,
+            "--set", "batch_size=128"]
+    assert train_mod.main([*args, "--out", str(tmp_path / "ema"), "--set", "ema=0.8"]) == 0
+    report = json.loads((tmp_path / "ema" / "report.json").read_text())
+    assert report["recipe"]["ema"] == 0.8
+    assert report["metrics"]["test"]["accuracy"] > 0.9
+    plain = torch.load(trained["run"] / "checkpoint.pt", weights_only=True)["state_dict"]
+    averaged = torch.load(tmp_path / "ema" / "checkpoint.pt", weights_only=True)["state_dict"]
+    assert plain.keys() == averaged.keys()
+    assert any(not torch.equal(plain[k], averaged[k]) for k in plain if plain[k].is_floating_point())
+    with pytest.raises(ValueError, match="ema must be in"):
+        train_mod.main([*args, "--out", str(tmp_path / "bad"), "--set", "ema=1.0"])

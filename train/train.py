@@ -16,7 +16,9 @@ Recipe keys (the registry's ``recipe``, each overridable with ``--set``): ``epoc
 ``momentum``, ``weight_decay``, ``pct_start``, ``label_smoothing``, ``class_weights``,
 ``channels_last`` (NHWC tensors, faster convolutions on CPU), ``init_from_data`` (N: call
 every submodule's ``init_from_data(x)`` with N training inputs before training),
-``workers``, ``augment``; data options are the dataset loader's.
+``ema`` (a decay such as 0.999: validate, select and save an exponential moving average
+of the weights and batch-norm statistics, updated every step), ``workers``, ``augment``;
+data options are the dataset loader's.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from stampclf import metrics as M
@@ -189,6 +192,12 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     smoothing = float(recipe.get("label_smoothing", 0.0))
     class_weights = recipe.get("class_weights")
     weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
+    # an average of the weights along the trajectory generalises better than the last step on small data
+    ema_decay = float(recipe.get("ema", 0.0))
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"recipe key ema must be in [0, 1), got {ema_decay}")
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True) if ema_decay else None
+    evaluated = ema.module if ema is not None else model
     gen = torch.Generator().manual_seed(args.seed)
     history: dict[str, list[float]] = {"train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": [], "lr": []}
     best_loss, best_state, best_epoch = float("inf"), None, -1
@@ -210,10 +219,12 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             tot += len(y)
-        vlogits, vy = predict_logits(model, data.val, bs * 2, device, workers)
+        vlogits, vy = predict_logits(evaluated, data.val, bs * 2, device, workers)
         vloss = float(F.cross_entropy(torch.from_numpy(vlogits), torch.from_numpy(vy)))
         vacc = float((vlogits.argmax(1) == vy).mean())
         history["train_loss"].append(loss_sum / tot)
@@ -223,7 +234,7 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
         history["lr"].append(float(sched.get_last_lr()[0]))
         if vloss < best_loss:
             best_loss, best_epoch = vloss, epoch
-            best_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone().cpu() for k, v in evaluated.state_dict().items()}
         print(f"[train] epoch {epoch + 1}/{epochs} loss {loss_sum / tot:.4f} acc {correct / tot:.4f} "
               f"val_loss {vloss:.4f} val_acc {vacc:.4f} ({time.time() - t0:.0f} s)", flush=True)
     assert best_state is not None
