@@ -181,6 +181,9 @@ def test_export_cleans_old_card_commands() -> None:
     old = "python train/train.py --model galaxy --out /tmp/s9/run/galaxy --threads 2 --set cache=/x --set lr=0.1"
     assert canonical_command(old) == "python train/train.py --model galaxy --set lr=0.1"
     assert canonical_command("bash benchmarks/gpu.sh --out x") == "bash benchmarks/gpu.sh --out x"
+    from train.export import canonical_recipe
+
+    assert canonical_recipe({"lr": 0.1, "cache": "/tmp/x", "decode_threads": 4}) == {"lr": 0.1}
 
 
 def test_ema_recipe_key_saves_averaged_weights(trained: dict[str, Path], tmp_path: Path) -> None:

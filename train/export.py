@@ -37,7 +37,7 @@ import torch.nn as nn
 import stampclf
 from stampclf._card import CARD_KEY, ModelCard, graph_sha256, read_card, read_onnx_parts
 from train.registry import ModelSpec, create_model, get_spec, list_models
-from train.train import reproduce_command
+from train.train import NO_EFFECT_KEYS, reproduce_command
 
 __all__ = ["export", "main", "Deployable", "TOLERANCE"]
 
@@ -106,6 +106,11 @@ def canonical_command(command: str) -> str:
     return reproduce_command(argv[2:])
 
 
+def canonical_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe without the scratch options (cache path, decode threads) that cannot change the result."""
+    return {k: v for k, v in recipe.items() if k not in NO_EFFECT_KEYS}
+
+
 def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str) -> ModelCard:
     """The model card from the registry spec and the training report."""
     import onnx
@@ -134,7 +139,7 @@ def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str) -> Mod
             "command": canonical_command(report["command"]),
             "seed": report["seed"],
             "device": report.get("device", "cpu"),
-            "recipe": report.get("recipe", {}),
+            "recipe": canonical_recipe(report.get("recipe", {})),
             "best_epoch": report.get("best_epoch"),
             "train_seconds": round(float(report.get("train_seconds", 0.0)), 1),
             "data": report["data"],

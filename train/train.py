@@ -49,7 +49,7 @@ from stampclf import metrics as M
 from train.data import DataBundle, load_dataset
 from train.registry import ModelSpec, create_model, get_spec, list_models
 
-__all__ = ["train", "main", "predict_logits", "fit_temperature", "reproduce_command"]
+__all__ = ["train", "main", "predict_logits", "fit_temperature", "reproduce_command", "NO_EFFECT_KEYS"]
 
 
 def seed_everything(seed: int) -> None:
@@ -422,14 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: ``--set`` keys that change only where scratch files go or how fast things run, never the result
-_NO_EFFECT_KEYS = ("cache", "decode_threads")
+NO_EFFECT_KEYS = ("cache", "decode_threads")
 
 
 def reproduce_command(argv: list[str]) -> str:
     """The training command for the card, without the options that cannot change the result.
 
     ``--out`` (the export step reads the default ``runs/<model>``), ``--threads`` and the
-    ``--set`` keys in ``_NO_EFFECT_KEYS`` (a scratch cache path means nothing on another
+    ``--set`` keys in ``NO_EFFECT_KEYS`` (a scratch cache path means nothing on another
     machine) are left out; everything else is kept in order.
     """
     keep: list[str] = []
@@ -442,7 +442,7 @@ def reproduce_command(argv: list[str]) -> str:
             continue
         if flag == "--set":
             kv = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-            if kv.split("=", 1)[0] in _NO_EFFECT_KEYS:
+            if kv.split("=", 1)[0] in NO_EFFECT_KEYS:
                 i += 1 if eq else 2
                 continue
         keep.append(a)
