@@ -242,12 +242,12 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     run = {"history": history, "best_epoch": best_epoch + 1, "command": reproduce_command(sys.argv[1:]),
            "recipe": {**recipe, "epochs": epochs}, "device": device if device == "cpu" else
            f"{device} ({torch.cuda.get_device_name(0)})", "train_seconds": time.time() - t_start}
-    return finish(spec, model, best_state, data, run, out, args, options)
+    return finish(spec, model, data, run, out, args, options)
 
 
-def finish(spec: ModelSpec, model: nn.Module, best_state: dict[str, torch.Tensor], data: DataBundle,
-           run: dict[str, Any], out: Path, args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate the trained *model* and write checkpoint, report.json and figures to *out*.
+def finish(spec: ModelSpec, model: nn.Module, data: DataBundle, run: dict[str, Any], out: Path,
+           args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the trained *model* and write its weights (checkpoint), report.json and figures to *out*.
 
     *run* holds what the training loop knew: ``history``, ``best_epoch``, ``command``,
     ``recipe``, ``device`` and ``train_seconds``. Calibration, operating points and every
@@ -278,7 +278,8 @@ def finish(spec: ModelSpec, model: nn.Module, best_state: dict[str, torch.Tensor
         extra[name], _, _ = evaluate_split(model, ds, spec, temperature, threshold, bs * 2, device, workers)
     uncal = M.expected_calibration_error(vy, _softmax(vlogits, 1.0))
 
-    torch.save({"state_dict": best_state, "temperature": torch.tensor(temperature)}, out / "checkpoint.pt")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "temperature": torch.tensor(temperature)}, out / "checkpoint.pt")
     report: dict[str, Any] = {
         "model": spec.name,
         "version": spec.version,
@@ -327,7 +328,7 @@ def evaluate_only(spec: ModelSpec, args: argparse.Namespace, options: dict[str, 
     run = {k: old[k] for k in ("history", "best_epoch", "command", "recipe", "device", "train_seconds")}
     run["evaluated_from"] = (f"weights of the run of {old['date']} ({old['command']}), re-evaluated with "
                              f"{reproduce_command(sys.argv[1:])}; history figures are from that run")
-    return finish(spec, model, state, data, run, out, args, options)
+    return finish(spec, model, data, run, out, args, options)
 
 
 def write_figures(out: Path, spec: ModelSpec, history: dict[str, list[float]], test_m: dict[str, Any],
