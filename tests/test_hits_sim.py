@@ -113,20 +113,6 @@ def test_snr_background_is_unit_noise(sim):
     assert 0.7 < np.median(mad) < 1.4
 
 
-def test_noise_peaks_in_correlated_noise_are_rare():
-    """Simulator 1.2: smooth (PSF-matched) noise has fewer 5-sigma peaks per pixel than white noise.
-
-    A noise peak lands in the convolved image only at its relative rate 1 / correlation area
-    (1.1.0 kept a quarter of them there, with a mean kernel sigma of 0.85 px).
-    """
-    d = simulate(8000, seed=5, meta=True)
-    peak = d["kind"] == KINDS.index("noise_peak")
-    convolved = np.where(d["noise_in_science"], ~d["template_sharper"].astype(bool), d["template_sharper"].astype(bool))
-    assert peak.sum() > 400
-    assert convolved[peak].mean() < 0.12
-    assert d["kernel_sigma"][peak & convolved].mean() < 0.75
-
-
 def test_small_and_empty():
     d = simulate(0, seed=0)
     assert d["SNR_images"].shape == (0, 21, 21)

@@ -26,8 +26,6 @@ small number of kernel taps, filters or retry rounds, never over stamps.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 
 try:  # normal case: imported as train.data.hits_sim
@@ -49,7 +47,7 @@ __all__ = [
     "iter_simulate",
 ]
 
-SIM_VERSION = "1.2.0"
+SIM_VERSION = "1.1.0"
 
 STAMP = 21  #: stamp side (pixels)
 PAD = 7  #: canvas margin: half-width of the PSF-matching kernel
@@ -631,7 +629,6 @@ def _batch(
     # resampling), i.e. kriging: the peak gets exactly the shape of the noise correlation.
     idx = all_i[K["noise_peak"]]
     np_sci = np.zeros(n, dtype=bool)
-    np_keep = np.ones(n, dtype=bool)  # noise peaks kept at their relative rate (below)
     if idx.size:
         m = idx.size
         oxp, oyp = np.rint(px[idx]).astype(int), np.rint(py[idx]).astype(int)
@@ -659,13 +656,6 @@ def _batch(
         sig_x = np.sqrt(np.where(use_s, V_s[idx, ci + PAD, cj + PAD], V_t[idx, ci + PAD, cj + PAD]))
         gainx = np.where(use_s, 1.0, fscale[idx])
         norm2 = (cy**2).sum(1) * (cx**2).sum(1)
-        # Smooth noise has fewer 5-sigma peaks: their number per pixel falls as 1 / the
-        # correlation area (Gaussian random fields: peak density ~ second spectral moment).
-        # Keep a peak with that relative rate (white noise: 1), so PSF-scale correlated
-        # noise -- where a peak is a faint point source to any observer -- is as rare
-        # among the candidates as it is in a survey.
-        area = (cy.sum(1) * cx.sum(1)) ** 2 / norm2
-        np_keep[idx] = rng.random(m) < np.minimum(1.0, 1.0 / area)
         amp = target * np.sqrt(vd) / (sig_x * gainx * norm2)
         amp *= np.where(use_s, sgn, -sgn)  # a template excursion shows inverted
         pat = (amp[:, None, None] * cy[:, :, None] * cx[:, None, :]).astype(_F32)
@@ -850,7 +840,7 @@ def _batch(
         real,
         np.where(K["variable_neg"], neg <= -detect_snr, pos >= detect_snr),
         absmax >= detect_snr,
-    ) & np_keep
+    )
     peak = np.where(real, np.where(K["variable_neg"], -neg, pos), absmax)
 
     # --- pixel-unit randomisation (label-independent): global scale, an independently
@@ -943,11 +933,6 @@ def _simulate_chunk(
     raise RuntimeError(f"{todo.size} stamps failed the candidate cut {MAX_ROUNDS} times")
 
 
-def _check_size(n: int, real_fraction: float) -> None:
-    if n < 0 or not 0.0 <= real_fraction <= 1.0:
-        raise ValueError(f"need n >= 0 and 0 <= real_fraction <= 1, got n={n}, real_fraction={real_fraction}")
-
-
 def simulate_chunk(
     index: int,
     n: int,
@@ -963,7 +948,8 @@ def simulate_chunk(
     exactly ``round(stop*f) - round(start*f)`` real stamps, so chunks can be simulated in
     any order or in parallel processes and still give the same data as one call.
     """
-    _check_size(n, real_fraction)
+    if n < 0 or not 0.0 <= real_fraction <= 1.0:
+        raise ValueError("need n >= 0 and 0 <= real_fraction <= 1")
     chunk = chunk or CHUNK
     start = index * chunk
     stop = min(start + chunk, n)
@@ -981,9 +967,10 @@ def iter_simulate(
     chunk: int | None = None,
     meta: bool = False,
     detect_snr: float = DETECT_SNR,
-) -> Iterator[tuple[int, dict]]:
+):
     """Yield ``(start, stamps)`` chunk by chunk: the stamps of :func:`simulate` in bounded memory."""
-    _check_size(n, real_fraction)
+    if n < 0 or not 0.0 <= real_fraction <= 1.0:
+        raise ValueError("need n >= 0 and 0 <= real_fraction <= 1")
     chunk = chunk or CHUNK
     for i, start in enumerate(range(0, n, chunk)):
         yield start, simulate_chunk(i, n, seed, real_fraction, chunk, meta, detect_snr)

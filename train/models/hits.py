@@ -76,8 +76,8 @@ HITS_RECIPE = {
 
 def _hits_spec(description: str, **recipe: object) -> dict[str, object]:
     return dict(
-        # 1.2.0: trained on simulator 1.2.0 (docs/hits-simulation.md, "Versions")
-        version="1.2.0",
+        # 1.1.0: trained on simulator 1.1.0 (docs/hits-simulation.md, "Versions")
+        version="1.1.0",
         task="real-bogus",
         classes=HITS_CLASSES,
         positive_class="real",
