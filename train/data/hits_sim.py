@@ -26,6 +26,8 @@ small number of kernel taps, filters or retry rounds, never over stamps.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 try:  # normal case: imported as train.data.hits_sim
@@ -933,6 +935,11 @@ def _simulate_chunk(
     raise RuntimeError(f"{todo.size} stamps failed the candidate cut {MAX_ROUNDS} times")
 
 
+def _check_size(n: int, real_fraction: float) -> None:
+    if n < 0 or not 0.0 <= real_fraction <= 1.0:
+        raise ValueError(f"need n >= 0 and 0 <= real_fraction <= 1, got n={n}, real_fraction={real_fraction}")
+
+
 def simulate_chunk(
     index: int,
     n: int,
@@ -948,8 +955,7 @@ def simulate_chunk(
     exactly ``round(stop*f) - round(start*f)`` real stamps, so chunks can be simulated in
     any order or in parallel processes and still give the same data as one call.
     """
-    if n < 0 or not 0.0 <= real_fraction <= 1.0:
-        raise ValueError("need n >= 0 and 0 <= real_fraction <= 1")
+    _check_size(n, real_fraction)
     chunk = chunk or CHUNK
     start = index * chunk
     stop = min(start + chunk, n)
@@ -967,10 +973,9 @@ def iter_simulate(
     chunk: int | None = None,
     meta: bool = False,
     detect_snr: float = DETECT_SNR,
-):
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Yield ``(start, stamps)`` chunk by chunk: the stamps of :func:`simulate` in bounded memory."""
-    if n < 0 or not 0.0 <= real_fraction <= 1.0:
-        raise ValueError("need n >= 0 and 0 <= real_fraction <= 1")
+    _check_size(n, real_fraction)
     chunk = chunk or CHUNK
     for i, start in enumerate(range(0, n, chunk)):
         yield start, simulate_chunk(i, n, seed, real_fraction, chunk, meta, detect_snr)
