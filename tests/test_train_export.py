@@ -181,9 +181,16 @@ def test_export_cleans_old_card_commands() -> None:
     old = "python train/train.py --model galaxy --out /tmp/s9/run/galaxy --threads 2 --set cache=/x --set lr=0.1"
     assert canonical_command(old) == "python train/train.py --model galaxy --set lr=0.1"
     assert canonical_command("bash benchmarks/gpu.sh --out x") == "bash benchmarks/gpu.sh --out x"
-    from train.export import canonical_recipe
+
+
+def test_shipped_report_and_card_recipe_drop_scratch_options() -> None:
+    from train.export import canonical_recipe, shipped_report
 
     assert canonical_recipe({"lr": 0.1, "cache": "/tmp/x", "decode_threads": 4}) == {"lr": 0.1}
+    old = {"command": "python train/train.py --model hits --out /tmp/run --set cache=/tmp/c", "seed": 0,
+           "recipe": {"lr": 0.1, "cache": "/tmp/c"}, "options": {"cache": "/tmp/c", "n_train": 10}}
+    assert shipped_report(old) == {"command": "python train/train.py --model hits", "seed": 0,
+                                   "recipe": {"lr": 0.1}, "options": {"n_train": 10}}
 
 
 def test_ema_recipe_key_saves_averaged_weights(trained: dict[str, Path], tmp_path: Path) -> None:
@@ -199,5 +206,8 @@ def test_ema_recipe_key_saves_averaged_weights(trained: dict[str, Path], tmp_pat
     averaged = torch.load(tmp_path / "ema" / "checkpoint.pt", weights_only=True)["state_dict"]
     assert plain.keys() == averaged.keys()
     assert any(not torch.equal(plain[k], averaged[k]) for k in plain if plain[k].is_floating_point())
+    counters = [k for k in plain if k.endswith("num_batches_tracked")]
+    steps = report["best_epoch"] * (768 // 128)  # counted steps up to the kept epoch, not an average of them
+    assert counters and all(int(averaged[k]) == steps for k in counters)
     with pytest.raises(ValueError, match="ema must be in"):
         train_mod.main([*args, "--out", str(tmp_path / "bad"), "--set", "ema=1.0"])

@@ -111,6 +111,13 @@ def canonical_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in recipe.items() if k not in NO_EFFECT_KEYS}
 
 
+def shipped_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The training report as shipped beside the model: command, recipe and options without scratch paths."""
+    return {**report, "command": canonical_command(report["command"]),
+            "recipe": canonical_recipe(report.get("recipe", {})),
+            "options": canonical_recipe(report.get("options", {}))}
+
+
 def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str) -> ModelCard:
     """The model card from the registry spec and the training report."""
     import onnx
@@ -271,7 +278,7 @@ def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path |
     figs.mkdir(exist_ok=True)
     for f in report.get("figures", []):
         shutil.copy2(checkpoint.parent / f, figs / f)
-    (figs / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    (figs / "report.json").write_text(json.dumps(shipped_report(report), indent=2, sort_keys=True))
     print(f"[export] wrote {final} ({final.stat().st_size / 1e6:.2f} MB), figures in {figs}/")
     return final
 

@@ -221,6 +221,9 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
             sched.step()
             if ema is not None:
                 ema.update_parameters(model)
+                for kept, b in zip(ema.module.buffers(), model.buffers(), strict=True):
+                    if not b.is_floating_point():  # counters (BN num_batches_tracked) are copied, not averaged
+                        kept.copy_(b)
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             tot += len(y)
