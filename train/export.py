@@ -119,7 +119,7 @@ def shipped_report(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str) -> ModelCard:
-    """The model card from the registry spec and the training report."""
+    """The model card from the registry spec and the training report (as :func:`shipped_report` leaves it)."""
     import onnx
 
     versions = {
@@ -143,10 +143,10 @@ def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str) -> Mod
         operating_points=report.get("operating_points", {}),
         calibration=report.get("calibration", {}),
         training={
-            "command": canonical_command(report["command"]),
+            "command": report["command"],
             "seed": report["seed"],
             "device": report.get("device", "cpu"),
-            "recipe": canonical_recipe(report.get("recipe", {})),
+            "recipe": report.get("recipe", {}),
             "best_epoch": report.get("best_epoch"),
             "train_seconds": round(float(report.get("train_seconds", 0.0)), 1),
             "data": report["data"],
@@ -248,7 +248,7 @@ def default_batch_size(per_row: int, budget: int = ACTIVATION_BUDGET) -> int:
 def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path | None = None) -> Path:
     """Export *spec* from *checkpoint*; returns the ONNX path. Raises on a failed check."""
     report_path = report_path or checkpoint.parent / "report.json"
-    report = json.loads(report_path.read_text())
+    report = shipped_report(json.loads(report_path.read_text()))
     model = load_trained(spec, checkpoint)
     shape = (len(spec.input["channels"]), int(spec.input["height"]), int(spec.input["width"]))
     raw = to_onnx_bytes(model, shape, "stamps" if spec.input.get("kind", "stamp") == "stamp" else "images")
@@ -278,7 +278,7 @@ def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path |
     figs.mkdir(exist_ok=True)
     for f in report.get("figures", []):
         shutil.copy2(checkpoint.parent / f, figs / f)
-    (figs / "report.json").write_text(json.dumps(shipped_report(report), indent=2, sort_keys=True))
+    (figs / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     print(f"[export] wrote {final} ({final.stat().st_size / 1e6:.2f} MB), figures in {figs}/")
     return final
 
