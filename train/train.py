@@ -30,7 +30,7 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,23 @@ def evaluate_split(
     return m, proba, y
 
 
+def _ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+    """torch's EMA for float tensors; integer ones (BN ``num_batches_tracked``) are copied, not averaged.
+
+    AveragedModel calls it once per group of tensors of one device and dtype.
+    """
+    floats = get_ema_multi_avg_fn(decay)
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        if averaged[0].is_floating_point():
+            floats(averaged, current, n)
+        else:
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(c)
+
+    return update
+
+
 def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
     """Train *spec* and write checkpoint, report and figures to ``args.out``. Returns the report."""
     out = Path(args.out or f"runs/{spec.name}")
@@ -196,7 +213,7 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     ema_decay = float(recipe.get("ema", 0.0))
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"recipe key ema must be in [0, 1), got {ema_decay}")
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True) if ema_decay else None
+    ema = AveragedModel(model, multi_avg_fn=_ema_update(ema_decay), use_buffers=True) if ema_decay else None
     evaluated = ema.module if ema is not None else model
     gen = torch.Generator().manual_seed(args.seed)
     history: dict[str, list[float]] = {"train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": [], "lr": []}
@@ -221,9 +238,6 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
             sched.step()
             if ema is not None:
                 ema.update_parameters(model)
-                for kept, b in zip(ema.module.buffers(), model.buffers(), strict=True):
-                    if not b.is_floating_point():  # counters (BN num_batches_tracked) are copied, not averaged
-                        kept.copy_(b)
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             tot += len(y)
