@@ -32,7 +32,7 @@ from ._errors import InputError, StampclfError
 from ._registry import resolve_model
 from ._run import RunSummary, finish, unreadable_images
 from .classifier import Classifier, Predictions
-from .io import LAYOUTS, HDF5Reader, InputBatch, input_kind, open_inputs, open_writer
+from .io import LAYOUTS, HDF5Reader, InputBatch, input_kind, open_inputs, open_writer, run_attrs
 
 __all__ = ["classify_dask", "predict_dask", "DEFAULT_CHUNK_ROWS"]
 
@@ -253,6 +253,7 @@ def classify_dask(
     layout: str = "auto",
     channels_last: bool = False,
     keep_going: bool = False,
+    precision: str = "fp32",
 ) -> RunSummary:
     """Classify files (or a Dask array of stamps) on a Dask cluster into one output.
 
@@ -274,8 +275,8 @@ def classify_dask(
         Rows per inference call on the workers (default: the classifier's).
     chunk_rows
         Rows of an HDF5 file (or image files) per task.
-    device, threads
-        Per worker session: ``threads`` intra-op threads (default 1: run one
+    device, threads, threshold, precision
+        Per worker `Classifier`: ``threads`` intra-op threads (default 1: run one
         single-threaded worker process per core).
     keep_going
         Report an input that cannot be read and go on; its rows are left out.
@@ -292,7 +293,9 @@ def classify_dask(
     t0 = time.perf_counter()
     card, sha, data = _load_model(client, model)
     # batch_size None: each worker's Classifier takes the card's default
-    options = {"device": device, "threads": threads, "threshold": threshold, "batch_size": batch_size}
+    options = {
+        "device": device, "threads": threads, "threshold": threshold, "batch_size": batch_size, "precision": precision,
+    }  # fmt: skip
     summary = RunSummary(output=output)
     if _is_dask_array(inputs):
         results: Iterator[tuple[Any, Any]] = _array_results(client, inputs, data, sha, options)
@@ -318,7 +321,9 @@ def classify_dask(
 
         results = _ordered(client, submit, units, _window(client))
     classes = list(card.classes)
-    writer = open_writer(output, classes, card.name, card.version, extra)
+    binary = len(classes) == 2 and bool(card.positive_class)
+    attrs = run_attrs((card.threshold if threshold is None else threshold) if binary else None, precision, device)
+    writer = open_writer(output, classes, card.name, card.version, extra, attrs)
     try:
         current, failed_input = -1, False
         for unit, res in results:
@@ -379,15 +384,18 @@ def predict_dask(
     device: str = "cpu",
     threads: int = 1,
     threshold: float | None = None,
+    precision: str = "fp32",
 ) -> Predictions:
     """Classify a Dask array of raw stamps ``(N, C, H, W)`` on the cluster; results in memory.
 
-    Returns one `Predictions` (ids are row numbers), in row order.
+    Returns one `Predictions` (ids are row numbers), in row order; options as `classify_dask`.
     """
     if not _is_dask_array(stamps):
         raise InputError(f"predict_dask: expected a dask array, got {type(stamps).__name__}")
     card, sha, data = _load_model(client, model)
-    options = {"device": device, "threads": threads, "threshold": threshold, "batch_size": batch_size}
+    options = {
+        "device": device, "threads": threads, "threshold": threshold, "batch_size": batch_size, "precision": precision,
+    }  # fmt: skip
     preds = [res for _, res in _array_results(client, stamps, data, sha, options)]
     if not preds:
         return Predictions(np.empty(0, int), np.empty(0, object), np.empty((0, len(card.classes)), np.float32),
@@ -403,8 +411,8 @@ def connect(address: str) -> Any:
         raise InputError("--scheduler needs Dask: pip install 'stampclf[dask]'") from None
     if address == "local" or address.startswith("local:"):
         n = address.partition(":")[2]
-        if n and not n.isdigit():
-            raise InputError(f"--scheduler {address}: expected local or local:N (N workers)")
+        if n and (not n.isdigit() or int(n) < 1):
+            raise InputError(f"--scheduler {address}: expected local or local:N (N >= 1 workers)")
         from ._session import cpu_count
 
         workers = int(n) if n else cpu_count()

@@ -13,7 +13,7 @@ import numpy as np
 from . import metrics as _metrics
 from ._errors import InputError, StampclfError
 from .classifier import Classifier
-from .io import LAYOUTS, open_inputs, open_writer
+from .io import LAYOUTS, open_inputs, open_writer, run_attrs
 
 __all__ = ["RunSummary", "classify_files", "Progress"]
 
@@ -131,12 +131,15 @@ def classify_files(
     _check_output(output, paths)
     summary = RunSummary(output=output)
     groups = open_inputs(paths, clf.card, layout, channels_last)
+    if not keep_going:
+        _check_inputs(groups, evaluate)
     bar = Progress(_count_rows(groups) if progress is not False else None, enabled=progress)
     y_true: list[np.ndarray] = []
     y_prob: list[np.ndarray] = []
     t0 = time.perf_counter()
     extra = tuple(dict.fromkeys(c for _g, op in groups for c in getattr(op, "extra_columns", ())))
-    writer = open_writer(output, clf.classes, clf.name, clf.version, extra)
+    attrs = run_attrs(clf.threshold if clf._binary else None, clf.precision, clf.device)
+    writer = open_writer(output, clf.classes, clf.name, clf.version, extra, attrs)
     try:
         for _group, opener in groups:
             writer.mark()
@@ -145,10 +148,9 @@ def classify_files(
             prob: list[np.ndarray] = []
             try:
                 reader = opener()
-                if evaluate and not reader.has_labels:  # say so now, not after classifying it
-                    reader.close()
-                    raise InputError(f"--evaluate: no labels in {reader.path} ({_NO_LABELS})")
-                for pred in clf._classify_reader(reader, batch_size or clf.batch_size):
+                if evaluate:  # say so now, not after classifying it
+                    _require_labels(reader)
+                for pred in clf._classify_reader(reader, batch_size or clf.batch_size, strict_labels=evaluate):
                     if getattr(opener, "images", False):
                         summary.file_errors.extend(unreadable_images(pred.status))
                     writer.write(pred.ids, pred.labels, pred.proba, pred.status, pred.file, pred.extra)
@@ -166,7 +168,7 @@ def classify_files(
                 if not writer.rollback():
                     summary.file_errors.append(f"{rows} row(s) of the failed input were already written to stdout")
                 continue
-            summary.files += 1
+            summary.files += len(_group)
             summary.rows += rows
             summary.flagged += flagged
             summary.failed += failed
@@ -187,6 +189,27 @@ def classify_files(
 
 
 _NO_LABELS = "expected a 'labels' dataset in HDF5, or images in folders named after the model's classes"
+
+
+def _require_labels(reader: Any) -> None:
+    """Refuse (and close) a reader without labels, for ``--evaluate``."""
+    if not reader.has_labels:
+        reader.close()
+        why = getattr(reader, "why_no_labels", None) or _NO_LABELS
+        raise InputError(f"--evaluate: no labels in {reader.path} ({why})")
+
+
+def _check_inputs(groups: list[tuple[list[str], Any]], evaluate: bool) -> None:
+    """Open every input once before classifying any.
+
+    A bad file (unreadable, wrong shape, no labels for ``--evaluate``) late in a
+    night's list then fails the run at once, before any row is written.
+    """
+    for _paths, opener in groups:
+        reader = opener()
+        if evaluate:
+            _require_labels(reader)
+        reader.close()
 
 
 def unreadable_images(status: Any) -> list[str]:
@@ -217,5 +240,6 @@ def evaluate_predictions(clf: Classifier, y_true: np.ndarray, proba: np.ndarray)
     pred = np.array([clf.classes.index(c) for c in clf._decide(proba[ok])], dtype=np.int64)
     out = _metrics.summary(y_true[ok], proba[ok], pred, clf.classes, clf._positive)
     out["unscored"] = int((~ok).sum())
-    out["threshold"] = clf.threshold
+    if clf._binary:  # multiclass labels use no threshold
+        out["threshold"] = clf.threshold
     return out

@@ -19,7 +19,7 @@ from ._registry import resolve_model
 from ._session import PRECISIONS, BatchRunner, cpu_count, create_session, to_fp16
 from .io import InputBatch, open_inputs
 from .io._base import DUPLICATE_ID, duplicate_rows
-from .preprocess import OK, merge_status, prepare_stamps
+from .preprocess import OK, image_to_array, merge_status, prepare_stamps, scale_pixels
 
 __all__ = ["Classifier", "Predictions"]
 
@@ -170,6 +170,12 @@ class Classifier:
         self.path = resolve_model(model)
         self.card: ModelCard
         self.card, data = read_card(self.path, verify=verify)
+        if threshold is not None and (len(self.card.classes) != 2 or not self.card.positive_class):
+            raise InputError(
+                f"threshold {threshold}: model {self.card.name!r} has {len(self.card.classes)} classes; "
+                "a threshold applies only to binary models (multiclass labels are the most probable class)"
+            )
+        self.precision = precision
         if precision == "fp16":
             data = to_fp16(data, source=str(self.path))
         info = create_session(data, device, threads, source=str(self.path), cuda_graph=cuda_graph)
@@ -246,8 +252,13 @@ class Classifier:
             self._runner = BatchRunner(self._info, self.batch_size, self.card.shape, len(self.card.classes))
         return self._runner.submit(x)
 
+    @property
+    def _binary(self) -> bool:
+        """A positive class and a threshold decide the label (else: the most probable class)."""
+        return self._positive is not None and len(self.card.classes) == 2
+
     def _decide(self, proba: np.ndarray) -> np.ndarray:
-        if self._positive is not None and len(self.card.classes) == 2:
+        if self._binary:
             other = 1 - self._positive
             idx = np.where(proba[:, self._positive] >= self.threshold, self._positive, other)
         else:
@@ -300,9 +311,13 @@ class Classifier:
         return proba, labels
 
     def classify(self, stamps: np.ndarray, ids: np.ndarray | None = None) -> Predictions:
-        """Classify an in-memory array of raw stamps ``(N, C, H, W)`` in the card's channel order.
+        """Classify in-memory rows: raw stamps ``(N, C, H, W)`` in the card's channel order.
 
-        Rows whose id repeats an earlier row's are kept and flagged ``duplicate id``.
+        For image models: a list of Pillow images (resized, cropped and scaled as the
+        card says, like files), uint8 pixels already at the input size ``(N, C, H, W)``
+        or ``(N, H, W, C)`` (scaled as the card says), or float32 arrays taken as already
+        preprocessed. Rows whose id repeats an earlier row's are kept and flagged
+        ``duplicate id``.
         """
         if ids is not None:
             ids = np.asarray(ids)
@@ -310,9 +325,7 @@ class Classifier:
             if ids.ndim != 1 or len(ids) != n:
                 raise InputError(f"ids: shape {ids.shape} for {n} stamps (need one id per stamp)")
         if self.card.kind != "stamp":
-            x = np.asarray(stamps, dtype=np.float32)
-            if x.ndim != 4 or x.shape[1:] != self.card.shape:
-                raise InputError(f"images: expected preprocessed shape (N, {self.card.shape}), got {x.shape}")
+            x = self._image_input(stamps)
             status = np.full(len(x), OK, dtype=object)
         elif isinstance(stamps, np.ndarray) and stamps.ndim == 4 and len(stamps) > 2 * self.batch_size:
             x = None  # large array: preprocess batch by batch, overlapped with inference
@@ -328,6 +341,30 @@ class Classifier:
         if x is not None:
             proba, labels = self._predict_prepared(x, status)
         return Predictions(ids, labels, proba, status)
+
+    def _image_input(self, images: Any) -> np.ndarray:
+        """Model input from Pillow images, uint8 pixels at the input size, or already preprocessed floats."""
+        c, h, w = self.card.shape
+        spec = self.card.preprocessing
+        if isinstance(images, (list, tuple)) and images and all(hasattr(i, "getbands") for i in images):
+            return np.stack([image_to_array(i, spec) for i in images])  # the file reader's own steps
+        arr = np.asarray(images)
+        if arr.ndim == 4 and arr.dtype == np.uint8:  # pixels: only the scaling is left to do
+            if arr.shape[1:] == (h, w, c) and arr.shape[1:] != (c, h, w):
+                arr = arr.transpose(0, 3, 1, 2)
+            if arr.shape[1:] != (c, h, w):
+                raise InputError(
+                    f"images: uint8 pixels of shape {arr.shape}; model {self.name!r} takes (N, {c}, {h}, {w}) or "
+                    f"(N, {h}, {w}, {c}); resize/crop first (stampclf.preprocess.image_to_uint8) or pass Pillow images"
+                )
+            return scale_pixels(arr, spec)
+        if arr.dtype.kind not in "f":
+            raise InputError(
+                f"images: dtype {arr.dtype}; give Pillow images, uint8 pixels or preprocessed float32 (N, {c}, {h}, {w})"
+            )
+        if arr.ndim != 4 or arr.shape[1:] != (c, h, w):
+            raise InputError(f"images: expected preprocessed shape (N, {c}, {h}, {w}), got {arr.shape}")
+        return np.ascontiguousarray(arr, dtype=np.float32)
 
     def _classify_in_batches(self, stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`classify` of a large array: the same rows and numbers, in bounded memory.
@@ -372,7 +409,12 @@ class Classifier:
         for _group, opener in open_inputs(paths, self.card, layout, channels_last):
             yield from self._classify_reader(opener(), batch_size or self.batch_size)
 
-    def _classify_reader(self, reader: Any, batch_size: int) -> Iterator[Predictions]:
+    def _classify_reader(self, reader: Any, batch_size: int, strict_labels: bool = False) -> Iterator[Predictions]:
+        """Predictions of one open reader; its labels are checked only when *strict_labels* (evaluation).
+
+        Without evaluation, labels that are not this model's classes (another labelling
+        scheme) are left out of ``true_labels`` instead of refusing the file.
+        """
         what = reader.path
 
         def prepared() -> Iterator[tuple[InputBatch, np.ndarray, np.ndarray]]:
@@ -392,10 +434,19 @@ class Classifier:
             for batch, proba, labels, status in self._predict_stream(stream):
                 file = batch.files if batch.files is not None else what
                 yield Predictions(
-                    batch.ids, labels, proba, status, self._label_index(batch.labels, what), file, batch.extra
+                    batch.ids, labels, proba, status, self._true_labels(batch.labels, what, strict_labels), file,
+                    batch.extra,
                 )
         finally:
             reader.close()
+
+    def _true_labels(self, labels: np.ndarray | None, what: str, strict: bool) -> np.ndarray | None:
+        if strict:
+            return self._label_index(labels, what)
+        try:
+            return self._label_index(labels, what)
+        except InputError:
+            return None
 
     def _label_index(self, labels: np.ndarray | None, what: str) -> np.ndarray | None:
         if labels is None:

@@ -122,7 +122,7 @@ def classify(
         if scheduler:
             return _classify_on_dask(
                 scheduler, files, output, model, batch_size, device, threads, threshold, layout, channels_last,
-                keep_going, evaluate, quiet,
+                keep_going, evaluate, quiet, precision,
             )  # fmt: skip
         clf = Classifier(
             model, device=device, threads=threads, batch_size=batch_size, threshold=threshold, precision=precision
@@ -145,20 +145,22 @@ def classify(
 def _classify_on_dask(
     scheduler: str, files: list[str], output: Optional[str], model: str, batch_size: Optional[int], device: str,
     threads: Optional[int], threshold: Optional[float], layout: str, channels_last: bool, keep_going: bool,
-    evaluate: bool, quiet: bool,
+    evaluate: bool, quiet: bool, precision: str,
 ) -> int:  # fmt: skip
+    from ._card import read_card
     from ._dask import classify_dask, connect
     from ._registry import resolve_model
 
     if evaluate:
         raise InputError("--evaluate is not available with --scheduler (run it without one)")
-    resolve_model(model)  # a bad model name fails before a cluster starts
+    card, _ = read_card(resolve_model(model), verify=False)  # a bad model fails before a cluster starts
     with connect(scheduler) as client:
         s = classify_dask(
             client, files, model, output, batch_size=batch_size, device=device, threads=threads or 1,
             threshold=threshold, layout=layout, channels_last=channels_last, keep_going=keep_going,
+            precision=precision,
         )  # fmt: skip
-    return _report(s, f"on Dask ({scheduler})", output, quiet)
+    return _report(s, f"with {card.name} v{card.version} on Dask ({scheduler})", output, quiet)
 
 
 def _report(s: Any, where: str, output: Optional[str], quiet: bool) -> int:
@@ -201,14 +203,21 @@ def models() -> None:
 
 
 @app.command()
-def info(model: Annotated[str, typer.Argument(help="Shipped model name or path to an .onnx file.")]) -> None:
+def info(
+    model: Annotated[Optional[str], typer.Argument(help="Shipped model name or path to an .onnx file (default: hits).")] = None,
+    model_opt: Annotated[
+        Optional[str], typer.Option("--model", "-m", help="The same, as an option (as in classify and bench).")
+    ] = None,
+) -> None:
     """Print a model's card (JSON)."""
 
     def run() -> None:
         from ._card import read_card
         from ._registry import resolve_model
 
-        card, _ = read_card(resolve_model(model))
+        if model and model_opt and model != model_opt:
+            raise InputError(f"two models given: {model!r} and --model {model_opt!r}")
+        card, _ = read_card(resolve_model(model or model_opt or "hits"))
         typer.echo(json.dumps(card.to_dict(), indent=2, sort_keys=True))
 
     _guard(run)
@@ -220,7 +229,7 @@ def bench(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Rows per inference call (default: the model card's).")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Rows to time.")] = 100_000,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: all allowed).")] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16 (converted on load).")] = "fp32",
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="CUDA: capture and replay a CUDA graph.")] = False,
 ) -> None:

@@ -122,10 +122,14 @@ def test_cli_scheduler(cluster, inputs, tiny_model_path: Path, tmp_path: Path) -
     assert CliRunner().invoke(app, [*base, "-o", str(ref), "-q"]).exit_code == 0
     result = CliRunner().invoke(app, [*base, "-o", str(out), "--scheduler", local.scheduler_address])
     assert result.exit_code == 0, result.output
-    assert "46 rows from 3 input(s) on Dask" in result.output
+    assert "46 rows from 3 input(s) with tiny v0.0.1 on Dask" in result.output
     assert _rows(out) == _rows(ref)
-    result = CliRunner().invoke(app, [*base, "--scheduler", "local:x"])
-    assert result.exit_code == 2 and "expected local or local:N" in result.output
+    for bad in ("local:x", "local:0"):  # no workers would wait for ever
+        result = CliRunner().invoke(app, [*base, "--scheduler", bad])
+        assert result.exit_code == 2 and "expected local or local:N" in result.output
+    # --precision reaches the workers' classifiers (it used to be dropped)
+    result = CliRunner().invoke(app, [*base, "--scheduler", local.scheduler_address, "--precision", "fp64"])
+    assert result.exit_code == 2 and "unknown precision 'fp64'" in result.output
 
 
 def test_image_folders(cluster, tiny_image_model_path: Path, tmp_path: Path) -> None:

@@ -282,15 +282,21 @@ CORPUS: dict[str, Case] = {
     "ids_wrong_length": Case(_h5("ids.h5", ids=np.arange(5)), "ids dataset 'id' has shape (5,)"),
     "ids_2d": Case(_h5("ids2d.h5", ids=np.zeros((6, 2))), "ids dataset 'id' has shape (6, 2)"),
     "labels_wrong_length": Case(_h5("labels.h5", labels=np.zeros(9, int)), "labels dataset 'labels' has shape (9,)"),
-    "labels_not_classes": Case(_h5("labels7.h5", labels=np.full(6, 7)), "label 7 is not a class index"),
-    "labels_unknown_name": Case(_h5("labelname.h5", labels=np.array([b"star"] * 6)), "label 'star' is not one of"),
+    # labels are checked only for --evaluate (test_foreign_labels_are_ignored_without_evaluate)
+    "labels_not_classes": Case(
+        lambda d, m: [*_h5("labels7.h5", labels=np.full(6, 7))(d, m), "--evaluate"], "label 7 is not a class index"
+    ),
+    "labels_unknown_name": Case(
+        lambda d, m: [*_h5("labelname.h5", labels=np.array([b"star"] * 6))(d, m), "--evaluate"],
+        "label 'star' is not one of",
+    ),
     "empty_stamp_pixels": Case(_h5("zero_px.h5", stamps=np.zeros((6, 4, 0, 0), "f4")), "stamps are empty"),
     "wrong_size_strict_card": Case(_channel_model("strict"), "stamps are 25x25 but the model needs 21x21", model=""),
     "mid_read_failure": Case(_h5("damaged_chunk.h5"), "cannot read rows 0-5", patch=_patch_mid_read),
     "evaluate_without_labels": Case(
         lambda d, m: [str(write_hits_h5(d / "nolabels.h5", 4, labels=None)), "--evaluate"], "no labels"
     ),
-    "folder_given_to_stamp_model": Case(_empty_dir, "classifies 4-channel stamps"),
+    "folder_given_to_stamp_model": Case(_empty_dir, "only image models read folders"),
     "image_given_to_stamp_model": Case(_images(("pic.png", None)), "classifies 4-channel stamps"),
     # --- outputs ----------------------------------------------------------------------------
     "output_folder_missing": Case(
@@ -696,7 +702,8 @@ def test_keep_going_drops_rows_of_a_file_that_fails_half_way(
         )
         assert result.exit_code == 2
         assert error_lines(stderr_of(result)) == [
-            f"stampclf: error: {half}: cannot read rows 4-7 (truncated or corrupt HDF5: Can't read data (truncated file))"
+            f"stampclf: error: {half}: cannot read rows 4-7 of dataset 'temp_images' "
+            "(truncated or corrupt HDF5: Can't read data (truncated file))"
         ]
         if out.suffix == ".csv":
             files = [r["file"] for r in read_csv(out)]

@@ -12,7 +12,7 @@ from ._cutouts import classify_cutouts, cutouts_to_input, decode_fits
 from ._fits import FITSReader, channel_of, is_fits
 from ._hdf5 import LAYOUTS, HDF5Reader
 from ._images import IMAGE_SUFFIXES, ImageReader
-from ._writers import OUTPUT_FORMATS, ResultWriter, open_writer
+from ._writers import OUTPUT_FORMATS, ResultWriter, open_writer, run_attrs
 
 __all__ = [
     "InputBatch",
@@ -26,6 +26,7 @@ __all__ = [
     "decode_fits",
     "ResultWriter",
     "open_writer",
+    "run_attrs",
     "open_inputs",
     "LAYOUTS",
     "OUTPUT_FORMATS",
@@ -109,6 +110,11 @@ def open_inputs(
             fits_opener.fits_channels = channel_of(path) is not None
             groups.append((fits_group, fits_opener))
             continue
+        if card.kind != "image" and kind == "dir":
+            raise InputError(
+                f"{path}: a folder; model {card.name!r} classifies stamps, and only image models read folders: "
+                f"give the files (e.g. {os.path.join(path, '*.h5')})"
+            )
         if card.kind != "image":
             raise InputError(
                 f"{path}: model {card.name!r} classifies {card.shape[0]}-channel stamps from HDF5, not images"

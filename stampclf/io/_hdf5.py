@@ -64,6 +64,7 @@ class HDF5Reader:
             raise InputError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
         self.path = str(path)
         self._fd: int | None = None  # own descriptor, for read-ahead hints only
+        self._reading: str | None = None  # the dataset being read, for error messages
         self._file = _open(self.path)
         try:
             self._setup(card_input, layout, channels_last)
@@ -181,21 +182,27 @@ class HDF5Reader:
         try:
             return self._read_block(start, stop)
         except _H5_ERRORS as exc:
+            where = f" of dataset {self._reading.lstrip('/')!r}" if self._reading else ""
             raise InputError(
-                f"{self.path}: cannot read rows {start}-{stop - 1} (truncated or corrupt HDF5: {_one_line(exc)})"
+                f"{self.path}: cannot read rows {start}-{stop - 1}{where} (truncated or corrupt HDF5: {_one_line(exc)})"
             ) from None
 
     def _read_block(self, start: int, stop: int) -> InputBatch:
         if self.layout == "stacked":
+            self._reading = self._datasets[0].name
             block = self._datasets[0][start:stop]
             stamps = np.moveaxis(block, 3, 1) if self._channels_last else block
         else:
-            parts = [_read_rows(d, start, stop) for d in self._datasets]
+            parts = []
+            for d in self._datasets:
+                self._reading = d.name
+                parts.append(_read_rows(d, start, stop))
             stamps = np.stack(
                 [p.reshape(p.shape[0], math.isqrt(p.shape[1]), -1) if p.ndim == 2 else p for p in parts],
                 axis=1,
             )
         if self._ids is not None:
+            self._reading = self._ids.name
             ids = self._ids[start:stop]
             if ids.dtype.kind in "SO":
                 ids = np.array(
@@ -203,6 +210,7 @@ class HDF5Reader:
                 )
         else:
             ids = np.arange(start, stop)
+        self._reading = self._labels.name if self._labels is not None else None
         labels = self._labels[start:stop] if self._labels is not None else None
         status = None
         if self._dup is not None and self._dup[start:stop].any():

@@ -1,0 +1,133 @@
+"""What a run checks before it writes anything, what it ignores, and what it records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import write_hits_h5
+from PIL import Image
+from typer.testing import CliRunner
+
+from stampclf import Classifier, InputError, __version__
+from stampclf.cli import app
+from stampclf.preprocess import load_image
+
+
+def _cli(*args: object) -> object:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_foreign_labels_are_ignored_without_evaluate(tmp_path: Path, tiny_model_path: Path) -> None:
+    path = write_hits_h5(tmp_path / "other_scheme.h5", 6, labels=np.array([b"star"] * 6))
+    r = _cli("classify", path, "-m", tiny_model_path, "--device", "cpu", "-o", tmp_path / "o.csv")
+    assert r.exit_code == 0, r.output
+    assert "6 rows" in r.stderr
+    preds = list(Classifier(tiny_model_path, device="cpu").classify_file(path))
+    assert sum(len(p) for p in preds) == 6 and all(p.true_labels is None for p in preds)
+    r = _cli("classify", path, "-m", tiny_model_path, "--device", "cpu", "--evaluate")
+    assert r.exit_code == 2 and "label 'star' is not one of" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("second", "phrase"),
+    [("nolabels", "--evaluate: no labels in"), ("corrupt", "not an HDF5 file")],
+)
+def test_every_input_is_checked_before_the_first_row(
+    tmp_path: Path, tiny_model_path: Path, second: str, phrase: str
+) -> None:
+    good = write_hits_h5(tmp_path / "good.h5", 8)
+    if second == "nolabels":
+        bad = write_hits_h5(tmp_path / "bad.h5", 4, labels=None)
+    else:
+        bad = tmp_path / "bad.h5"
+        bad.write_bytes(b"not hdf5 at all")
+    r = _cli("classify", good, bad, "-m", tiny_model_path, "--device", "cpu", "--evaluate")
+    assert r.exit_code == 2
+    assert phrase in r.stderr and str(bad) in r.stderr
+    assert r.stdout == ""  # not the 8 rows of good.h5, not even the header
+
+
+def test_refused_run_prints_no_header_but_an_empty_result_does(tmp_path: Path, tiny_model_path: Path) -> None:
+    r = _cli("classify", tmp_path / "missing.h5", "-m", tiny_model_path, "--device", "cpu")
+    assert r.exit_code == 2 and r.stdout == ""
+    empty = write_hits_h5(tmp_path / "empty.h5", 0)
+    r = _cli("classify", empty, "-m", tiny_model_path, "--device", "cpu", "-q")
+    assert r.exit_code == 0 and r.stdout.splitlines() == ["id,label,p_bogus,p_real,status,model,model_version,file"]
+
+
+def test_hdf5_output_records_the_run_settings(
+    tmp_path: Path, tiny_model_path: Path, tiny_image_model_path: Path
+) -> None:
+    path = write_hits_h5(tmp_path / "s.h5", 5)
+    out = tmp_path / "o.h5"
+    r = _cli("classify", path, "-m", tiny_model_path, "--device", "cpu", "--threshold", "0.9", "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    with h5py.File(out) as f:
+        assert f.attrs["threshold"] == pytest.approx(0.9)
+        assert (f.attrs["precision"], f.attrs["device"], f.attrs["stampclf_version"]) == ("fp32", "cpu", __version__)
+        assert f["p_real"].compression == "gzip" and f["p_real"].chunks == (8192,)
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(tmp_path / "a.png")
+    out = tmp_path / "img.h5"
+    r = _cli("classify", tmp_path / "a.png", "-m", tiny_image_model_path, "--device", "cpu", "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    with h5py.File(out) as f:
+        assert "threshold" not in f.attrs  # multiclass labels are the most probable class
+
+
+def test_threshold_is_refused_for_multiclass_models(tmp_path: Path, tiny_image_model_path: Path) -> None:
+    with pytest.raises(InputError, match="threshold 0.7: model 'tiny_image' has 3 classes"):
+        Classifier(tiny_image_model_path, device="cpu", threshold=0.7)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    r = _cli("classify", tmp_path / "a.png", "-m", tiny_image_model_path, "--threshold", "0.7")
+    assert r.exit_code == 2 and "applies only to binary models" in r.stderr
+
+
+def test_image_api_takes_pillow_images_and_uint8_pixels(tmp_path: Path, tiny_image_model_path: Path) -> None:
+    clf = Classifier(tiny_image_model_path, device="cpu")
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)  # at the input size, (N, H, W, C)
+    files = []
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(tmp_path / f"{i}.png")
+        files.append(tmp_path / f"{i}.png")
+    prepared = np.stack([load_image(f, clf.card.preprocessing) for f in files])
+    want = clf.classify(prepared).proba
+    np.testing.assert_array_equal(clf.classify([Image.open(f) for f in files]).proba, want)
+    np.testing.assert_array_equal(clf.classify(pixels).proba, want)
+    np.testing.assert_array_equal(clf.classify(pixels.transpose(0, 3, 1, 2)).proba, want)
+    from_files = np.concatenate([p.proba for p in clf.classify_file([str(f) for f in files])])
+    np.testing.assert_array_equal(from_files, want)
+    with pytest.raises(InputError, match="dtype int32"):
+        clf.classify(pixels.astype(np.int32))
+    with pytest.raises(InputError, match=r"uint8 pixels of shape \(5, 9, 9, 3\)"):
+        clf.classify(np.zeros((5, 9, 9, 3), np.uint8))
+
+
+def test_run_summary_counts_inputs_and_names_an_unlabelled_image(tmp_path: Path, tiny_image_model_path: Path) -> None:
+    for name in ("cat/a.png", "dog/b.png", "other/c.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    files = [tmp_path / "cat/a.png", tmp_path / "dog/b.png", tmp_path / "other/c.png"]
+    r = _cli("classify", *files, "-m", tiny_image_model_path, "--device", "cpu")
+    assert r.exit_code == 0 and "3 rows from 3 input(s)" in r.stderr
+    r = _cli("classify", *files, "-m", tiny_image_model_path, "--device", "cpu", "--evaluate")
+    assert r.exit_code == 2
+    assert f"{tmp_path / 'other/c.png'} is not in a folder named after one of the model's classes" in r.stderr
+
+
+def test_info_takes_the_model_as_argument_or_option(tiny_model_path: Path) -> None:
+    a = _cli("info", tiny_model_path)
+    b = _cli("info", "--model", tiny_model_path)
+    assert a.exit_code == b.exit_code == 0 and a.stdout == b.stdout and '"name": "tiny"' in a.stdout
+    r = _cli("info", "hits", "--model", tiny_model_path)
+    assert r.exit_code == 2 and "two models given" in r.stderr
+
+
+def test_output_folder_is_refused_whatever_its_name(tmp_path: Path, tiny_model_path: Path) -> None:
+    path = write_hits_h5(tmp_path / "s.h5", 3)
+    (tmp_path / "results").mkdir()
+    r = _cli("classify", path, "-m", tiny_model_path, "--device", "cpu", "-o", tmp_path / "results")
+    assert r.exit_code == 2 and "output path is a folder" in r.stderr
