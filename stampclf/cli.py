@@ -150,9 +150,12 @@ def _classify_on_dask(
     from ._card import read_card
     from ._dask import classify_dask, connect
     from ._registry import resolve_model
+    from ._session import PRECISIONS
 
     if evaluate:
         raise InputError("--evaluate is not available with --scheduler (run it without one)")
+    if precision not in PRECISIONS:  # before a cluster starts, not on every worker
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     card, _ = read_card(resolve_model(model), verify=False)  # a bad model fails before a cluster starts
     with connect(scheduler) as client:
         s = classify_dask(

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 distributed = pytest.importorskip("distributed")
 da = pytest.importorskip("dask.array")
 
-from stampclf import Classifier, classify_files  # noqa: E402
+from stampclf import Classifier, InputError, classify_files  # noqa: E402
 from stampclf import _dask as sdask  # noqa: E402
 from stampclf.cli import app  # noqa: E402
 
@@ -127,9 +127,15 @@ def test_cli_scheduler(cluster, inputs, tiny_model_path: Path, tmp_path: Path) -
     for bad in ("local:x", "local:0"):  # no workers would wait for ever
         result = CliRunner().invoke(app, [*base, "--scheduler", bad])
         assert result.exit_code == 2 and "expected local or local:N" in result.output
-    # --precision reaches the workers' classifiers (it used to be dropped)
+    # --precision is checked before a cluster starts, and reaches the workers' classifiers (test_dask_precision)
     result = CliRunner().invoke(app, [*base, "--scheduler", local.scheduler_address, "--precision", "fp64"])
     assert result.exit_code == 2 and "unknown precision 'fp64'" in result.output
+
+
+def test_dask_precision_reaches_the_workers(cluster, inputs, tiny_model_path: Path) -> None:
+    _, client = cluster
+    with pytest.raises(InputError, match="unknown precision 'fp64'"):  # raised by a worker's Classifier
+        sdask.classify_dask(client, inputs[:1], tiny_model_path, None, precision="fp64")
 
 
 def test_image_folders(cluster, tiny_image_model_path: Path, tmp_path: Path) -> None:
