@@ -141,7 +141,7 @@ def classify_files(
     attrs = run_attrs(clf.threshold if clf._binary else None, clf.precision, clf.device)
     writer = open_writer(output, clf.classes, clf.name, clf.version, extra, attrs)
     try:
-        for _group, opener in groups:
+        for group, opener in groups:
             writer.mark()
             rows = flagged = failed = 0
             truth: list[np.ndarray] = []
@@ -168,7 +168,7 @@ def classify_files(
                 if not writer.rollback():
                     summary.file_errors.append(f"{rows} row(s) of the failed input were already written to stdout")
                 continue
-            summary.files += len(_group)
+            summary.files += len(group)
             summary.rows += rows
             summary.flagged += flagged
             summary.failed += failed
