@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import ModelError, open_failure
+from ._errors import InputError, ModelError, open_failure
 
 __all__ = [
     "CARD_KEY",
     "CARD_SCHEMA",
     "ModelCard",
+    "check_threshold",
     "graph_sha256",
     "read_card",
     "read_onnx_parts",
@@ -64,6 +65,11 @@ class ModelCard:
     report: dict[str, Any] = field(default_factory=dict)
 
     # --- derived views -------------------------------------------------------
+    @property
+    def is_binary(self) -> bool:
+        """A positive class and a threshold decide the label (else: the most probable class)."""
+        return len(self.classes) == 2 and self.positive_class is not None
+
     @property
     def channels(self) -> list[str]:
         """Channel names in the order the model expects them."""
@@ -276,3 +282,12 @@ def read_card(path: str | Path, verify: bool = True) -> tuple[ModelCard, bytes]:
                 f"{card.weights_sha256[:12]}… (file modified or corrupt)"
             )
     return card, data
+
+
+def check_threshold(card: ModelCard, threshold: float | None) -> None:
+    """Refuse a threshold for a model whose labels no threshold decides (multiclass)."""
+    if threshold is not None and not card.is_binary:
+        raise InputError(
+            f"threshold {threshold}: model {card.name!r} has {len(card.classes)} classes; "
+            "a threshold applies only to binary models (multiclass labels are the most probable class)"
+        )

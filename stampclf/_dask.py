@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ._card import read_card
+from ._card import check_threshold, read_card
 from ._errors import InputError, StampclfError
 from ._registry import resolve_model
 from ._run import RunSummary, finish, unreadable_images
@@ -292,6 +292,7 @@ def classify_dask(
         raise InputError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     t0 = time.perf_counter()
     card, sha, data = _load_model(client, model)
+    check_threshold(card, threshold)  # before any task: every worker would fail the same way
     # batch_size None: each worker's Classifier takes the card's default
     options = {
         "device": device, "threads": threads, "threshold": threshold, "batch_size": batch_size, "precision": precision,
@@ -300,11 +301,13 @@ def classify_dask(
     if _is_dask_array(inputs):
         results: Iterator[tuple[Any, Any]] = _array_results(client, inputs, data, sha, options)
         extra: tuple[str, ...] = ()
+        n_paths: list[int] = []  # one input
     else:
         paths = [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
         if not paths:
             raise InputError("no input files given")
         groups = open_inputs(paths, card, layout, channels_last)
+        n_paths = [len(g) for g, _ in groups]  # paths given per reader, as a local run counts them
         extra = tuple(dict.fromkeys(c for _g, op in groups for c in getattr(op, "extra_columns", ())))
         units = _plan(paths, card, layout, channels_last, chunk_rows, keep_going)
         settings = {
@@ -321,8 +324,8 @@ def classify_dask(
 
         results = _ordered(client, submit, units, _window(client))
     classes = list(card.classes)
-    binary = len(classes) == 2 and bool(card.positive_class)
-    attrs = run_attrs((card.threshold if threshold is None else threshold) if binary else None, precision, device)
+    thr = (card.threshold if threshold is None else threshold) if card.is_binary else None
+    attrs = run_attrs(thr, precision, f"{device} (requested of the Dask workers)")
     writer = open_writer(output, classes, card.name, card.version, extra, attrs)
     try:
         current, failed_input = -1, False
@@ -330,13 +333,13 @@ def classify_dask(
             if unit.index != current:
                 current, failed_input = unit.index, False
                 writer.mark()
-                summary.files += 1
+                summary.files += n_paths[unit.index] if n_paths else 1
             if failed_input:
                 continue
             if isinstance(res, tuple):  # ("error", message) of a unit, keep_going
                 failed_input = True
                 summary.file_errors.append(res[1])
-                summary.files -= 1
+                summary.files -= n_paths[unit.index] if n_paths else 1
                 if not writer.rollback():
                     summary.file_errors.append(f"rows of {res[1].split(':')[0]} were already written to stdout")
                 continue

@@ -113,7 +113,9 @@ def classify_files(
     keep_going
         Report a file that cannot be read and go on with the others (the run
         still ends with an error, listed in ``summary.file_errors``); otherwise
-        stop at the first bad file and write no output. A file that fails
+        every input is opened (and, with *evaluate*, its labels checked) before
+        the first row is classified, and the first bad file stops the run with
+        no output. A file that fails
         half-way contributes no rows (file outputs; rows already streamed to
         stdout cannot be taken back). An unreadable image is always kept as a
         ``failed`` row and reported as an input error (exit code 2 in the CLI),
@@ -131,16 +133,16 @@ def classify_files(
     _check_output(output, paths)
     summary = RunSummary(output=output)
     groups = open_inputs(paths, clf.card, layout, channels_last)
-    if not keep_going:
-        _check_inputs(groups, evaluate)
     bar = Progress(_count_rows(groups) if progress is not False else None, enabled=progress)
     y_true: list[np.ndarray] = []
     y_prob: list[np.ndarray] = []
     t0 = time.perf_counter()
     extra = tuple(dict.fromkeys(c for _g, op in groups for c in getattr(op, "extra_columns", ())))
-    attrs = run_attrs(clf.threshold if clf._binary else None, clf.precision, clf.device)
+    attrs = run_attrs(clf.threshold if clf.card.is_binary else None, clf.precision, clf.device)
     writer = open_writer(output, clf.classes, clf.name, clf.version, extra, attrs)
     try:
+        if not keep_going:
+            _check_inputs(clf, groups, evaluate)
         for group, opener in groups:
             writer.mark()
             rows = flagged = failed = 0
@@ -199,17 +201,23 @@ def _require_labels(reader: Any) -> None:
         raise InputError(f"--evaluate: no labels in {reader.path} ({why})")
 
 
-def _check_inputs(groups: list[tuple[list[str], Any]], evaluate: bool) -> None:
+def _check_inputs(clf: Classifier, groups: list[tuple[list[str], Any]], evaluate: bool) -> None:
     """Open every input once before classifying any.
 
-    A bad file (unreadable, wrong shape, no labels for ``--evaluate``) late in a
-    night's list then fails the run at once, before any row is written.
+    A bad file (unreadable, wrong shape; for ``--evaluate``: no labels, or labels
+    that are not the model's classes) late in a night's list then fails the run at
+    once, before any row is written.
     """
     for _paths, opener in groups:
         reader = opener()
-        if evaluate:
-            _require_labels(reader)
-        reader.close()
+        try:
+            if evaluate:
+                _require_labels(reader)
+                read = getattr(reader, "read_labels", None)
+                if read is not None:
+                    clf._label_index(read(), reader.path)
+        finally:
+            reader.close()
 
 
 def unreadable_images(status: Any) -> list[str]:
@@ -227,7 +235,7 @@ def finish(writer: Any, summary: RunSummary) -> None:
     An output with no scored row (every input failed, or one unreadable image) would
     look like a result; the errors already say what happened.
     """
-    if summary.file_errors and summary.rows == summary.failed and writer.path is not None:
+    if summary.file_errors and summary.rows == summary.failed:  # on stdout: not even the header
         writer.abort()
         summary.output = None
     else:
@@ -240,6 +248,6 @@ def evaluate_predictions(clf: Classifier, y_true: np.ndarray, proba: np.ndarray)
     pred = np.array([clf.classes.index(c) for c in clf._decide(proba[ok])], dtype=np.int64)
     out = _metrics.summary(y_true[ok], proba[ok], pred, clf.classes, clf._positive)
     out["unscored"] = int((~ok).sum())
-    if clf._binary:  # multiclass labels use no threshold
+    if clf.card.is_binary:  # multiclass labels use no threshold
         out["threshold"] = clf.threshold
     return out

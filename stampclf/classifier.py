@@ -6,14 +6,14 @@ import collections
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ._card import ModelCard, read_card
+from ._card import ModelCard, check_threshold, read_card
 from ._errors import DeviceError, InputError, ModelError
 from ._registry import resolve_model
 from ._session import PRECISIONS, BatchRunner, cpu_count, create_session, to_fp16
@@ -170,11 +170,7 @@ class Classifier:
         self.path = resolve_model(model)
         self.card: ModelCard
         self.card, data = read_card(self.path, verify=verify)
-        if threshold is not None and (len(self.card.classes) != 2 or not self.card.positive_class):
-            raise InputError(
-                f"threshold {threshold}: model {self.card.name!r} has {len(self.card.classes)} classes; "
-                "a threshold applies only to binary models (multiclass labels are the most probable class)"
-            )
+        check_threshold(self.card, threshold)
         self.precision = precision
         if precision == "fp16":
             data = to_fp16(data, source=str(self.path))
@@ -252,13 +248,8 @@ class Classifier:
             self._runner = BatchRunner(self._info, self.batch_size, self.card.shape, len(self.card.classes))
         return self._runner.submit(x)
 
-    @property
-    def _binary(self) -> bool:
-        """A positive class and a threshold decide the label (else: the most probable class)."""
-        return self._positive is not None and len(self.card.classes) == 2
-
     def _decide(self, proba: np.ndarray) -> np.ndarray:
-        if self._binary:
+        if self.card.is_binary:
             other = 1 - self._positive
             idx = np.where(proba[:, self._positive] >= self.threshold, self._positive, other)
         else:
@@ -310,7 +301,7 @@ class Classifier:
             labels[failed] = ""
         return proba, labels
 
-    def classify(self, stamps: np.ndarray, ids: np.ndarray | None = None) -> Predictions:
+    def classify(self, stamps: np.ndarray | Sequence[Any], ids: np.ndarray | None = None) -> Predictions:
         """Classify in-memory rows: raw stamps ``(N, C, H, W)`` in the card's channel order.
 
         For image models: a list of Pillow images (resized, cropped and scaled as the
@@ -346,9 +337,22 @@ class Classifier:
         """Model input from Pillow images, uint8 pixels at the input size, or already preprocessed floats."""
         c, h, w = self.card.shape
         spec = self.card.preprocessing
+        if hasattr(images, "getbands"):
+            raise InputError("images: one Pillow image given; pass a list of images")
         if isinstance(images, (list, tuple)) and images and all(hasattr(i, "getbands") for i in images):
-            return np.stack([image_to_array(i, spec) for i in images])  # the file reader's own steps
+            arrays = []
+            for k, img in enumerate(images):
+                try:
+                    a = image_to_array(img, spec)  # the file reader's own steps
+                except (OSError, ValueError) as exc:
+                    raise InputError(f"images[{k}]: cannot preprocess ({exc.__class__.__name__}: {exc})") from None
+                if a.shape != (c, h, w):
+                    raise InputError(f"images[{k}]: preprocessing gives shape {a.shape}, model needs {(c, h, w)}")
+                arrays.append(a)
+            return np.stack(arrays)
         arr = np.asarray(images)
+        if arr.ndim == 3 and arr.dtype == np.uint8:
+            raise InputError(f"images: one image of shape {arr.shape}; add a batch axis (N, ...) or pass a list")
         if arr.ndim == 4 and arr.dtype == np.uint8:  # pixels: only the scaling is left to do
             if arr.shape[1:] == (h, w, c) and arr.shape[1:] != (c, h, w):
                 arr = arr.transpose(0, 3, 1, 2)
@@ -416,6 +420,7 @@ class Classifier:
         scheme) are left out of ``true_labels`` instead of refusing the file.
         """
         what = reader.path
+        use_labels = strict_labels or self._labels_fit(reader)
 
         def prepared() -> Iterator[tuple[InputBatch, np.ndarray, np.ndarray]]:
             for batch in reader.batches(batch_size):
@@ -434,19 +439,22 @@ class Classifier:
             for batch, proba, labels, status in self._predict_stream(stream):
                 file = batch.files if batch.files is not None else what
                 yield Predictions(
-                    batch.ids, labels, proba, status, self._true_labels(batch.labels, what, strict_labels), file,
-                    batch.extra,
+                    batch.ids, labels, proba, status, self._label_index(batch.labels, what) if use_labels else None,
+                    file, batch.extra,
                 )
         finally:
             reader.close()
 
-    def _true_labels(self, labels: np.ndarray | None, what: str, strict: bool) -> np.ndarray | None:
-        if strict:
-            return self._label_index(labels, what)
+    def _labels_fit(self, reader: Any) -> bool:
+        """Whether the reader's labels (if any) are this model's classes, for the whole input at once."""
+        read = getattr(reader, "read_labels", None)
+        if read is None:  # image folders: class names by construction; alerts: no labels
+            return True
         try:
-            return self._label_index(labels, what)
+            self._label_index(read(), reader.path)
         except InputError:
-            return None
+            return False
+        return True
 
     def _label_index(self, labels: np.ndarray | None, what: str) -> np.ndarray | None:
         if labels is None:

@@ -147,7 +147,7 @@ def _classify_on_dask(
     threads: Optional[int], threshold: Optional[float], layout: str, channels_last: bool, keep_going: bool,
     evaluate: bool, quiet: bool, precision: str,
 ) -> int:  # fmt: skip
-    from ._card import read_card
+    from ._card import check_threshold, read_card
     from ._dask import classify_dask, connect
     from ._registry import resolve_model
     from ._session import PRECISIONS
@@ -157,6 +157,7 @@ def _classify_on_dask(
     if precision not in PRECISIONS:  # before a cluster starts, not on every worker
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     card, _ = read_card(resolve_model(model), verify=False)  # a bad model fails before a cluster starts
+    check_threshold(card, threshold)
     with connect(scheduler) as client:
         s = classify_dask(
             client, files, model, output, batch_size=batch_size, device=device, threads=threads or 1,

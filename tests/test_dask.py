@@ -153,8 +153,10 @@ def test_image_folders(cluster, tiny_image_model_path: Path, tmp_path: Path) -> 
     paths = [str(single), str(folder)]
     ref, out = tmp_path / "ref.csv", tmp_path / "dask.csv"
     _single(tiny_image_model_path, paths, ref)
+    local = classify_files(Classifier(tiny_image_model_path, device="cpu"), paths, str(ref), progress=False)
     s = sdask.classify_dask(client, paths, tiny_image_model_path, str(out), batch_size=BATCH, chunk_rows=4)
-    assert s.rows == 12 and s.files == 1  # the image files form one input, split into 3 tasks
+    # the two paths form one reader, split into 3 tasks; both runs count the paths given
+    assert s.rows == 12 and s.files == local.files == 2
     assert _rows(out) == _rows(ref)
     # an unreadable image is a failed row and an input error, as locally, with or without keep_going
     (folder / "sub" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")

@@ -16,6 +16,11 @@ from stampclf.cli import app
 from stampclf.preprocess import load_image
 
 
+def _opened(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.copy()  # decoded, file closed
+
+
 def _cli(*args: object) -> object:
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -31,9 +36,20 @@ def test_foreign_labels_are_ignored_without_evaluate(tmp_path: Path, tiny_model_
     assert r.exit_code == 2 and "label 'star' is not one of" in r.stderr
 
 
+def test_labels_are_judged_per_file_not_per_batch(tmp_path: Path, tiny_model_path: Path) -> None:
+    labels = np.array([b"real"] * 4 + [b"star"] * 4)  # the first batch alone would look fine
+    path = write_hits_h5(tmp_path / "mixed.h5", 8, labels=labels)
+    preds = list(Classifier(tiny_model_path, device="cpu").classify_file(path, batch_size=4))
+    assert len(preds) == 2 and all(p.true_labels is None for p in preds)
+
+
 @pytest.mark.parametrize(
     ("second", "phrase"),
-    [("nolabels", "--evaluate: no labels in"), ("corrupt", "not an HDF5 file")],
+    [
+        ("nolabels", "--evaluate: no labels in"),
+        ("badlabels", "label 'star' is not one of"),
+        ("corrupt", "not an HDF5 file"),
+    ],
 )
 def test_every_input_is_checked_before_the_first_row(
     tmp_path: Path, tiny_model_path: Path, second: str, phrase: str
@@ -41,6 +57,8 @@ def test_every_input_is_checked_before_the_first_row(
     good = write_hits_h5(tmp_path / "good.h5", 8)
     if second == "nolabels":
         bad = write_hits_h5(tmp_path / "bad.h5", 4, labels=None)
+    elif second == "badlabels":
+        bad = write_hits_h5(tmp_path / "bad.h5", 4, labels=np.array([b"star"] * 4))
     else:
         bad = tmp_path / "bad.h5"
         bad.write_bytes(b"not hdf5 at all")
@@ -56,6 +74,20 @@ def test_refused_run_prints_no_header_but_an_empty_result_does(tmp_path: Path, t
     empty = write_hits_h5(tmp_path / "empty.h5", 0)
     r = _cli("classify", empty, "-m", tiny_model_path, "--device", "cpu", "-q")
     assert r.exit_code == 0 and r.stdout.splitlines() == ["id,label,p_bogus,p_real,status,model,model_version,file"]
+
+
+def test_keep_going_with_every_input_bad_prints_nothing_on_stdout(tmp_path: Path, tiny_model_path: Path) -> None:
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5")
+    r = _cli("classify", bad, "-m", tiny_model_path, "--device", "cpu", "--keep-going")
+    assert r.exit_code == 2 and r.stdout == "" and "not an HDF5 file" in r.stderr
+
+
+def test_output_errors_come_before_inputs_are_opened(tmp_path: Path, tiny_model_path: Path) -> None:
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5")
+    r = _cli("classify", bad, "-m", tiny_model_path, "--device", "cpu", "-o", tmp_path / "nowhere" / "o.csv")
+    assert r.exit_code == 2 and "output folder" in r.stderr and "not an HDF5 file" not in r.stderr
 
 
 def test_hdf5_output_records_the_run_settings(
@@ -95,13 +127,21 @@ def test_image_api_takes_pillow_images_and_uint8_pixels(tmp_path: Path, tiny_ima
         files.append(tmp_path / f"{i}.png")
     prepared = np.stack([load_image(f, clf.card.preprocessing) for f in files])
     want = clf.classify(prepared).proba
-    np.testing.assert_array_equal(clf.classify([Image.open(f) for f in files]).proba, want)
+    np.testing.assert_array_equal(clf.classify([_opened(f) for f in files]).proba, want)
     np.testing.assert_array_equal(clf.classify(pixels).proba, want)
     np.testing.assert_array_equal(clf.classify(pixels.transpose(0, 3, 1, 2)).proba, want)
     from_files = np.concatenate([p.proba for p in clf.classify_file([str(f) for f in files])])
     np.testing.assert_array_equal(from_files, want)
     with pytest.raises(InputError, match="dtype int32"):
         clf.classify(pixels.astype(np.int32))
+    with pytest.raises(InputError, match="one Pillow image given; pass a list"):
+        clf.classify(_opened(files[0]))
+    with pytest.raises(InputError, match="add a batch axis"):
+        clf.classify(pixels[0])
+    broken = tmp_path / "cut.png"
+    broken.write_bytes(files[0].read_bytes()[:60])
+    with Image.open(broken) as lazy, pytest.raises(InputError, match=r"images\[1\]: cannot preprocess"):
+        clf.classify([_opened(files[0]), lazy])  # decoding happens in classify
     with pytest.raises(InputError, match=r"uint8 pixels of shape \(5, 9, 9, 3\)"):
         clf.classify(np.zeros((5, 9, 9, 3), np.uint8))
 

@@ -82,8 +82,9 @@ def open_inputs(
     """Group *paths* into readers to open, in input order.
 
     Returns ``(paths, opener)`` pairs: HDF5 files one each, runs of consecutive
-    image files and folders together. Openers are called lazily so that one bad
-    file does not stop the files before it.
+    image files and folders together. Openers are called lazily, by the caller:
+    `classify_files` opens all of them once before classifying (or, with
+    ``keep_going``, each in turn, so that one bad file does not stop the others).
     """
     groups: list[tuple[list[str], Any]] = []
     for path in paths:

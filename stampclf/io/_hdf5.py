@@ -170,6 +170,18 @@ class HDF5Reader:
                 return ds
         return None
 
+    def read_labels(self) -> np.ndarray | None:
+        """The whole labels column (1-D, small next to the stamps), or None."""
+        if self._labels is None:
+            return None
+        try:
+            return self._labels[()]
+        except _H5_ERRORS as exc:
+            raise InputError(
+                f"{self.path}: cannot read dataset {self._labels.name.lstrip('/')!r} "
+                f"(truncated or corrupt HDF5: {_one_line(exc)})"
+            ) from None
+
     # ------------------------------------------------------------------------------
     def read_block(self, start: int, stop: int) -> InputBatch:
         """Rows ``start:stop`` as a batch of raw stamps.
