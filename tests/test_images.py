@@ -192,6 +192,9 @@ def test_write_split_lays_out_exactly_the_loaders_test_split(tmp_path: Path, cap
     # a second split into the same folder would mix them: refused, the folder named
     assert data_images.main(["--model", "galaxy", "--split", "val", "--out", str(out), "--set", f"root={root}"]) == 1
     assert f"{out} exists and is not empty" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    assert data_images.main(["--model", "galaxy", "--out", str(tmp_path / "a_file"), "--set", f"root={root}"]) == 1
+    assert "a_file is a file, not a folder" in capsys.readouterr().err
     assert data_images.main(["--model", "hits", "--out", str(tmp_path / "h")]) == 1
     assert "dataset 'hits_sim', not an image data set" in capsys.readouterr().err
     assert data_images.main(["--model", "galxy", "--out", str(tmp_path / "g")]) == 1

@@ -457,6 +457,8 @@ def write_split(spec: Any, split: str, out: str | Path, options: dict[str, Any] 
     if split not in splits:
         raise ValueError(f"split {split!r} is not one of {', '.join(splits)}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder; choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
     files, labels = splits[split]
