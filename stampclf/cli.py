@@ -249,5 +249,19 @@ def bench(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: usage errors are one line too, like every other error."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # typer's (vendored click's) usage errors: bad value, missing argument
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare command: its help, as typer shows it
+            typer.echo(exc.message, err=True)
+        else:
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            text = exc.format_message() if hasattr(exc, "format_message") else exc.message
+            typer.echo(f"stampclf: error: {text}{where}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("stampclf: interrupted; no output written", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -171,3 +171,24 @@ def test_output_folder_is_refused_whatever_its_name(tmp_path: Path, tiny_model_p
     (tmp_path / "results").mkdir()
     r = _cli("classify", path, "-m", tiny_model_path, "--device", "cpu", "-o", tmp_path / "results")
     assert r.exit_code == 2 and "output path is a folder" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["classify", "x.h5", "-b", "0"], "Invalid value for '--batch-size' / '-b'"),
+        (["classify"], "Missing argument 'files'"),
+        (["classify", "x.h5", "--nope"], "No such option: --nope"),
+        (["nosuch"], "No such command 'nosuch'"),
+    ],
+)
+def test_usage_errors_are_one_line_from_the_console_script(args: list[str], phrase: str) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "stampclf", *args], capture_output=True, text=True, timeout=60
+    )  # the real entry point (CliRunner bypasses it)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("stampclf: error: ") and phrase in r.stderr
+    assert "--help" in r.stderr
