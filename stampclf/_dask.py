@@ -152,7 +152,7 @@ def _score_unit(data: bytes, sha: str, options: dict[str, Any], settings: dict[s
             if rest:  # the client grouped these paths as one reader; the worker must agree
                 raise InputError(f"{unit.paths[0]}: inputs grouped differently on the worker")
             reader = opener()
-        preds = list(clf._classify_reader(reader, batch))
+        preds = list(clf._classify_reader(reader, batch, "skip"))  # no --evaluate on Dask
         return _join(preds) if preds else _empty(clf, getattr(reader, "path", unit.paths[0]))
     except StampclfError as exc:
         if settings["keep_going"]:
@@ -333,13 +333,14 @@ def classify_dask(
             if unit.index != current:
                 current, failed_input = unit.index, False
                 writer.mark()
-                summary.files += n_paths[unit.index] if n_paths else 1
+                n_given = n_paths[unit.index] if n_paths else 1
+                summary.files += n_given
             if failed_input:
                 continue
             if isinstance(res, tuple):  # ("error", message) of a unit, keep_going
                 failed_input = True
                 summary.file_errors.append(res[1])
-                summary.files -= n_paths[unit.index] if n_paths else 1
+                summary.files -= n_given
                 if not writer.rollback():
                     summary.file_errors.append(f"rows of {res[1].split(':')[0]} were already written to stdout")
                 continue

@@ -152,7 +152,7 @@ def classify_files(
                 reader = opener()
                 if evaluate:  # say so now, not after classifying it
                     _require_labels(reader)
-                for pred in clf._classify_reader(reader, batch_size or clf.batch_size, strict_labels=evaluate):
+                for pred in clf._classify_reader(reader, batch_size or clf.batch_size, "check" if evaluate else "skip"):
                     if getattr(opener, "images", False):
                         summary.file_errors.extend(unreadable_images(pred.status))
                     writer.write(pred.ids, pred.labels, pred.proba, pred.status, pred.file, pred.extra)
@@ -213,9 +213,7 @@ def _check_inputs(clf: Classifier, groups: list[tuple[list[str], Any]], evaluate
         try:
             if evaluate:
                 _require_labels(reader)
-                read = getattr(reader, "read_labels", None)
-                if read is not None:
-                    clf._label_index(read(), reader.path)
+                clf._check_labels(reader)
         finally:
             reader.close()
 

@@ -413,14 +413,16 @@ class Classifier:
         for _group, opener in open_inputs(paths, self.card, layout, channels_last):
             yield from self._classify_reader(opener(), batch_size or self.batch_size)
 
-    def _classify_reader(self, reader: Any, batch_size: int, strict_labels: bool = False) -> Iterator[Predictions]:
-        """Predictions of one open reader; its labels are checked only when *strict_labels* (evaluation).
+    def _classify_reader(self, reader: Any, batch_size: int, labels: str = "auto") -> Iterator[Predictions]:
+        """Predictions of one open reader, with its labels as ``true_labels`` according to *labels*.
 
-        Without evaluation, labels that are not this model's classes (another labelling
-        scheme) are left out of ``true_labels`` instead of refusing the file.
+        ``"check"`` (evaluation): labels that are not this model's classes are an error;
+        ``"skip"``: not read (the caller has no use for them); ``"auto"``: kept when the
+        whole input's labels are this model's classes, else left out (another labelling
+        scheme is no reason to refuse a file).
         """
         what = reader.path
-        use_labels = strict_labels or self._labels_fit(reader)
+        use_labels = labels == "check" or (labels == "auto" and self._labels_fit(reader))
 
         def prepared() -> Iterator[tuple[InputBatch, np.ndarray, np.ndarray]]:
             for batch in reader.batches(batch_size):
@@ -445,13 +447,15 @@ class Classifier:
         finally:
             reader.close()
 
-    def _labels_fit(self, reader: Any) -> bool:
-        """Whether the reader's labels (if any) are this model's classes, for the whole input at once."""
+    def _check_labels(self, reader: Any) -> None:
+        """Raise `InputError` unless the reader's whole labels column (if any) is this model's classes."""
         read = getattr(reader, "read_labels", None)
-        if read is None:  # image folders: class names by construction; alerts: no labels
-            return True
-        try:
+        if read is not None:  # image folders: class names by construction; alerts: no labels
             self._label_index(read(), reader.path)
+
+    def _labels_fit(self, reader: Any) -> bool:
+        try:
+            self._check_labels(reader)
         except InputError:
             return False
         return True

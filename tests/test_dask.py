@@ -164,3 +164,10 @@ def test_image_folders(cluster, tiny_image_model_path: Path, tmp_path: Path) -> 
         s = sdask.classify_dask(client, paths, tiny_image_model_path, str(out), chunk_rows=4, keep_going=keep_going)
         assert s.rows == 13 and len(s.file_errors) == 1 and "zz_broken.png: cannot read image" in s.file_errors[0]
         assert _rows(out)[-1]["status"].startswith("failed")
+
+
+def test_foreign_labels_do_not_stop_a_dask_run(cluster, tiny_model_path: Path, tmp_path: Path) -> None:
+    _, client = cluster
+    path = write_hits_h5(tmp_path / "other_scheme.h5", 6, labels=np.array([b"star"] * 6))
+    s = sdask.classify_dask(client, [str(path)], tiny_model_path, str(tmp_path / "o.csv"))
+    assert s.rows == 6 and not s.file_errors  # labels are only for --evaluate, which Dask does not do
