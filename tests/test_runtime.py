@@ -129,6 +129,36 @@ def test_hdf5_output_matches_csv(tiny_model_path: Path, tmp_path: Path) -> None:
         assert all(x.decode() == "0.0.1" for x in f["model_version"][...])
 
 
+def test_hdf5_text_columns_widen_and_roll_back(tmp_path: Path) -> None:
+    from stampclf.io._writers import ResultWriter
+
+    out = tmp_path / "o.h5"
+    w = ResultWriter(str(out), ["real", "bogus"], "hits", "1.1.0", extra_columns=("note",))
+    p = np.full((3, 2), 0.5, "f4")
+    w.write(np.array([1, 2, 3]), np.array(["real"] * 3, object), p, np.array(["ok"] * 3, object), "a.h5",
+            {"note": np.array(["", "é", "x"], object)})
+    w.mark()
+    long = "flagged: " + "x" * 300  # wider than the column: it is rewritten wider, earlier rows kept
+    w.write(np.array([4]), np.array(["bogus"], object), p[:1], np.array([long], object), "b" * 40)
+    assert w.rollback()
+    w.write(np.array([5, 6]), np.array(["bogus"] * 2, object), p[:2], np.array(["ok", long], object), ["c", "d"],
+            {"note": np.array(["y", "z"], object)})
+    w.commit()
+    with h5py.File(out) as f:
+        assert {k: f[k].shape[0] for k in f} == dict.fromkeys(f, 5)
+        assert f["id"].asstr()[...].tolist() == ["1", "2", "3", "5", "6"]
+        assert f["status"].asstr()[...].tolist() == ["ok", "ok", "ok", "ok", long]
+        assert f["file"].asstr()[...].tolist() == ["a.h5", "a.h5", "a.h5", "c", "d"]
+        assert f["note"].asstr()[...].tolist() == ["", "é", "x", "y", "z"]
+        assert f["model"].asstr()[...].tolist() == ["hits"] * 5
+        info = h5py.check_string_dtype(f["status"].dtype)
+        assert (info.encoding, info.length) == ("utf-8", 512)  # fixed width, rounded up to a power of two
+    empty = tmp_path / "e.h5"
+    ResultWriter(str(empty), ["real", "bogus"], "hits", "1.1.0").commit()
+    with h5py.File(empty) as f:  # no rows, but every column
+        assert sorted(f) == ["file", "id", "label", "model", "model_version", "p_bogus", "p_real", "status"]
+
+
 def test_evaluate_prints_metrics(tiny_model_path: Path, tmp_path: Path) -> None:
     path = write_hits_h5(tmp_path / "s.h5", n=40)
     r = runner.invoke(app, ["classify", str(path), "-m", str(tiny_model_path), "-q", "--evaluate"])
