@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -203,6 +204,7 @@ class BatchRunner:
         self.n_out = int(n_out)
         self.device = info.device
         self._binding: Any = None
+        self._bound_lock = threading.Lock()
         self.parallel = info.threads if self.device == "cpu" else 1
         self._replicas: list[Any] = []
         self._pool: Any = None
@@ -230,7 +232,8 @@ class BatchRunner:
 
     def run_bound(self) -> None:
         """Run once on whatever the bound device input holds (benchmarks: device-resident input)."""
-        self.session.run_with_iobinding(self._binding)
+        with self._bound_lock:
+            self.session.run_with_iobinding(self._binding)
 
     def _piece_rows(self, n: int) -> int:
         """Rows per single-thread piece for a call of *n* rows; 0: run on the one session."""
@@ -309,14 +312,17 @@ class BatchRunner:
             chunk = np.ascontiguousarray(x[start : start + bs], dtype=np.float32)
             m = len(chunk)
             if self._binding is not None:
-                if m == bs:
-                    self._x_dev.update_inplace(chunk)
-                else:
-                    self._stage[:m] = chunk
-                    self._stage[m:] = 0.0
-                    self._x_dev.update_inplace(self._stage)
-                self.session.run_with_iobinding(self._binding)
-                out[start : start + m] = self._y_dev.numpy()[:m]
+                # one set of device buffers: calls from several threads (a Dask worker's
+                # tasks share its Classifier) must not interleave upload, run and download
+                with self._bound_lock:
+                    if m == bs:
+                        self._x_dev.update_inplace(chunk)
+                    else:
+                        self._stage[:m] = chunk
+                        self._stage[m:] = 0.0
+                        self._x_dev.update_inplace(self._stage)
+                    self.session.run_with_iobinding(self._binding)
+                    out[start : start + m] = self._y_dev.numpy()[:m]
                 continue
             if m < bs:
                 padded = np.zeros((_bucket(m, bs), *chunk.shape[1:]), dtype=np.float32)

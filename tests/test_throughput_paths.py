@@ -186,6 +186,69 @@ def test_batch_size_change_rebuilds_the_runner(tiny_model_path: Path) -> None:
 
 
 # --- prefetch and pool ------------------------------------------------------------------
+def test_device_bound_runner_is_safe_across_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA path's one set of bound buffers, shared by threads (a Dask worker), with a fake ORT."""
+    import threading
+    import time
+
+    import onnxruntime as ort
+
+    from stampclf._session import BatchRunner, SessionInfo
+
+    class Value:  # stands in for an OrtValue on the device
+        def __init__(self, a: np.ndarray) -> None:
+            self.a = a.copy()
+
+        @classmethod
+        def ortvalue_from_numpy(cls, a: np.ndarray, *_: object) -> Value:
+            return cls(a)
+
+        @classmethod
+        def ortvalue_from_shape_and_type(cls, shape: tuple, dtype: object, *_: object) -> Value:
+            return cls(np.zeros(shape, dtype))
+
+        def update_inplace(self, a: np.ndarray) -> None:
+            self.a[...] = a
+
+        def numpy(self) -> np.ndarray:
+            return self.a.copy()
+
+    class Binding:
+        def bind_ortvalue_input(self, _name: str, v: Value) -> None:
+            self.x = v
+
+        def bind_ortvalue_output(self, _name: str, v: Value) -> None:
+            self.y = v
+
+    class Session:
+        def get_inputs(self) -> list:
+            return [type("I", (), {"name": "x"})]
+
+        get_outputs = get_inputs
+
+        def io_binding(self) -> Binding:
+            return Binding()
+
+        def run_with_iobinding(self, b: Binding) -> None:
+            time.sleep(0.0005)  # a kernel: the GIL is free, another thread may upload now
+            b.y.a[:, 0] = b.x.a.reshape(len(b.x.a), -1)[:, 0]
+
+    monkeypatch.setattr(ort, "OrtValue", Value)
+    runner = BatchRunner(SessionInfo(Session(), "cuda", None, 1), 8, (1, 2, 2), 1)
+    wrong = []
+
+    def work(v: float) -> None:
+        x = np.full((8, 1, 2, 2), v, np.float32)
+        wrong.extend(int((runner(x)[:, 0] != v).any()) for _ in range(100))
+
+    threads = [threading.Thread(target=work, args=(v,)) for v in (1.0, 2.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wrong) == 200 and sum(wrong) == 0
+
+
 def test_prefetch_keeps_order_and_bounds_read_ahead() -> None:
     produced: list[int] = []
 
