@@ -328,28 +328,38 @@ def classify_dask(
     attrs = run_attrs(thr, precision, f"{device} (requested of the Dask workers)")
     writer = open_writer(output, classes, card.name, card.version, extra, attrs)
     try:
-        current, failed_input = -1, False
+        current, failed_input, n_given = -1, False, 0
+        tally = RunSummary()  # the current input's counts: added when it is complete, not if it fails
+
+        def settle() -> None:
+            if current >= 0 and not failed_input:
+                summary.files += n_given
+                summary.rows += tally.rows
+                summary.flagged += tally.flagged
+                summary.failed += tally.failed
+                summary.file_errors.extend(tally.file_errors)
+
         for unit, res in results:
             if unit.index != current:
-                current, failed_input = unit.index, False
+                settle()
+                current, failed_input, tally = unit.index, False, RunSummary()
                 writer.mark()
                 n_given = n_paths[unit.index] if n_paths else 1
-                summary.files += n_given
             if failed_input:
                 continue
             if isinstance(res, tuple):  # ("error", message) of a unit, keep_going
                 failed_input = True
                 summary.file_errors.append(res[1])
-                summary.files -= n_given
                 if not writer.rollback():
                     summary.file_errors.append(f"rows of {res[1].split(':')[0]} were already written to stdout")
                 continue
             if unit.kind == "images":
-                summary.file_errors.extend(unreadable_images(res.status))  # as in a local run
+                tally.file_errors.extend(unreadable_images(res.status))  # as in a local run
             writer.write(res.ids, res.labels, res.proba, res.status, res.file, res.extra)
-            summary.rows += len(res)
-            summary.flagged += sum(1 for s in res.status if s.startswith("flagged"))
-            summary.failed += sum(1 for s in res.status if s.startswith("failed"))
+            tally.rows += len(res)
+            tally.flagged += sum(1 for s in res.status if s.startswith("flagged"))
+            tally.failed += sum(1 for s in res.status if s.startswith("failed"))
+        settle()
         finish(writer, summary)
     except BaseException:
         writer.abort()

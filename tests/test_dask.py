@@ -102,6 +102,25 @@ def test_keep_going_matches_single_process(cluster, inputs, tiny_model_path: Pat
     assert _rows(out) == _rows(ref)
 
 
+def test_keep_going_counts_no_rows_of_an_input_that_fails_late(cluster, inputs, tiny_model_path: Path,
+                                                               tmp_path: Path) -> None:
+    import h5py
+
+    _, client = cluster
+    bad = tmp_path / "late.h5"
+    with h5py.File(bad, "w") as f:
+        f.create_dataset("stamps", data=make_stamps(40, seed=5), chunks=(10, 4, 21, 21), compression="gzip")
+        offset = f["stamps"].id.get_chunk_info(3).byte_offset
+    with open(bad, "r+b") as fh:  # rows 30-39 unreadable: the first three units score, then it fails
+        fh.seek(offset + 10)
+        fh.write(b"\xff" * 200)
+    out = tmp_path / "o.csv"
+    s = sdask.classify_dask(client, [inputs[0], str(bad)], tiny_model_path, str(out), batch_size=BATCH,
+                            chunk_rows=10, keep_going=True)  # fmt: skip
+    assert len(_rows(out)) == 23 and s.rows == 23 and s.files == 1
+    assert len(s.file_errors) == 1 and "late.h5" in s.file_errors[0]
+
+
 def test_dask_array(cluster, tiny_model_path: Path) -> None:
     _, client = cluster
     x = make_stamps(50, seed=3, size=(25, 25))  # other size: cropped and flagged, as in memory
