@@ -281,7 +281,10 @@ CORPUS: dict[str, Case] = {
     "complex_pixels": Case(_h5("complex.h5", stamps=np.zeros((6, 4, 21, 21), np.complex64)), "dtype complex64"),
     "ids_wrong_length": Case(_h5("ids.h5", ids=np.arange(5)), "ids dataset 'id' has shape (5,)"),
     "ids_2d": Case(_h5("ids2d.h5", ids=np.zeros((6, 2))), "ids dataset 'id' has shape (6, 2)"),
-    "labels_wrong_length": Case(_h5("labels.h5", labels=np.zeros(9, int)), "labels dataset 'labels' has shape (9,)"),
+    "labels_wrong_length": Case(
+        lambda d, m: [*_h5("labels.h5", labels=np.zeros(9, int))(d, m), "--evaluate"],
+        "labels dataset 'labels' has shape (9,); expected (6,)",
+    ),
     # labels are checked only for --evaluate (test_foreign_labels_are_ignored_without_evaluate)
     "labels_not_classes": Case(
         lambda d, m: [*_h5("labels7.h5", labels=np.full(6, 7))(d, m), "--evaluate"], "label 7 is not a class index"

@@ -25,15 +25,25 @@ def _cli(*args: object) -> object:
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def test_foreign_labels_are_ignored_without_evaluate(tmp_path: Path, tiny_model_path: Path) -> None:
-    path = write_hits_h5(tmp_path / "other_scheme.h5", 6, labels=np.array([b"star"] * 6))
+@pytest.mark.parametrize(
+    ("labels", "phrase"),
+    [
+        (np.array([b"star"] * 6), "label 'star' is not one of"),
+        (np.eye(2, dtype="i1")[[0, 1, 0, 1, 0, 1]], "labels dataset 'labels' has shape (6, 2); expected (6,)"),
+    ],
+    ids=["other_names", "one_hot"],
+)
+def test_foreign_labels_are_ignored_without_evaluate(
+    tmp_path: Path, tiny_model_path: Path, labels: np.ndarray, phrase: str
+) -> None:
+    path = write_hits_h5(tmp_path / "other_scheme.h5", 6, labels=labels)
     r = _cli("classify", path, "-m", tiny_model_path, "--device", "cpu", "-o", tmp_path / "o.csv")
     assert r.exit_code == 0, r.output
     assert "6 rows" in r.stderr
     preds = list(Classifier(tiny_model_path, device="cpu").classify_file(path))
     assert sum(len(p) for p in preds) == 6 and all(p.true_labels is None for p in preds)
     r = _cli("classify", path, "-m", tiny_model_path, "--device", "cpu", "--evaluate")
-    assert r.exit_code == 2 and "label 'star' is not one of" in r.stderr
+    assert r.exit_code == 2 and phrase in r.stderr, r.stderr
 
 
 def test_labels_are_judged_per_file_not_per_batch(tmp_path: Path, tiny_model_path: Path) -> None:

@@ -152,7 +152,13 @@ class HDF5Reader:
                 raise InputError(f"{self.path}: dataset {d.name!r} has dtype {d.dtype}; expected numbers")
         self.n_rows = int(self._datasets[0].shape[0])
         self._ids = self._find(_ID_NAMES, "ids")
-        self._labels = self._find(_LABEL_NAMES, "labels")
+        try:
+            self._labels = self._find(_LABEL_NAMES, "labels")
+        except InputError as exc:
+            # another labelling scheme (one-hot, several per row) is no reason to refuse
+            # a file; only --evaluate needs labels, and it says why these are not usable
+            self._labels = None
+            self.why_no_labels = str(exc).removeprefix(f"{self.path}: ")
         self.has_labels = self._labels is not None
         # Duplicate ids are kept (one output row per input row) but flagged; reading the
         # 1-D id column once is cheap next to the stamps.
@@ -164,8 +170,8 @@ class HDF5Reader:
             if ds is not None:
                 if ds.ndim != 1 or ds.shape[0] != self.n_rows:
                     raise InputError(
-                        f"{self.path}: {what} dataset {name!r} has shape {ds.shape} but there are "
-                        f"{self.n_rows} stamps"
+                        f"{self.path}: {what} dataset {name!r} has shape {ds.shape}; expected "
+                        f"({self.n_rows},), one value per stamp"
                     )
                 return ds
         return None
