@@ -26,7 +26,7 @@ def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
     if y.all() or not y.any():
         return float("nan")
     fpr, tpr, _ = roc_curve(y, score)
-    return float(np.trapezoid(tpr, fpr))
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2)  # trapezoid rule (np.trapezoid needs numpy 2)
 
 
 def threshold_at_fpr(y_true: np.ndarray, score: np.ndarray, fpr_target: float) -> float:
