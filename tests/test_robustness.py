@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,10 +215,14 @@ def _patch_mid_read(mp: pytest.MonkeyPatch) -> None:
 
 
 def _patch_no_write(mp: pytest.MonkeyPatch) -> None:
-    def fake(*a: Any, **k: Any) -> Any:
-        raise PermissionError(13, "Permission denied")
+    real = os.open
 
-    mp.setattr(tempfile, "mkstemp", fake)
+    def fake(path: Any, *a: Any, **k: Any) -> Any:
+        if str(path).endswith(".part"):  # the output's temporary file
+            raise PermissionError(13, "Permission denied")
+        return real(path, *a, **k)
+
+    mp.setattr(os, "open", fake)
 
 
 CORPUS: dict[str, Case] = {

@@ -159,6 +159,38 @@ def test_hdf5_text_columns_widen_and_roll_back(tmp_path: Path) -> None:
         assert sorted(f) == ["file", "id", "label", "model", "model_version", "p_bogus", "p_real", "status"]
 
 
+@pytest.mark.parametrize("suffix", [".h5", ".csv"])
+def test_output_that_cannot_be_created_leaves_no_part_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    import builtins
+
+    from stampclf import InputError
+    from stampclf.io._writers import ResultWriter
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise OSError(37, "No locks available")  # as h5py says on a file system without locks
+
+    monkeypatch.setattr(h5py, "File", refuse)
+    monkeypatch.setattr(builtins, "open", refuse)
+    out = tmp_path / f"o{suffix}"
+    with pytest.raises(InputError, match=rf"o\{suffix}: cannot create the output \(No locks available\)"):
+        ResultWriter(str(out), ["real", "bogus"], "hits", "1.1.0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_gets_the_umask_permissions(tmp_path: Path) -> None:
+    from stampclf.io._writers import ResultWriter
+
+    old = os.umask(0o027)
+    try:
+        w = ResultWriter(str(tmp_path / "o.csv"), ["real", "bogus"], "hits", "1.1.0")
+        w.commit()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "o.csv").stat().st_mode & 0o777 == 0o640
+
+
 def test_evaluate_prints_metrics(tiny_model_path: Path, tmp_path: Path) -> None:
     path = write_hits_h5(tmp_path / "s.h5", n=40)
     r = runner.invoke(app, ["classify", str(path), "-m", str(tiny_model_path), "-q", "--evaluate"])

@@ -11,7 +11,6 @@ import csv
 import os
 import re
 import sys
-import tempfile
 from typing import IO, Any
 
 import numpy as np
@@ -75,6 +74,30 @@ def _encode(values: Any) -> np.ndarray:
     return np.asarray([str(v).encode("utf-8") for v in arr.tolist()], dtype="S")
 
 
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or str(exc).splitlines()[0]
+
+
+def _create_part(path: str, folder: str) -> str:
+    """Create an empty hidden ``.part`` file beside *path*, with the permissions the umask gives."""
+    import secrets
+
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.part")
+        try:
+            # O_EXCL: never another run's file; mode 0o666 lets the kernel apply the umask
+            # (reading the umask means setting it, which is not thread-safe)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+        except PermissionError:
+            raise InputError(f"{path}: no permission to write in {folder}") from None
+        except OSError as exc:
+            raise InputError(f"{path}: cannot write in {folder} ({_os_reason(exc)})") from None
+    raise InputError(f"{path}: cannot create a temporary file in {folder}")
+
+
 def _format_of(path: str | None) -> str:
     if path is None or path == "-":
         return "csv"
@@ -111,26 +134,21 @@ class ResultWriter:
             folder = os.path.dirname(os.path.abspath(self.path))
             if not os.path.isdir(folder):
                 raise InputError(f"{self.path}: output folder {folder} does not exist")
-            try:
-                fd, self._tmp = tempfile.mkstemp(
-                    prefix=f".{os.path.basename(self.path)}.", suffix=".part", dir=folder
-                )
-            except PermissionError:
-                raise InputError(f"{self.path}: no permission to write in {folder}") from None
-            os.close(fd)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get normal permissions
-        if self.format == "csv":
-            self._fh = open(self._tmp, "w", newline="") if self._tmp else sys.stdout
-            self._csv = csv.writer(self._fh, lineterminator="\n")
-            # on stdout the header waits for the first row or the commit, so that a run
-            # refused before its first row prints nothing that looks like an empty result
-            self._header_due = True
-            if self._tmp:
-                self._write_header()
-        else:
-            self._open_h5()
+            self._tmp = _create_part(self.path, folder)
+        try:
+            if self.format == "csv":
+                self._fh = open(self._tmp, "w", newline="") if self._tmp else sys.stdout
+                self._csv = csv.writer(self._fh, lineterminator="\n")
+                # on stdout the header waits for the first row or the commit, so that a run
+                # refused before its first row prints nothing that looks like an empty result
+                self._header_due = True
+                if self._tmp:
+                    self._write_header()
+            else:
+                self._open_h5()
+        except OSError as exc:  # e.g. no file locks on a network file system: no stray .part left
+            self.abort()
+            raise InputError(f"{self.path}: cannot create the output ({_os_reason(exc)})") from None
 
     def _write_header(self) -> None:
         if self._header_due:
