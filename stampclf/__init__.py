@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from ._card import ModelCard, read_card
 from ._dask import classify_dask, predict_dask  # imports Dask only when called
-from ._errors import DeviceError, InputError, ModelError, StampclfError
+from ._errors import DeviceError, InputError, ModelError, OutputError, StampclfError
 from ._registry import list_models
 from ._run import RunSummary, classify_files
 from .classifier import Classifier, Predictions
@@ -27,6 +27,7 @@ __all__ = [
     "RunSummary",
     "StampclfError",
     "InputError",
+    "OutputError",
     "ModelError",
     "DeviceError",
     "__version__",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["StampclfError", "InputError", "ModelError", "DeviceError", "open_failure"]
+__all__ = ["StampclfError", "InputError", "OutputError", "ModelError", "DeviceError", "open_failure"]
 
 
 class StampclfError(Exception):
@@ -16,6 +16,12 @@ class StampclfError(Exception):
 
 class InputError(StampclfError, ValueError):
     """Bad input data or usage (exit code 2)."""
+
+    exit_code = 2
+
+
+class OutputError(StampclfError):
+    """The output cannot be written: disk full, read-only file system (exit code 2)."""
 
     exit_code = 2
 

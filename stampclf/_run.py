@@ -72,6 +72,8 @@ def _count_rows(groups: list[tuple[list[str], Any]]) -> int | None:
     for paths, opener in groups:
         if getattr(opener, "images", False):
             return None
+        if getattr(opener, "error", None):  # cannot be opened: no rows
+            continue
         try:
             with h5py.File(paths[0], "r") as f:
                 total += max((d.shape[0] for d in f.values() if hasattr(d, "shape") and d.shape), default=0)
@@ -132,7 +134,7 @@ def classify_files(
         raise InputError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     _check_output(output, paths)
     summary = RunSummary(output=output)
-    groups = open_inputs(paths, clf.card, layout, channels_last)
+    groups = open_inputs(paths, clf.card, layout, channels_last, keep_going)
     bar = Progress(_count_rows(groups) if progress is not False else None, enabled=progress)
     y_true: list[np.ndarray] = []
     y_prob: list[np.ndarray] = []

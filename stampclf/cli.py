@@ -32,8 +32,11 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _guard(fn: Callable[[], Any]) -> Any:
-    """Run *fn*, turning errors into one line and an exit code (traceback with --debug)."""
+def _guard(fn: Callable[[], Any], interrupted: str = "no output written") -> Any:
+    """Run *fn*, turning errors into one line and an exit code (traceback with --debug).
+
+    *interrupted* completes the line printed on Ctrl-C or SIGTERM.
+    """
 
     got: list[int] = []
 
@@ -49,7 +52,7 @@ def _guard(fn: Callable[[], Any]) -> Any:
             traceback.print_exc()
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        typer.echo("stampclf: interrupted; no output written", err=True)
+        typer.echo(f"stampclf: interrupted; {interrupted}", err=True)
         # the shell's convention, 128 + signal number: 130 for Ctrl-C, 143 for SIGTERM
         raise typer.Exit(128 + (got[0] if got else signal.SIGINT)) from None
     except BrokenPipeError:
@@ -137,7 +140,8 @@ def classify(
             _print_metrics(s.metrics)
         return code
 
-    code = _guard(run)
+    to_stdout = output in (None, "-")
+    code = _guard(run, "the CSV on stdout is incomplete" if to_stdout else "no output written")
     if code:
         raise typer.Exit(code)
 

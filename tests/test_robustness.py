@@ -662,15 +662,23 @@ def test_keep_going_reports_bad_file_and_classifies_the_rest(tmp_path: Path, tin
     a = write_hits_h5(tmp_path / "a.h5", 5, seed=1)
     bad = tmp_path / "bad.h5"
     bad.write_text("not hdf5")
+    gone = tmp_path / "vanished.h5"  # a file that left the night's list: reported like any bad file
+    odd = tmp_path / "notes.txt"
+    odd.write_text("x")
     b = write_hits_h5(tmp_path / "b.h5", 3, seed=2)
     out = tmp_path / "out.csv"
-    args = ["classify", str(a), str(bad), str(b), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu"]
+    args = ["classify", str(a), str(gone), str(bad), str(odd), str(b), "-o", str(out),
+            "--model", str(tiny_model_path), "--device", "cpu"]  # fmt: skip
     result = run_cli(*args)
     assert result.exit_code == 2 and not out.exists()
     result = run_cli(*args, "--keep-going")
     err = stderr_of(result)
     assert result.exit_code == 2
-    assert error_lines(err) == [f"stampclf: error: {bad}: not an HDF5 file"]
+    assert error_lines(err)[:2] == [
+        f"stampclf: error: {gone}: file does not exist",
+        f"stampclf: error: {bad}: not an HDF5 file",
+    ]
+    assert error_lines(err)[2].startswith(f"stampclf: error: {odd}: unknown input type") and len(error_lines(err)) == 3
     rows = read_csv(out)
     assert [r["file"] for r in rows] == [str(a)] * 5 + [str(b)] * 3
     assert "8 rows from 2 input(s)" in err
@@ -797,6 +805,45 @@ def test_ctrl_c_exits_130_without_output(
     assert stderr_of(result).strip() == "stampclf: interrupted; no output written"
     assert out.read_text() == "previous results\n", "an interrupted run leaves an existing output alone"
     assert leftovers(tmp_path, "out.csv") == ["out.csv"]
+
+
+def test_ctrl_c_with_csv_on_stdout_says_it_is_incomplete(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stampclf.io import _writers
+
+    real = _writers.ResultWriter.write
+    calls = {"n": 0}
+
+    def write(self: Any, *a: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        real(self, *a)
+
+    monkeypatch.setattr(_writers.ResultWriter, "write", write)
+    h5 = write_hits_h5(tmp_path / "a.h5", 20)
+    result = run_cli("classify", str(h5), "--model", str(tiny_model_path), "--device", "cpu", "-b", "4")
+    assert result.exit_code == 130
+    assert stderr_of(result).strip() == "stampclf: interrupted; the CSV on stdout is incomplete"
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".h5"])
+def test_disk_full_is_one_line_naming_the_output(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    from stampclf.io import _writers
+
+    def full(self: Any, *a: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_writers.ResultWriter, "_write", full)
+    h5 = write_hits_h5(tmp_path / "a.h5", 5)
+    out = tmp_path / f"out{suffix}"
+    result = run_cli("classify", str(h5), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu")
+    assert result.exit_code == 2
+    assert stderr_of(result).strip() == f"stampclf: error: {out}: cannot write the output (No space left on device)"
+    assert leftovers(tmp_path, out.name) == []  # no output, no temporary file
 
 
 def test_failed_run_leaves_existing_output_untouched(tmp_path: Path, tiny_model_path: Path) -> None:

@@ -77,7 +77,7 @@ def input_kind(path: str) -> str:
 
 
 def open_inputs(
-    paths: list[str], card: Any, layout: str = "auto", channels_last: bool = False
+    paths: list[str], card: Any, layout: str = "auto", channels_last: bool = False, keep_going: bool = False
 ) -> list[tuple[list[str], Any]]:
     """Group *paths* into readers to open, in input order.
 
@@ -85,49 +85,72 @@ def open_inputs(
     image files and folders together. Openers are called lazily, by the caller:
     `classify_files` opens all of them once before classifying (or, with
     ``keep_going``, each in turn, so that one bad file does not stop the others).
+    A path that is missing or of no known kind raises `InputError` here, or, with
+    *keep_going*, gets an opener that raises it, so the caller reports it among the
+    other bad files and goes on.
     """
     groups: list[tuple[list[str], Any]] = []
     for path in paths:
-        kind = input_kind(path)
-        if kind == "hdf5":
-            if card.kind != "stamp":
-                raise InputError(f"{path}: HDF5 stamps given but model {card.name!r} classifies images")
-            groups.append(([path], lambda p=path: HDF5Reader(p, card.input, layout, channels_last)))
-            continue
-        if kind in ("alerts", "fits"):
-            if card.kind != "stamp":
-                raise InputError(f"{path}: {kind} cut-outs given but model {card.name!r} classifies images")
-            if kind == "alerts":
-                alerts_opener: Any = lambda p=path: AlertReader(p, card)  # noqa: E731
-                alerts_opener.extra_columns = AlertReader.extra_columns
-                groups.append(([path], alerts_opener))
-                continue
-            # per-channel files (<id>_<channel>.fits) in a row make one reader; other FITS files one each
-            if channel_of(path) and groups and getattr(groups[-1][1], "fits_channels", False):
-                groups[-1][0].append(path)
-                continue
-            fits_group: list[str] = [path]
-            fits_opener: Any = lambda g=fits_group: FITSReader(g, card)  # noqa: E731
-            fits_opener.fits_channels = channel_of(path) is not None
-            groups.append((fits_group, fits_opener))
-            continue
-        if card.kind != "image" and kind == "dir":
-            raise InputError(
-                f"{path}: a folder; model {card.name!r} classifies stamps, and only image models read folders: "
-                f"give the files (e.g. {os.path.join(path, '*.h5')})"
-            )
-        if card.kind != "image":
-            raise InputError(
-                f"{path}: model {card.name!r} classifies {card.shape[0]}-channel stamps from HDF5, not images"
-            )
-        if groups and groups[-1][0] and getattr(groups[-1][1], "images", False):
-            groups[-1][0].append(path)
-            continue
-        group: list[str] = [path]
-
-        def opener(g: list[str] = group) -> ImageReader:
-            return ImageReader(g, card.preprocessing, card.shape, classes=card.classes)
-
-        opener.images = True  # type: ignore[attr-defined]
-        groups.append((group, opener))
+        try:
+            _add_input(groups, path, card, layout, channels_last)
+        except InputError as exc:
+            if not keep_going:
+                raise
+            groups.append(([path], _Failing(exc)))
     return groups
+
+
+class _Failing:
+    """The opener of an input that cannot be opened: raises its error when called."""
+
+    def __init__(self, error: InputError) -> None:
+        self.error = error
+
+    def __call__(self) -> Any:
+        raise self.error
+
+
+def _add_input(groups: list[tuple[list[str], Any]], path: str, card: Any, layout: str, channels_last: bool) -> None:
+    """Append *path* to *groups*: a new reader, or the previous one when it continues it."""
+    kind = input_kind(path)
+    if kind == "hdf5":
+        if card.kind != "stamp":
+            raise InputError(f"{path}: HDF5 stamps given but model {card.name!r} classifies images")
+        groups.append(([path], lambda p=path: HDF5Reader(p, card.input, layout, channels_last)))
+        return
+    if kind in ("alerts", "fits"):
+        if card.kind != "stamp":
+            raise InputError(f"{path}: {kind} cut-outs given but model {card.name!r} classifies images")
+        if kind == "alerts":
+            alerts_opener: Any = lambda p=path: AlertReader(p, card)  # noqa: E731
+            alerts_opener.extra_columns = AlertReader.extra_columns
+            groups.append(([path], alerts_opener))
+            return
+        # per-channel files (<id>_<channel>.fits) in a row make one reader; other FITS files one each
+        if channel_of(path) and groups and getattr(groups[-1][1], "fits_channels", False):
+            groups[-1][0].append(path)
+            return
+        fits_group: list[str] = [path]
+        fits_opener: Any = lambda g=fits_group: FITSReader(g, card)  # noqa: E731
+        fits_opener.fits_channels = channel_of(path) is not None
+        groups.append((fits_group, fits_opener))
+        return
+    if card.kind != "image" and kind == "dir":
+        raise InputError(
+            f"{path}: a folder; model {card.name!r} classifies stamps, and only image models read folders: "
+            f"give the files (e.g. {os.path.join(path, '*.h5')})"
+        )
+    if card.kind != "image":
+        raise InputError(
+            f"{path}: model {card.name!r} classifies {card.shape[0]}-channel stamps from HDF5, not images"
+        )
+    if groups and groups[-1][0] and getattr(groups[-1][1], "images", False):
+        groups[-1][0].append(path)
+        return
+    group: list[str] = [path]
+
+    def opener(g: list[str] = group) -> ImageReader:
+        return ImageReader(g, card.preprocessing, card.shape, classes=card.classes)
+
+    opener.images = True  # type: ignore[attr-defined]
+    groups.append((group, opener))

@@ -7,15 +7,17 @@ truncated file under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
 import sys
+from collections.abc import Iterator
 from typing import IO, Any
 
 import numpy as np
 
-from .._errors import InputError
+from .._errors import InputError, OutputError
 
 __all__ = ["ResultWriter", "open_writer", "run_attrs", "OUTPUT_FORMATS", "columns_for"]
 
@@ -209,6 +211,18 @@ class ResultWriter:
         extra: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Append one batch of rows; *file* is one name or one per row; *extra* fills the extra columns."""
+        with self._output_errors():
+            self._write(ids, labels, proba, status, file, extra)
+
+    def _write(
+        self,
+        ids: np.ndarray,
+        labels: np.ndarray,
+        proba: np.ndarray,
+        status: np.ndarray,
+        file: str | Any,
+        extra: dict[str, np.ndarray] | None = None,
+    ) -> None:
         n = len(ids)
         more = [[str(v) for v in (extra or {}).get(c, [""] * n)] for c in self.extra_columns]
         files = [file] * n if isinstance(file, str) else [str(f) for f in file]
@@ -270,6 +284,20 @@ class ResultWriter:
 
     def commit(self) -> None:
         """Finish the output and move it under its final name."""
+        with self._output_errors():
+            self._commit()
+
+    @contextlib.contextmanager
+    def _output_errors(self) -> Iterator[None]:
+        """A failed write (disk full, read-only file system) as one line naming the output."""
+        try:
+            yield
+        except BrokenPipeError:
+            raise  # stdout's reader went away (e.g. `| head`): the CLI ends quietly
+        except OSError as exc:
+            raise OutputError(f"{self.path or 'stdout'}: cannot write the output ({_os_reason(exc)})") from None
+
+    def _commit(self) -> None:
         if self._h5 is not None:
             for name in self._text_columns:  # an output without rows still has every column
                 if name not in self._h5:
