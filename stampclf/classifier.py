@@ -293,7 +293,14 @@ class Classifier:
         return self._submit(x)
 
     def _finish(self, proba: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Labels from probabilities; failed rows get NaN and no label."""
+        """Labels from probabilities; failed rows get NaN and no label.
+
+        A row whose probabilities are not finite (a model fed extreme values) is
+        marked failed in *status*, in place, rather than labelled.
+        """
+        for i in np.flatnonzero(~np.isfinite(proba).all(axis=1)).tolist():
+            if not status[i].startswith("failed"):
+                status[i] = "failed: model output not finite"
         failed = np.array([s.startswith("failed") for s in status], dtype=bool)
         labels = self._decide(proba) if len(proba) else np.empty(0, dtype=object)
         if failed.any():

@@ -228,10 +228,16 @@ def prepare_stamps(
         max_frac = float(policy.get("max_bad_fraction", 1.0))
         per_row = bad.reshape(n, -1).sum(axis=1)
         frac = per_row / float(x[0].size)
+        # a channel with no finite pixel at all carries no information: the row is not scored
+        empty = bad.reshape(n, n_ch, -1).all(axis=2)
         x = np.where(bad, np.float32(fill), x)
         for i in np.flatnonzero(per_row):
             if frac[i] > max_frac:
                 status[i] = f"failed: {int(per_row[i])} of {x[0].size} pixels not finite"
+                reasons[i] = []
+            elif empty[i].any():
+                names = ", ".join(repr(card_input["channels"][c]) for c in np.flatnonzero(empty[i]))
+                status[i] = f"failed: no finite pixel in channel {names}"
                 reasons[i] = []
             elif policy.get("flag", True):
                 reasons[i].append(f"{int(per_row[i])} non-finite pixels replaced")

@@ -489,23 +489,28 @@ def _classify_csv(tmp_path: Path, model: Path, h5: Path, *extra: str) -> tuple[A
 
 
 def test_nan_and_inf_pixels_flagged_or_failed(tmp_path: Path, tiny_model_path: Path) -> None:
-    x = make_stamps(5, seed=3)
+    x = make_stamps(7, seed=3)
     x[1, 2, :3, :] = np.nan  # 63 of 1764 pixels: replaced and flagged
     x[2, 0, 0, 0] = np.inf
     x[3, 1, 5, 5] = -np.inf
-    x[4, :3] = np.nan  # 1323 of 1764 > max_bad_fraction 0.5: failed
+    x[4, :, :11, :] = np.nan  # 924 of 1764 > max_bad_fraction 0.5: failed
+    x[5, 2] = np.nan  # a whole channel (a quarter of the pixels): nothing to score it on
+    x[6, 1:3] = np.inf
     h5 = write_hits_h5(tmp_path / "nan.h5", stamps=x)
     result, rows = _classify_csv(tmp_path, tiny_model_path, h5)
     status = [r["status"] for r in rows]
     assert status[0] == "ok"
     assert status[1] == "flagged: 63 non-finite pixels replaced"
     assert status[2] == status[3] == "flagged: 1 non-finite pixels replaced"
-    assert status[4] == "failed: 1323 of 1764 pixels not finite"
+    assert status[4] == "failed: 924 of 1764 pixels not finite"
+    assert status[5] == "failed: no finite pixel in channel 'difference'"
+    assert status[6] == "failed: no finite pixel in channel 'science', 'difference'"
     for r in rows[:4]:
         p = np.array([float(r["p_bogus"]), float(r["p_real"])])
         assert np.isfinite(p).all() and abs(p.sum() - 1) < 1e-5 and r["label"] in ("bogus", "real")
-    assert rows[4]["label"] == "" and rows[4]["p_bogus"] == "" and rows[4]["p_real"] == ""
-    assert "flagged 3, failed 1" in stderr_of(result)
+    for r in rows[4:]:
+        assert r["label"] == "" and r["p_bogus"] == "" and r["p_real"] == ""
+    assert "flagged 3, failed 3" in stderr_of(result)
 
 
 def test_failed_rows_are_nan_in_hdf5_output(tmp_path: Path, tiny_model_path: Path) -> None:

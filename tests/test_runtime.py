@@ -277,3 +277,12 @@ def test_default_batch_size_comes_from_the_card(tmp_path: Path) -> None:
     card["input"]["default_batch_size"] = "lots"
     with pytest.raises(ModelError, match="default_batch_size 'lots'"):
         Classifier(write_model(tmp_path / "bad.onnx", card), device="cpu")
+
+
+def test_rows_with_non_finite_model_output_are_failed_not_labelled(tiny_model_path: Path) -> None:
+    clf = Classifier(tiny_model_path, device="cpu")
+    status = np.array(["ok", "flagged: duplicate id", "ok"], dtype=object)
+    proba = np.array([[np.nan, np.nan], [0.2, np.inf], [0.3, 0.7]], np.float32)
+    proba, labels = clf._finish(proba, status)
+    assert status.tolist() == ["failed: model output not finite"] * 2 + ["ok"]
+    assert labels.tolist() == ["", "", "real"] and np.isnan(proba[:2]).all()
