@@ -412,6 +412,7 @@ def test_fits_per_channel_and_multi_extension(tmp_path: Path, clf: Classifier) -
     assert result.exit_code == 0, result.output
     rows = read_csv(out)
     assert [r["id"] for r in rows] == ["cand0", "cand1"]
+    assert [r["file"] for r in rows] == [files[0], str(mef)]  # each row's own (science) file
     assert all(r["status"] == f"flagged: {DERIVED_SNR}" for r in rows)
     expected = clf.classify(np.stack([hits_order(t0), hits_order(t1)])).proba
     got = np.array([[float(r["p_bogus"]), float(r["p_real"])] for r in rows])

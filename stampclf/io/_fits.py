@@ -127,7 +127,8 @@ class FITSReader:
             keyed[key][kind] = p
         self.n_rows: int | None = None if any(k is None for k, _ in self._items) else len(self._items)
 
-    def _rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _rows(self) -> Iterator[tuple[str, dict[str, Any], str]]:
+        """``(id, {channel: plane}, file)``; *file* is the stamp's science file when it has one."""
         for key, item in self._items:
             if key is not None:
                 planes: dict[str, Any] = {}
@@ -136,7 +137,7 @@ class FITSReader:
                     if hdus[0][1].ndim != 2:
                         raise InputError(f"{p}: image has shape {hdus[0][1].shape}; expected a 2-D cut-out")
                     planes[kind] = hdus[0][1]
-                yield key, planes
+                yield key, planes, item.get("science", next(iter(item.values())))
                 continue
             named = {}
             for ext, arr in _read_hdus(item):
@@ -154,10 +155,10 @@ class FITSReader:
             first = next(iter(named.values()))
             stem = _stem(item)
             if first.ndim == 2:
-                yield stem, named
+                yield stem, named, item
             elif first.ndim == 3:
                 for i in range(first.shape[0]):
-                    yield f"{stem}[{i}]", {k: a[i] for k, a in named.items()}
+                    yield f"{stem}[{i}]", {k: a[i] for k, a in named.items()}, item
             else:
                 raise InputError(f"{item}: images have shape {first.shape}; expected (H, W) or (N, H, W)")
 
@@ -165,7 +166,7 @@ class FITSReader:
         """Yield batches of preprocessed rows (``x`` and ``status`` set)."""
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
-        rows: list[tuple[str, dict[str, Any]]] = []
+        rows: list[tuple[str, dict[str, Any], str]] = []
         for row in self._rows():
             rows.append(row)
             if len(rows) == batch_size:
@@ -174,12 +175,14 @@ class FITSReader:
         if rows:
             yield self._batch(rows)
 
-    def _batch(self, rows: list[tuple[str, dict[str, Any]]]) -> InputBatch:
+    def _batch(self, rows: list[tuple[str, dict[str, Any], str]]) -> InputBatch:
         kinds = set(self._kinds) | {"difference"}
-        cutouts = {k: [planes.get(k) for _, planes in rows] for k in kinds}
-        x, status = cutouts_to_input(cutouts, self.card, self.path)
-        ids = np.array([key for key, _ in rows], dtype=object)
-        return InputBatch(ids=ids, x=x, status=status)
+        cutouts = {k: [planes.get(k) for _, planes, _ in rows] for k in kinds}
+        files = np.array([f for _, _, f in rows], dtype=object)  # each row names its own file
+        what = files[0] if len(set(files.tolist())) == 1 else f"{files[0]} and {len(set(files.tolist())) - 1} more"
+        x, status = cutouts_to_input(cutouts, self.card, what)
+        ids = np.array([key for key, _, _ in rows], dtype=object)
+        return InputBatch(ids=ids, x=x, status=status, files=files)
 
     def close(self) -> None:
         """Nothing stays open between batches."""
