@@ -268,6 +268,27 @@ def test_image_reader_keeps_order_and_reports_bad_files(tmp_path: Path) -> None:
         assert status[i] == "ok" and x[i, 0, 0, 0] == i * 20
 
 
+def test_image_reader_flags_the_same_image_given_twice(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        PIL_Image.fromarray(np.full((6, 6, 3), i * 20, np.uint8)).save(folder / f"{i}.png")
+    again = str(tmp_path / "imgs" / ".." / "imgs" / "1.png")  # another spelling of the same file
+    reader = ImageReader([str(folder), again], {"resize": 6, "crop": 6, "scale": 1.0}, (3, 6, 6), threads=1)
+    status = [s for b in reader.batches(2) for s in b.status]
+    assert status == ["ok", "ok", "flagged: duplicate id"]
+
+
+def test_16_bit_image_is_scaled_not_clipped() -> None:
+    from stampclf.preprocess import image_to_uint8
+
+    ramp = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    img = PIL_Image.fromarray(ramp)
+    assert img.mode.startswith("I;16")
+    got = image_to_uint8(img, {"mode": "L"})
+    assert got[0, 0].tolist() == [0, 100, 255]
+
+
 # --- end to end ------------------------------------------------------------------------
 def test_tiny_train_export_classify(tmp_path: Path) -> None:
     pytest.importorskip("onnx")

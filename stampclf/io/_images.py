@@ -12,7 +12,7 @@ import numpy as np
 
 from .._errors import InputError
 from ..preprocess import OK, load_image
-from ._base import InputBatch
+from ._base import DUPLICATE_ID, InputBatch, duplicate_rows
 
 __all__ = ["ImageReader", "IMAGE_SUFFIXES", "expand_image_paths"]
 
@@ -68,6 +68,8 @@ class ImageReader:
         if classes and not self.has_labels:
             stray = next(f for f, d in zip(self.files, parents, strict=True) if d not in classes)
             self.why_no_labels = f"{stray} is not in a folder named after one of the model's classes: {', '.join(classes)}"
+        # the same image twice (e.g. given alone and inside a folder): kept, flagged
+        self._dup = duplicate_rows(np.array([os.path.realpath(f) for f in self.files], dtype=object))
         self._spec = spec
         self._shape = shape
         self._threads = threads or _decode_threads()
@@ -98,6 +100,8 @@ class ImageReader:
                     status[i] = st
                 else:
                     x[i] = arr
+            dup = self._dup[start : start + batch_size]
+            status[dup & (status == OK)] = DUPLICATE_ID
             paths = np.array(names, dtype=object)
             labels = self._labels[start : start + batch_size] if self._labels is not None else None
             yield InputBatch(ids=paths, x=x, status=status, files=paths, labels=labels)
