@@ -120,6 +120,28 @@ def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, d
                 fut.cancel()
 
 
+
+def _check_ids(ids: Any, n: int) -> np.ndarray:
+    """*ids* as an array, refused unless there is one per row."""
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or len(ids) != n:
+        raise InputError(f"ids: shape {ids.shape} for {n} stamps (need one id per stamp)")
+    return ids
+
+
+def _flag_duplicate_ids(ids: np.ndarray | None, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row numbers for missing *ids*; rows whose id repeats an earlier row's flagged ``duplicate id``.
+
+    A flag only: it never changes which rows are scored.
+    """
+    if ids is None:
+        return np.arange(len(status)), status
+    dup = duplicate_rows(ids)
+    if dup.any():
+        status = merge_status(status, np.where(dup, DUPLICATE_ID, OK).astype(object))
+    return ids, status
+
+
 class Classifier:
     """Classify stamps or images with a shipped or local ONNX model.
 
@@ -318,10 +340,7 @@ class Classifier:
         ``duplicate id``.
         """
         if ids is not None:
-            ids = np.asarray(ids)
-            n = len(stamps) if hasattr(stamps, "__len__") else -1
-            if ids.ndim != 1 or len(ids) != n:
-                raise InputError(f"ids: shape {ids.shape} for {n} stamps (need one id per stamp)")
+            ids = _check_ids(ids, len(stamps) if hasattr(stamps, "__len__") else -1)
         if self.card.kind != "stamp":
             x = self._image_input(stamps)
             status = np.full(len(x), OK, dtype=object)
@@ -330,12 +349,7 @@ class Classifier:
             proba, labels, status = self._classify_in_batches(stamps)
         else:
             x, status = prepare_stamps(stamps, self.card.input, self.card.preprocessing)
-        if ids is None:
-            ids = np.arange(len(status))
-        else:
-            dup = duplicate_rows(ids)
-            if dup.any():  # a flag only: never changes which rows are scored
-                status = merge_status(status, np.where(dup, DUPLICATE_ID, OK).astype(object))
+        ids, status = _flag_duplicate_ids(ids, status)
         if x is not None:
             proba, labels = self._predict_prepared(x, status)
         return Predictions(ids, labels, proba, status)

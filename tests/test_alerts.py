@@ -495,6 +495,12 @@ def test_classify_cutouts_equals_reader(tmp_path: Path, clf: Classifier) -> None
     pred = classify_cutouts(clf, blobs, ids=[1, 2, 3], nominal=63, positions=[(800, 46.5), (800, 16.5), None])
     assert pred.ids.tolist() == [1, 2, 3] and pred.status[2] == "failed: no template cut-out"
     np.testing.assert_allclose(pred.proba[1], pred.proba[0], atol=1e-5)  # the edge cut-out is recentred
+    pred = classify_cutouts(clf, blobs, ids=["a", "b", "a"], nominal=63)
+    assert pred.status[2] == "failed: no template cut-out"  # a failure stays a failure
+    pred = classify_cutouts(clf, {k: v[:2] for k, v in blobs.items()}, ids=["a", "a"], nominal=63)
+    assert pred.status[1].endswith("duplicate id")  # as in every other reader
+    with pytest.raises(InputError, match=r"ids: shape \(2,\) for 3 stamps"):
+        classify_cutouts(clf, blobs, ids=[1, 2], nominal=63)
 
 
 @pytest.mark.slow

@@ -348,9 +348,9 @@ def classify_cutouts(
     `Predictions` in row order; rows that cannot be decoded are ``failed`` with
     NaN probabilities.
     """
-    from ..classifier import Predictions
+    from ..classifier import Predictions, _check_ids, _flag_duplicate_ids
 
     x, status = cutouts_to_input(cutouts, clf.card, "cut-outs", nominal, positions)
+    ids, status = _flag_duplicate_ids(None if ids is None else _check_ids(ids, len(status)), status)
     proba, labels = clf._predict_prepared(x, status)
-    n = len(status)
-    return Predictions(np.arange(n) if ids is None else np.asarray(ids), labels, proba, status)
+    return Predictions(ids, labels, proba, status)
