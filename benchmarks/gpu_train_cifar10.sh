@@ -74,7 +74,7 @@ cp "$OUT/train.log" "$OUT/runs/cifar10/train.log"
 
 # --- export -----------------------------------------------------------------------------
 if [ "$EXPORT_OK" = 1 ]; then
-  "$PY" train/export.py --model cifar10 --checkpoint "$RUN/checkpoint.pt" --out "$EXPORTED" 2>&1 | tee "$OUT/export.log"
+  "$PY" train/export.py --model cifar10 --checkpoint "$RUN/checkpoint.pt" --out "$EXPORTED" --force 2>&1 | tee "$OUT/export.log"
   cp "$EXPORTED/cifar10.onnx" "$OUT/exported/"
   cp -r "$EXPORTED/cifar10" "$OUT/exported/"
 fi

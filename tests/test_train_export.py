@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -211,3 +212,92 @@ def test_ema_recipe_key_saves_averaged_weights(trained: dict[str, Path], tmp_pat
     assert counters and all(int(averaged[k]) == steps for k in counters)
     with pytest.raises(ValueError, match="ema must be in"):
         train_mod.main([*args, "--out", str(tmp_path / "bad"), "--set", "ema=1.0"])
+
+
+# --- unknown --set keys ----------------------------------------------------------------------
+def test_unknown_set_key_is_refused_before_training(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main(["--model", "hits", "--epochs", "1", "--out", str(run), "--set", "n_trian=2000"])
+    msg = str(exc.value.code)
+    assert "\n" not in msg and "'n_trian'" in msg and "did you mean 'n_train'" in msg
+    for key in ("n_train", "lr", "ema", "real_sn", "cache", "decode_threads"):  # recipe, data and no-effect keys
+        assert key in msg, key
+    assert not run.exists()  # refused before any data or output
+    with pytest.raises(SystemExit, match="'bogus' for model galaxy"):
+        train_mod.main(["--model", "galaxy", "--set", "bogus=1"])
+    with pytest.raises(SystemExit, match="'augment' for model hits"):  # an image-loader option
+        train_mod.main(["--model", "hits", "--set", "augment={}"])
+
+
+# keys of the commands in README.md, docs/*.md, benchmarks/*.sh and the tests
+DOCUMENTED_KEYS = {
+    "hits_sim": ("n_train", "n_val", "n_test", "real_sn", "cache", "ema", "lr", "sim_workers", "data", "batch_size"),
+    "image": ("root", "archive", "limit", "cache", "decode_threads", "batch_size", "lr", "augment"),
+}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_registry_and_documented_set_keys_are_accepted(name: str) -> None:
+    spec = get_spec(name)
+    keys = DOCUMENTED_KEYS["hits_sim" if spec.dataset == "hits_sim" else "image"]
+    train_mod.check_options(spec, {k: 1 for k in (*spec.recipe, *keys, *train_mod.NO_EFFECT_KEYS)})
+
+
+# --- card version and the shipped folder -----------------------------------------------------
+def test_retrained_model_gets_a_local_version(trained: dict[str, Path]) -> None:
+    # the fixture trains on its own data, 2 epochs, seed 3: not the registered hits recipe
+    spec = get_spec("hits")
+    card, _ = read_card(trained["onnx"])
+    assert re.fullmatch(re.escape(spec.version) + r"\+local\.\d{8}", card.version), card.version
+    assert Classifier(trained["onnx"], device="cpu").version == card.version  # the runtime takes it
+    report = json.loads((trained["dir"] / "hits" / "report.json").read_text())
+    assert report["version"] == card.version
+    # the report's command is the one given to main, not the test runner's
+    assert report["command"].startswith("python train/train.py --model hits --epochs 2 --seed 3")
+
+
+def test_card_version_is_the_registry_one_only_for_the_registered_recipe() -> None:
+    spec = get_spec("hits")
+    report = {"seed": 0, "date": "2026-11-23T10:00:00Z",
+              "recipe": {**spec.recipe, "cache": "/tmp/c", "real_sn": "none", "sim_workers": 2}}
+    assert export_mod.card_version(spec, report) == (spec.version, None)
+    for change in ({"recipe": {**report["recipe"], "n_train": 2000}}, {"recipe": {**report["recipe"], "epochs": 1}},
+                   {"recipe": {**report["recipe"], "ema": 0.9}}, {"seed": 3}):
+        version, notice = export_mod.card_version(spec, {**report, **change})
+        assert version == f"{spec.version}+local.20261123"
+        assert notice is not None and "\n" not in notice and version in notice and "--version" in notice
+    assert export_mod.card_version(spec, {**report, "seed": 3}, "2.0.0+mine") == ("2.0.0+mine", None)
+    with pytest.raises(ValueError, match="PEP 440"):
+        export_mod.card_version(spec, report, "v2 beta")
+
+
+def test_export_version_option(trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = str(trained["run"] / "checkpoint.pt")
+    assert export_mod.main(["--model", "hits", "--checkpoint", ckpt, "--out", str(tmp_path), "--version", "bad one"]) == 2
+    assert "PEP 440" in capsys.readouterr().err and not (tmp_path / "hits.onnx").exists()
+    assert export_mod.main(["--model", "hits", "--checkpoint", ckpt, "--out", str(tmp_path),
+                            "--version", "1.2.0+local.mine"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    assert read_card(tmp_path / "hits.onnx")[0].version == "1.2.0+local.mine"
+
+
+def test_default_out_does_not_overwrite_a_model_without_force(
+    trained: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shipped = tmp_path / "exported"
+    shipped.mkdir()
+    monkeypatch.setattr(export_mod, "EXPORTED", shipped)  # never the repository's own folder
+    (shipped / "hits.onnx").write_bytes(b"shipped")
+    ckpt = str(trained["run"] / "checkpoint.pt")
+    for out in ([], ["--out", str(shipped)]):
+        assert export_mod.main(["--model", "hits", "--checkpoint", ckpt, *out]) == 2
+        err = capsys.readouterr().err
+        assert str(shipped / "hits.onnx") in err and "--force" in err and err.count("\n") == 1
+    assert (shipped / "hits.onnx").read_bytes() == b"shipped"
+    assert not (shipped / "hits").exists()
+    assert export_mod.main(["--model", "hits", "--checkpoint", ckpt, "--force"]) == 0
+    assert read_card(shipped / "hits.onnx")[0].name == "hits"
+    # a new model in the shipped folder needs no --force
+    (shipped / "hits.onnx").unlink()
+    assert export_mod.main(["--model", "hits", "--checkpoint", ckpt]) == 0

@@ -2,14 +2,22 @@
 
 Usage
 -----
-    python train/export.py --model hits [--checkpoint runs/hits/checkpoint.pt] [--out exported]
-    python -m train.export --model hits
+    python train/export.py --model hits [--checkpoint runs/hits/checkpoint.pt] [--out exported] [--force]
+    python -m train.export --model hits --out /tmp/exported [--version 1.1.0+local.mytest]
 
 Writes ``<out>/<model>.onnx`` (dynamic batch axis, softmax with the fitted
 temperature inside the graph, card in ``metadata_props``) and copies the
 training figures to ``<out>/<model>/``. Runs ``onnx.checker`` (full check) and
 compares ONNX Runtime with PyTorch at batch sizes 1, 7 and 256; fails if the
 largest absolute difference in probabilities exceeds 1e-5.
+
+The card's version is the registry's (``ModelSpec.version``) only for a run of the
+registered recipe: same recipe and data options (``--set`` keys in `SAME_MODEL_KEYS`
+aside), default epochs, seed 0. Any other run gets a PEP 440 local version such as
+``1.1.0+local.20261123`` (the training date) and a notice; ``--version`` sets it
+explicitly. Into the repository's own ``exported/`` (the default ``--out``) an
+existing model file is overwritten only with ``--force``: a quick retrain never
+silently replaces a shipped model.
 """
 
 from __future__ import annotations
@@ -19,11 +27,13 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import sys
 import tempfile
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +47,18 @@ import torch.nn as nn
 import stampclf
 from stampclf._card import CARD_KEY, ModelCard, graph_sha256, read_card, read_onnx_parts
 from train.registry import ModelSpec, create_model, get_spec, list_models
-from train.train import NO_EFFECT_KEYS, reproduce_command
+from train.train import DEFAULT_EPOCHS, NO_EFFECT_KEYS, reproduce_command
 
-__all__ = ["export", "main", "Deployable", "TOLERANCE"]
+__all__ = ["export", "main", "Deployable", "TOLERANCE", "EXPORTED", "card_version", "recipe_differences"]
+
+#: The repository's shipped models (the default ``--out``); existing files here need ``--force``.
+EXPORTED = Path(__file__).resolve().parent.parent / "exported"
+#: ``--set`` keys that leave the trained model what the registry describes: scratch and speed
+#: (`NO_EFFECT_KEYS`), simulation processes (the data do not depend on them), the extra
+#: ``real_sn`` test split (evaluation only), and where the image data are read from
+SAME_MODEL_KEYS = (*NO_EFFECT_KEYS, "sim_workers", "real_sn", "root", "archive")
+#: PEP 440 versions the card accepts from ``--version`` (release, pre/post/dev, local part)
+VERSION_RE = re.compile(r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[a-z0-9]+([._-][a-z0-9]+)*)?", re.I)
 
 #: Largest accepted |p_onnx - p_torch|.
 TOLERANCE = 1e-5
@@ -118,8 +137,56 @@ def shipped_report(report: dict[str, Any]) -> dict[str, Any]:
             "options": canonical_recipe(report.get("options", {}))}
 
 
-def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str) -> ModelCard:
-    """The model card from the registry spec and the training report (as :func:`shipped_report` leaves it)."""
+def _plain(value: Any) -> Any:
+    """*value* as JSON gives it back (tuples -> lists), to compare a recipe with a report's."""
+    return json.loads(json.dumps(value, sort_keys=True, default=float))
+
+
+def recipe_differences(spec: ModelSpec, report: dict[str, Any]) -> list[str]:
+    """What makes the run of *report* other than the registered recipe of *spec* (empty: none).
+
+    Compares the run's recipe (registry recipe, ``--set`` options and epochs, as train.py
+    records it) with the registry's, ignoring `SAME_MODEL_KEYS`; also the seed (0).
+    """
+    def relevant(recipe: dict[str, Any]) -> dict[str, Any]:
+        return _plain({k: v for k, v in recipe.items() if k not in SAME_MODEL_KEYS})
+
+    registered = relevant({**spec.recipe, "epochs": spec.recipe.get("epochs", DEFAULT_EPOCHS)})
+    used = relevant(report.get("recipe", {}))
+    missing = object()
+    diffs = [k for k in sorted({*registered, *used}) if registered.get(k, missing) != used.get(k, missing)]
+    if report.get("seed", 0) != 0:
+        diffs.append("seed")
+    return diffs
+
+
+def card_version(spec: ModelSpec, report: dict[str, Any], version: str | None = None) -> tuple[str, str | None]:
+    """The card's version and a one-line notice (None when there is nothing to say).
+
+    *version* (``--version``) wins; else the registry's version for a run of the registered
+    recipe, and the registry's version plus a PEP 440 local part ``+local.<training date>``
+    for any other run.
+    """
+    if version is not None:
+        if not VERSION_RE.fullmatch(version):
+            raise ValueError(f"--version {version!r} is not a PEP 440 version such as 1.1.0 or 1.1.0+local.test")
+        return version, None
+    diffs = recipe_differences(spec, report)
+    if not diffs:
+        return spec.version, None
+    date = re.sub(r"\D", "", str(report.get("date", "")))[:8]
+    if len(date) != 8:
+        date = datetime.now(timezone.utc).strftime("%Y%m%d")
+    local = f"{spec.version}{'.' if '+' in spec.version else '+'}local.{date}"
+    return local, (f"[export] note: not the registered {spec.name} {spec.version} recipe (differs in: "
+                   f"{', '.join(diffs)}): card version {local}; give --version VERSION to choose another")
+
+
+def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str, version: str | None = None) -> ModelCard:
+    """The model card from the registry spec and the training report (as :func:`shipped_report` leaves it).
+
+    *version*: the card's version (default: the registry's, see :func:`card_version`).
+    """
     import onnx
 
     versions = {
@@ -132,7 +199,7 @@ def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str) -> Mod
     test = report["metrics"]["test"]
     return ModelCard(
         name=spec.name,
-        version=spec.version,
+        version=version or spec.version,
         task=spec.task,
         description=spec.description,
         input=dict(spec.input),
@@ -190,7 +257,8 @@ def attach_card(model_bytes: bytes, card: ModelCard) -> bytes:
     entry.key, entry.value = CARD_KEY, card.to_json()
     proto.producer_name = "stampclf"
     proto.producer_version = stampclf.__version__
-    proto.model_version = int(card.version.split(".")[0])
+    major = re.match(r"\d+", card.version)
+    proto.model_version = int(major.group()) if major else 0
     proto.doc_string = card.description
     return proto.SerializeToString()
 
@@ -245,21 +313,38 @@ def default_batch_size(per_row: int, budget: int = ACTIVATION_BUDGET) -> int:
     return n
 
 
-def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path | None = None) -> Path:
-    """Export *spec* from *checkpoint*; returns the ONNX path. Raises on a failed check."""
+def _is_exported(folder: Path) -> bool:
+    """*folder* is the repository's `EXPORTED` folder (the shipped models)."""
+    return folder.resolve() == EXPORTED.resolve()
+
+
+def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path | None = None,
+           version: str | None = None, force: bool = False) -> Path:
+    """Export *spec* from *checkpoint*; returns the ONNX path. Raises on a failed check.
+
+    *version*: the card's version (default: :func:`card_version`). Raises `FileExistsError`
+    where *out_dir* is the repository's `EXPORTED` folder and the model file exists, unless *force*.
+    """
+    final = out_dir / f"{spec.name}.onnx"
+    if not force and final.exists() and _is_exported(out_dir):
+        raise FileExistsError(f"{final} exists (a shipped model): give --force to overwrite it, "
+                              "or --out another folder")
     report_path = report_path or checkpoint.parent / "report.json"
     report = shipped_report(json.loads(report_path.read_text()))
+    version, notice = card_version(spec, report, version)
+    if notice:
+        print(notice, flush=True)
+    report["version"] = version  # the copy beside the model says what its card says
     model = load_trained(spec, checkpoint)
     shape = (len(spec.input["channels"]), int(spec.input["height"]), int(spec.input["width"]))
     raw = to_onnx_bytes(model, shape, "stamps" if spec.input.get("kind", "stamp") == "stamp" else "images")
     graph, _ = read_onnx_parts(raw)
-    card = build_card(spec, report, graph_sha256(graph))
+    card = build_card(spec, report, graph_sha256(graph), version)
     per_row = largest_activation_per_row(raw)
     card.input["largest_activation_bytes_per_row"] = per_row
     card.input["default_batch_size"] = default_batch_size(per_row)
     data = attach_card(raw, card)
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"{spec.name}.onnx"
     fd, tmp = tempfile.mkstemp(prefix=f".{spec.name}.", suffix=".onnx", dir=out_dir)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -288,12 +373,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help=f"registered model: {', '.join(list_models())}")
     p.add_argument("--checkpoint", type=Path, default=None, help="default runs/<model>/checkpoint.pt")
     p.add_argument("--report", type=Path, default=None, help="default: report.json next to the checkpoint")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "exported")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: the repository's exported/, where an existing model needs --force)")
+    p.add_argument("--version", default=None,
+                   help="card version (default: the registry's for a run of the registered recipe, "
+                        "else the registry's plus +local.<training date>)")
+    p.add_argument("--force", action="store_true", help="overwrite a model in the repository's exported/")
     args = p.parse_args(argv)
     try:
         spec = get_spec(args.model)
     except KeyError as exc:
         print(f"export: error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    if args.version is not None and not VERSION_RE.fullmatch(args.version):
+        print(f"export: error: --version {args.version!r} is not a PEP 440 version such as 1.1.0 or "
+              "1.1.0+local.test", file=sys.stderr)
         return 2
     ckpt = args.checkpoint or Path("runs") / spec.name / "checkpoint.pt"
     if not ckpt.is_file():
@@ -301,7 +395,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        export(spec, ckpt, args.out, args.report)
+        export(spec, ckpt, args.out or EXPORTED, args.report, args.version, args.force)
+    except FileExistsError as exc:
+        print(f"export: error: {exc}", file=sys.stderr)
+        return 2
     except RuntimeError as exc:
         print(f"export: error: {exc}", file=sys.stderr)
         return 1

@@ -17,13 +17,15 @@ Recipe keys (the registry's ``recipe``, each overridable with ``--set``): ``epoc
 ``channels_last`` (NHWC tensors, faster convolutions on CPU), ``init_from_data`` (N: call
 every submodule's ``init_from_data(x)`` with N training inputs before training),
 ``ema`` (a decay such as 0.999: validate, select and save an exponential moving average
-of the weights and batch-norm statistics, updated every step), ``workers``, ``augment``;
-data options are the dataset loader's.
+of the weights and batch-norm statistics, updated every step), ``workers``; ``augment`` and
+the other data options are the dataset loader's (``train.data.dataset_options``). Any other
+``--set`` key is refused (a typo such as ``n_trian=`` would otherwise train on the defaults).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import platform
 import random
@@ -46,10 +48,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from stampclf import metrics as M
-from train.data import DataBundle, load_dataset
+from train.data import DataBundle, dataset_options, load_dataset
 from train.registry import ModelSpec, create_model, get_spec, list_models
 
-__all__ = ["train", "main", "predict_logits", "fit_temperature", "reproduce_command", "NO_EFFECT_KEYS"]
+__all__ = ["train", "main", "predict_logits", "fit_temperature", "reproduce_command", "check_options",
+           "valid_keys", "NO_EFFECT_KEYS", "TRAIN_KEYS", "DEFAULT_EPOCHS"]
 
 
 def seed_everything(seed: int) -> None:
@@ -179,7 +182,7 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
         torch.set_num_threads(args.threads)
     device = args.device
     recipe = {**spec.recipe, **options}
-    epochs = int(args.epochs or recipe.get("epochs", 10))
+    epochs = int(args.epochs or recipe.get("epochs", DEFAULT_EPOCHS))
     bs = int(recipe.get("batch_size", 256))
     workers = int(recipe.get("workers", 0))
     t_start = time.time()
@@ -256,7 +259,7 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
               f"val_loss {vloss:.4f} val_acc {vacc:.4f} ({time.time() - t0:.0f} s)", flush=True)
     assert best_state is not None
     model.load_state_dict(best_state)
-    run = {"history": history, "best_epoch": best_epoch + 1, "command": reproduce_command(sys.argv[1:]),
+    run = {"history": history, "best_epoch": best_epoch + 1, "command": reproduce_command(_argv(args)),
            "recipe": {**recipe, "epochs": epochs}, "device": device if device == "cpu" else
            f"{device} ({torch.cuda.get_device_name(0)})", "train_seconds": time.time() - t_start}
     return finish(spec, model, data, run, out, args, options)
@@ -344,7 +347,7 @@ def evaluate_only(spec: ModelSpec, args: argparse.Namespace, options: dict[str, 
     model.load_state_dict(state)
     run = {k: old[k] for k in ("history", "best_epoch", "command", "recipe", "device", "train_seconds")}
     run["evaluated_from"] = (f"weights of the run of {old['date']} ({old['command']}), re-evaluated with "
-                             f"{reproduce_command(sys.argv[1:])}; history figures are from that run")
+                             f"{reproduce_command(_argv(args))}; history figures are from that run")
     return finish(spec, model, data, run, out, args, options)
 
 
@@ -441,6 +444,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: ``--set`` keys that change only where scratch files go or how fast things run, never the result
 NO_EFFECT_KEYS = ("cache", "decode_threads")
+#: recipe keys the training loop reads (valid ``--set`` keys for every model; see the module docstring)
+TRAIN_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "pct_start", "label_smoothing",
+              "class_weights", "channels_last", "init_from_data", "ema", "workers")
+#: epochs of a recipe that names none
+DEFAULT_EPOCHS = 10
+
+
+def valid_keys(spec: ModelSpec) -> dict[str, list[str]]:
+    """The ``--set`` keys *spec* accepts, by kind: ``recipe`` (training loop and registry recipe),
+    ``data`` (its loader's options, `train.data.dataset_options`) and ``no effect`` (`NO_EFFECT_KEYS`)."""
+    data = set(dataset_options(spec.dataset)) - set(NO_EFFECT_KEYS)
+    recipe = {*TRAIN_KEYS, *spec.recipe} - data - set(NO_EFFECT_KEYS)
+    return {"recipe": sorted(recipe), "data": sorted(data), "no effect": sorted(NO_EFFECT_KEYS)}
+
+
+def check_options(spec: ModelSpec, options: dict[str, Any]) -> None:
+    """Refuse a ``--set`` key that neither the training loop nor the data loader of *spec* reads.
+
+    Raises
+    ------
+    SystemExit
+        One line naming the key (and a close match, if any) and listing the valid keys.
+    """
+    groups = valid_keys(spec)
+    known = {k for keys in groups.values() for k in keys}
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            listing = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in groups.items() if keys)
+            raise SystemExit(f"train: error: unknown --set key {key!r} for model {spec.name}{hint}; "
+                             f"valid keys: {listing}")
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command-line arguments of this run (those given to `main`, else ``sys.argv``)."""
+    argv = getattr(args, "argv", None)
+    return list(sys.argv[1:] if argv is None else argv)
 
 
 def reproduce_command(argv: list[str]) -> str:
@@ -475,7 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as exc:
         print(f"train: error: {exc.args[0]}", file=sys.stderr)
         return 2
-    (evaluate_only if args.evaluate_only else train)(spec, args, parse_options(args.options))
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the report's command
+    options = parse_options(args.options)
+    check_options(spec, options)
+    (evaluate_only if args.evaluate_only else train)(spec, args, options)
     return 0
 
 

@@ -7,7 +7,7 @@ preprocessed with ``stampclf.preprocess`` (the runtime's own implementation).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # annotations only: the numpy-only simulator must not pull to
     import torch
     from torch.utils.data import Dataset
 
-__all__ = ["DataBundle", "register_dataset", "load_dataset", "array_sha256"]
+__all__ = ["DataBundle", "register_dataset", "load_dataset", "dataset_options", "array_sha256"]
 
 
 @dataclass
@@ -37,27 +37,45 @@ class DataBundle:
 
 
 _LOADERS: dict[str, Callable[..., DataBundle]] = {}
+_OPTIONS: dict[str, tuple[str, ...]] = {}
 
 
-def register_dataset(name: str) -> Callable[[Callable[..., DataBundle]], Callable[..., DataBundle]]:
-    """Register a loader ``fn(spec, options: dict, seed: int) -> DataBundle``."""
+def register_dataset(
+    name: str, options: Iterable[str] = ()
+) -> Callable[[Callable[..., DataBundle]], Callable[..., DataBundle]]:
+    """Register a loader ``fn(spec, options: dict, seed: int) -> DataBundle``.
+
+    *options* are the ``--set`` keys the loader reads besides the training recipe's
+    (``train/train.py`` refuses any other key).
+    """
 
     def wrap(fn: Callable[..., DataBundle]) -> Callable[..., DataBundle]:
         if name in _LOADERS:
             raise ValueError(f"dataset {name!r} is already registered")
         _LOADERS[name] = fn
+        _OPTIONS[name] = tuple(options)
         return fn
 
     return wrap
 
 
-def load_dataset(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
-    """Load the data of a registered model's ``spec.dataset``."""
+def _loader(dataset: str) -> Callable[..., DataBundle]:
     from . import hits, images  # noqa: F401 - importing registers the loaders
 
-    if spec.dataset not in _LOADERS:
-        raise KeyError(f"no loader for dataset {spec.dataset!r}; known: {', '.join(sorted(_LOADERS))}")
-    return _LOADERS[spec.dataset](spec, options, seed)
+    if dataset not in _LOADERS:
+        raise KeyError(f"no loader for dataset {dataset!r}; known: {', '.join(sorted(_LOADERS))}")
+    return _LOADERS[dataset]
+
+
+def load_dataset(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
+    """Load the data of a registered model's ``spec.dataset``."""
+    return _loader(spec.dataset)(spec, options, seed)
+
+
+def dataset_options(dataset: str) -> tuple[str, ...]:
+    """The ``--set`` keys the loader of *dataset* reads (its data options)."""
+    _loader(dataset)
+    return _OPTIONS[dataset]
 
 
 def array_sha256(*arrays: np.ndarray) -> str:

@@ -23,6 +23,8 @@ Options (``--set key=value``, defaults from the model's recipe)
     runs that will be exported (``benchmarks/gpu_train_hits.sh`` does) until export maps
     non-finite numbers to null.
 
+``train/train.py`` refuses any other ``--set`` key that is not a training recipe key.
+
 Seeds: split ``k`` (1 train, 2 validation, 3 test) of training seed ``s`` has split seed
 ``1000 s + k``; its shard ``j`` is simulated with seed ``10_000 * split_seed + j``.
 ``train/evaluate_hits.py`` uses split seed 999, which no training seed produces.
@@ -203,7 +205,11 @@ def _real_sn(option: Any, spec: Any) -> tuple[dict[str, TensorDataset], dict[str
     return {"real_sn": ds}, {"real_sn": {"file": str(path), "n": len(ds), "sha256": array_sha256(stamps, labels)}}
 
 
-@register_dataset("hits_sim")
+#: the ``--set`` keys `load_hits` reads (see the module docstring)
+HITS_OPTIONS = ("n_train", "n_val", "n_test", "data", "sim_workers", "cache", "snr_derived", "real_sn")
+
+
+@register_dataset("hits_sim", options=HITS_OPTIONS)
 def load_hits(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
     """Simulated HiTS candidates (train/val/test from disjoint seeds) or ``data=train.h5,val.h5,test.h5``."""
     recipe = {**spec.recipe, **options}

@@ -20,6 +20,12 @@ Options (``--set key=value`` of ``train/train.py``)
     Split sizes where the data set has no fixed test split.
 ``cache``
     Folder for decoded-image caches; ``cache=none`` disables caching.
+``decode_threads``
+    Threads decoding images (the result does not depend on it).
+``augment``
+    Overrides of the data set's training augmentation (a JSON object, see `_IMAGE_SETS`).
+
+``train/train.py`` refuses any other ``--set`` key that is not a training recipe key.
 """
 
 from __future__ import annotations
@@ -504,19 +510,24 @@ def _load(name: str, spec: Any, options: dict[str, Any], seed: int) -> DataBundl
     return _bundle(name, spec, recipe, root, image_set.source, splits, _augment_from(recipe, image_set.augment))
 
 
-@register_dataset("galaxy_zoo1")
+#: the ``--set`` keys the image loaders read (see the module docstring); ``augment`` overrides
+#: the data set's augmentation (`_IMAGE_SETS`)
+IMAGE_OPTIONS = ("root", "archive", "limit", "val_fraction", "cache", "decode_threads", "augment")
+
+
+@register_dataset("galaxy_zoo1", options=(*IMAGE_OPTIONS, "test_fraction"))
 def load_galaxy_zoo1(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
     """Galaxy Zoo 1 SDSS cut-outs, labels.csv (OBJID, CLASS); stratified 70/15/15 split from the seed."""
     return _load("galaxy_zoo1", spec, options, seed)
 
 
-@register_dataset("pokemon_types")
+@register_dataset("pokemon_types", options=(*IMAGE_OPTIONS, "test_fraction"))
 def load_pokemon_types(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
     """Pokémon artwork by primary type (folder per class); stratified 70/15/15 split from the seed."""
     return _load("pokemon_types", spec, options, seed)
 
 
-@register_dataset("cifar10")
+@register_dataset("cifar10", options=IMAGE_OPTIONS)  # fixed test split: no test_fraction
 def load_cifar10(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
     """CIFAR-10 JPEGs: the official 10,000 test images; 5,000 of the 50,000 training images held out for validation."""
     return _load("cifar10", spec, options, seed)
