@@ -268,6 +268,10 @@ CORPUS: dict[str, Case] = {
         ),
         "expected (N, C, H, W)",
     ),
+    "both_layouts": Case(
+        _h5("both.h5", datasets={"stamps": np.zeros((6, 4, 21, 21), "f4")}),
+        "both a 'stamps' dataset and per-channel datasets",
+    ),
     "stacked_3_channels": Case(
         _h5("stack_c3.h5", layout="stacked", stamps=np.zeros((6, 3, 21, 21), "f4")), "has 3 channel(s)"
     ),

@@ -94,9 +94,15 @@ class HDF5Reader:
         self.channels = list(card_input["channels"])
         h, w = int(card_input["height"]), int(card_input["width"])
         if layout == "auto":
+            per_channel = [n for n in names if self._dataset(n) is not None]
             if self._dataset(_STACKED_NAME) is not None:
+                if per_channel:  # two sets of stamps: guessing would silently classify one of them
+                    raise InputError(
+                        f"{self.path}: both a {_STACKED_NAME!r} dataset and per-channel datasets "
+                        f"{per_channel}; choose one with --layout stacked or --layout channels"
+                    )
                 layout = "stacked"
-            elif any(self._dataset(n) is not None for n in names):
+            elif per_channel:
                 layout = "channels"
             else:
                 found = ", ".join(sorted(self._file.keys())) or "nothing"
