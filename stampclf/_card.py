@@ -284,9 +284,11 @@ def read_card(path: str | Path, verify: bool = True) -> tuple[ModelCard, bytes]:
     return card, data
 
 
-def check_threshold(card: ModelCard, threshold: float | None) -> None:
-    """Refuse a threshold for a model whose labels no threshold decides (multiclass)."""
-    if threshold is not None and not card.is_binary:
+def check_threshold(card: ModelCard | None, threshold: float | None) -> None:
+    """Refuse a threshold outside [0, 1] (NaN included), or for a *card* whose labels no threshold decides."""
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise InputError(f"threshold {threshold} is not a number in [0, 1]")
+    if threshold is not None and card is not None and not card.is_binary:
         raise InputError(
             f"threshold {threshold}: model {card.name!r} has {len(card.classes)} classes; "
             "a threshold applies only to binary models (multiclass labels are the most probable class)"

@@ -121,6 +121,14 @@ def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, d
 
 
 
+def _gpu_only(precision: str, cuda_graph: bool, where: str) -> None:
+    """Refuse the GPU-only options on a CPU (fp16 is slower there and less accurate)."""
+    if precision == "fp16":
+        raise DeviceError(f"--precision fp16 is for GPUs (on a CPU it is slower than fp32); {where}")
+    if cuda_graph:
+        raise DeviceError(f"--cuda-graph needs a GPU; {where}")
+
+
 def _check_ids(ids: Any, n: int) -> np.ndarray:
     """*ids* as an array, refused unless there is one per row."""
     ids = np.asarray(ids)
@@ -187,16 +195,19 @@ class Classifier:
             raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if batch_size is not None and batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
-        if threshold is not None and not 0.0 <= threshold <= 1.0:
-            raise InputError(f"threshold {threshold} is not in [0, 1]")
+        check_threshold(None, threshold)  # the range, before the model is read
         self.path = resolve_model(model)
         self.card: ModelCard
         self.card, data = read_card(self.path, verify=verify)
         check_threshold(self.card, threshold)
         self.precision = precision
+        if device == "cpu":
+            _gpu_only(precision, cuda_graph, "--device cpu")
         if precision == "fp16":
             data = to_fp16(data, source=str(self.path))
         info = create_session(data, device, threads, source=str(self.path), cuda_graph=cuda_graph)
+        if info.device == "cpu":
+            _gpu_only(precision, cuda_graph, f"--device {device} runs on the CPU here")
         self._cuda_graph = cuda_graph
         self._info = info
         # Preprocessing threads for file streams: on CPU the inference threads own the
@@ -484,8 +495,17 @@ class Classifier:
     def _label_index(self, labels: np.ndarray | None, what: str) -> np.ndarray | None:
         if labels is None:
             return None
-        if labels.dtype.kind == "f" and np.isfinite(labels).all() and (labels == np.round(labels)).all():
+        if labels.dtype.kind == "f":
+            whole = np.isfinite(labels) & (labels == np.round(labels))
+            if not whole.all():
+                raise InputError(
+                    f"{what}: label {labels[~whole][0]} is not a class index 0..{len(self.classes) - 1}"
+                )
             labels = labels.astype(np.int64)  # labels stored as 0.0/1.0
+        if labels.dtype.kind == "b":
+            raise InputError(
+                f"{what}: labels are booleans; store class indices 0..{len(self.classes) - 1} or names {self.classes}"
+            )
         if labels.dtype.kind in "iu":
             bad = (labels < 0) | (labels >= len(self.card.classes))
             if bad.any():

@@ -98,7 +98,7 @@ def classify(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: all allowed).")] = None,
     threshold: Annotated[
-        Optional[float], typer.Option("--threshold", min=0.0, max=1.0, help="Decision threshold (default: the card's).")
+        Optional[float], typer.Option("--threshold", help="Decision threshold in [0, 1] (default: the card's).")
     ] = None,
     layout: Annotated[str, typer.Option("--layout", help="HDF5 layout: auto, channels or stacked.")] = "auto",
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Stacked stamps are (N, H, W, C).")] = False,

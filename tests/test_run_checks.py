@@ -202,3 +202,34 @@ def test_usage_errors_are_one_line_from_the_console_script(args: list[str], phra
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("stampclf: error: ") and phrase in r.stderr
     assert "--help" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("labels", "phrase"),
+    [
+        (np.array([0.0, 1.0, 0.5, 1.0]), "label 0.5 is not a class index 0..1"),
+        (np.array([True, False, True, True]), "labels are booleans"),
+    ],
+    ids=["fraction", "bool"],
+)
+def test_evaluate_names_the_bad_label(tmp_path: Path, tiny_model_path: Path, labels: np.ndarray, phrase: str) -> None:
+    path = write_hits_h5(tmp_path / "l.h5", 4, labels=labels)
+    r = _cli("classify", path, "-m", tiny_model_path, "--device", "cpu", "--evaluate")
+    assert r.exit_code == 2 and phrase in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["--threshold", "nan"], "threshold nan is not a number in [0, 1]"),
+        (["--threshold", "1.5"], "threshold 1.5 is not a number in [0, 1]"),
+        (["--precision", "fp16", "--device", "cpu"], "--precision fp16 is for GPUs"),
+    ],
+    ids=["nan", "above_one", "fp16_cpu"],
+)
+def test_options_refused_with_the_value_named(
+    tmp_path: Path, tiny_model_path: Path, args: list[str], phrase: str
+) -> None:
+    path = write_hits_h5(tmp_path / "s.h5", 4)
+    r = _cli("classify", path, "-m", tiny_model_path, *args)
+    assert r.exit_code == 2 and phrase in r.stderr and not r.stdout, r.stderr
