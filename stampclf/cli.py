@@ -188,8 +188,20 @@ def _report(s: Any, where: str, output: Optional[str], quiet: bool) -> int:
 
 
 def _print_metrics(m: dict[str, Any]) -> None:
+    avg = m.get("average")
     keys = ("n", "accuracy", "precision", "recall", "f1", "roc_auc", "unscored", "threshold")
-    lines = [f"{k:>10}: {m[k]:.4f}" if isinstance(m[k], float) else f"{k:>10}: {m[k]}" for k in keys if k in m]
+    lines = []
+    for k in (k for k in keys if k in m):
+        v = m[k]
+        name = f"{k} ({avg})" if avg and k in ("precision", "recall", "f1", "roc_auc") else k
+        if k == "roc_auc" and isinstance(v, float) and v != v:
+            text = "n/a (the labels hold one class only)"
+        else:
+            text = f"{v:.4f}" if isinstance(v, float) else str(v)
+        lines.append(f"{name:>24}: {text}")
+    if avg == "macro":  # several classes: each one's figures too
+        lines.append(f"{'per class':>24}: precision / recall / support")
+        lines += [f"{c:>24}: {p['precision']:.4f} / {p['recall']:.4f} / {p['support']}" for c, p in m["per_class"].items()]
     typer.echo("\n".join(["evaluation:", *lines]), err=True)
 
 

@@ -73,8 +73,10 @@ def summary(
     if positive is not None:
         out.update(precision=float(prec[positive]), recall=float(rec[positive]), f1=float(f1[positive]))
         out["roc_auc"] = aucs[positive]
+        out["average"] = f"class {classes[positive]}"
     else:
         present = cm.sum(1) > 0
+        out["average"] = "macro"  # over the classes present in the labels; AUC one-vs-rest
         out.update(
             precision=float(prec[present].mean()),
             recall=float(rec[present].mean()),
