@@ -286,3 +286,14 @@ def test_rows_with_non_finite_model_output_are_failed_not_labelled(tiny_model_pa
     proba, labels = clf._finish(proba, status)
     assert status.tolist() == ["failed: model output not finite"] * 2 + ["ok"]
     assert labels.tolist() == ["", "", "real"] and np.isnan(proba[:2]).all()
+
+
+def test_metrics_say_what_they_average() -> None:
+    from stampclf import metrics
+
+    y = np.array([0, 1, 2, 2])
+    proba = np.eye(3, dtype=np.float32)[[0, 1, 2, 1]]
+    m = metrics.summary(y, proba, proba.argmax(1), ["a", "b", "c"])
+    assert m["average"] == "macro" and m["per_class"]["c"]["recall"] == 0.5
+    m = metrics.summary(y[:2], proba[:2, :2], np.array([0, 1]), ["bogus", "real"], positive=1)
+    assert m["average"] == "class real"
