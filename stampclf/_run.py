@@ -152,6 +152,8 @@ def classify_files(
             prob: list[np.ndarray] = []
             try:
                 reader = opener()
+                if keep_going and hasattr(reader, "salvage"):
+                    reader.salvage = True  # a damaged chunk fails its rows, not the whole file
                 if evaluate:  # say so now, not after classifying it
                     _require_labels(reader)
                 for pred in clf._classify_reader(reader, batch_size or clf.batch_size, "check" if evaluate else "skip"):
@@ -165,6 +167,7 @@ def classify_files(
                         truth.append(pred.true_labels)
                         prob.append(pred.proba)
                     bar.update(len(pred))
+                summary.file_errors.extend(getattr(reader, "damaged", ()))  # rows kept, as failed rows
             except StampclfError as exc:
                 if not keep_going:
                     raise

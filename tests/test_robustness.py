@@ -701,7 +701,7 @@ def test_keep_going_drops_rows_of_a_file_that_fails_half_way(
     b = write_hits_h5(tmp_path / "b.h5", 3, seed=3)
     real = h5py.Dataset.__getitem__
 
-    def fake(self: Any, key: Any) -> Any:
+    def fake(self: Any, key: Any) -> Any:  # every dataset, ids too: nothing of rows 4-7 can be reported
         if self.file.filename == str(half) and isinstance(key, slice) and key.start == 4:
             raise OSError("Can't read data (truncated file)")
         return real(self, key)
@@ -735,6 +735,33 @@ def test_keep_going_drops_rows_of_a_file_that_fails_half_way(
                 files = [s.decode() for s in f["file"][:]]
                 assert all(f[k].shape == (7,) for k in f)
         assert files == [str(a)] * 4 + [str(b)] * 3
+
+
+def test_keep_going_keeps_the_readable_rows_of_a_damaged_file(tmp_path: Path, tiny_model_path: Path) -> None:
+    x = make_stamps(40, seed=5)
+    damaged = tmp_path / "damaged.h5"
+    with h5py.File(damaged, "w") as f:
+        f.create_dataset("stamps", data=x, chunks=(10, 4, 21, 21), compression="gzip")
+        f["id"] = np.arange(100, 140)
+        offset = f["stamps"].id.get_chunk_info(2).byte_offset
+    with open(damaged, "r+b") as fh:  # rows 20-29 unreadable; ids and the other rows fine
+        fh.seek(offset + 10)
+        fh.write(b"\xff" * 200)
+    out = tmp_path / "out.csv"
+    args = ["classify", str(damaged), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu"]
+    result = run_cli(*args, "--batch-size", "16")
+    assert result.exit_code == 2 and not out.exists()  # without --keep-going: the file fails
+    result = run_cli(*args, "--batch-size", "16", "--keep-going")
+    assert result.exit_code == 2
+    [line] = error_lines(stderr_of(result))
+    assert line.startswith(f"stampclf: error: {damaged}: cannot read rows 20-29 of dataset 'stamps'")
+    rows = read_csv(out)
+    assert [int(r["id"]) for r in rows] == list(range(100, 140))  # nothing dropped
+    failed = [i for i, r in enumerate(rows) if r["status"].startswith("failed: cannot read rows 20-29")]
+    assert failed == list(range(20, 30)) and all(rows[i]["label"] == "" for i in failed)
+    ref = Classifier(tiny_model_path, device="cpu").classify(x[:20])
+    np.testing.assert_allclose([float(r["p_real"]) for r in rows[:20]], ref.proba[:, 1], atol=1e-6)
+    assert "failed 10" in stderr_of(result)
 
 
 def test_keep_going_with_every_input_bad_writes_nothing(tmp_path: Path, tiny_model_path: Path) -> None:

@@ -64,6 +64,9 @@ class HDF5Reader:
             raise InputError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
         self.path = str(path)
         self._fd: int | None = None  # own descriptor, for read-ahead hints only
+        #: set by the caller (``--keep-going``): unreadable rows become failed rows, listed in `damaged`
+        self.salvage = False
+        self.damaged: list[str] = []
         self._reading: str | None = None  # the dataset being read, for error messages
         self._file = _open(self.path)
         try:
@@ -129,6 +132,8 @@ class HDF5Reader:
                 )
             self._datasets = [ds]
             self._channels_last = channels_last
+            c, hh, ww = (ds.shape[3], *ds.shape[1:3]) if channels_last else ds.shape[1:]
+            self._row_shape: tuple[int, ...] = (int(c), int(hh), int(ww))
         else:
             missing = [n for n in names if self._dataset(n) is None]
             if missing:
@@ -153,6 +158,7 @@ class HDF5Reader:
             }
             if len(set(sizes.values())) > 1:
                 raise InputError(f"{self.path}: channel datasets disagree in stamp size: {sizes}")
+            self._row_shape = (len(names), *(int(v) for v in next(iter(sizes.values()))))
         for d in self._datasets:
             if d.dtype.kind not in "fiu":
                 raise InputError(f"{self.path}: dataset {d.name!r} has dtype {d.dtype}; expected numbers")
@@ -225,6 +231,10 @@ class HDF5Reader:
                 [p.reshape(p.shape[0], math.isqrt(p.shape[1]), -1) if p.ndim == 2 else p for p in parts],
                 axis=1,
             )
+        return self._batch(start, stop, stamps)
+
+    def _batch(self, start: int, stop: int, stamps: np.ndarray, failed: str | None = None) -> InputBatch:
+        """Rows ``start:stop`` with *stamps*: ids, labels and statuses read beside them."""
         if self._ids is not None:
             self._reading = self._ids.name
             ids = self._ids[start:stop]
@@ -237,9 +247,40 @@ class HDF5Reader:
         self._reading = self._labels.name if self._labels is not None else None
         labels = self._labels[start:stop] if self._labels is not None else None
         status = None
-        if self._dup is not None and self._dup[start:stop].any():
+        if failed is not None:
+            status = np.full(stop - start, f"failed: {failed}", dtype=object)
+        elif self._dup is not None and self._dup[start:stop].any():
             status = np.where(self._dup[start:stop], DUPLICATE_ID, OK).astype(object)
         return InputBatch(ids=ids, stamps=stamps, labels=labels, status=status)
+
+    def _read_or_salvage(self, start: int, stop: int) -> InputBatch:
+        """`read_block`, or with `salvage` set, the block with its unreadable rows as failed rows.
+
+        The block is read again a chunk at a time so that only the rows of a damaged
+        chunk fail; each damaged range is recorded in `damaged`. Where the ids or
+        labels of those rows cannot be read either, the error stands.
+        """
+        try:
+            return self.read_block(start, stop)
+        except InputError:
+            if not self.salvage:
+                raise
+        step = (self._datasets[0].chunks or (stop - start,))[0]
+        out: InputBatch | None = None
+        for a in range(start, stop, step):
+            b = min(a + step, stop)
+            try:
+                part = self.read_block(a, b)
+            except InputError as exc:
+                self.damaged.append(str(exc))
+                reason = str(exc).removeprefix(f"{self.path}: ")
+                try:
+                    part = self._batch(a, b, np.zeros((b - a, *self._row_shape), np.float32), reason)
+                except _H5_ERRORS:
+                    raise exc from None
+            out = part if out is None else _join(out, part)
+        assert out is not None
+        return out
 
     def block_rows(self, batch_size: int) -> int:
         """Rows per read: a multiple of the file's chunking, at least *batch_size*.
@@ -267,7 +308,7 @@ class HDF5Reader:
         self._advise(0, block)
         for b0 in range(0, self.n_rows, block):
             self._advise(b0 + block, b0 + 2 * block)
-            blk = self.read_block(b0, min(b0 + block, self.n_rows))
+            blk = self._read_or_salvage(b0, min(b0 + block, self.n_rows))
             pos = 0
             if carry is not None:
                 pos = min(batch_size - len(carry), len(blk))
