@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import filecmp
 import os
 from pathlib import Path
 
 from ._errors import ModelError
 
-__all__ = ["model_dirs", "list_models", "resolve_model", "MODELS_ENV"]
+__all__ = ["model_dirs", "list_models", "resolve_model", "shadowing_notice", "MODELS_ENV"]
 
 #: Extra folders of ``<name>.onnx`` files, searched first (``os.pathsep``-separated).
 MODELS_ENV = "STAMPCLF_MODELS"
 
 
+def _shipped_dirs() -> list[Path]:
+    here = Path(__file__).resolve().parent
+    # inside an installed wheel; a source checkout / editable install
+    return [here / "_exported", here.parent / "exported"]
+
+
 def model_dirs() -> list[Path]:
     """Folders searched for shipped models, in order."""
     dirs = [Path(p) for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p]
-    here = Path(__file__).resolve().parent
-    dirs.append(here / "_exported")  # inside an installed wheel
-    dirs.append(here.parent / "exported")  # a source checkout / editable install
-    return [d for d in dirs if d.is_dir()]
+    return [d for d in (*dirs, *_shipped_dirs()) if d.is_dir()]
 
 
 def list_models() -> list[str]:
@@ -50,3 +54,15 @@ def resolve_model(model: str | os.PathLike[str]) -> Path:
             return candidate
     shipped = ", ".join(list_models()) or "none found"
     raise ModelError(f"unknown model {text!r}; shipped models: {shipped} (or give a path to an .onnx file)")
+
+
+def shadowing_notice(model: str | os.PathLike[str], path: Path) -> str | None:
+    """One line when the name *model* resolved to *path* in `MODELS_ENV` over a shipped model of that name."""
+    text = os.fspath(model)
+    if text.endswith(".onnx") or os.sep in text:
+        return None  # a path: the user named the file
+    shipped = [d / f"{text}.onnx" for d in _shipped_dirs()]
+    others = [p for p in shipped if p.is_file() and not filecmp.cmp(p, path, shallow=False)]
+    if not others:
+        return None
+    return f"model {text!r} is {path} (from ${MODELS_ENV}), not the shipped {others[0]}"

@@ -15,7 +15,7 @@ import numpy as np
 
 from ._card import ModelCard, check_threshold, read_card
 from ._errors import DeviceError, InputError, ModelError
-from ._registry import resolve_model
+from ._registry import resolve_model, shadowing_notice
 from ._session import PRECISIONS, BatchRunner, cpu_count, create_session, to_fp16
 from .io import InputBatch, open_inputs
 from .io._base import DUPLICATE_ID, duplicate_rows
@@ -216,7 +216,8 @@ class Classifier:
         self._runner: BatchRunner | None = None  # made on first use, at the current batch size
         self.session = info.session
         self.device = info.device
-        self.notice = info.notice
+        # a model name that resolved to another file than the shipped model of that name
+        self.notice = "; ".join(n for n in (shadowing_notice(model, self.path), info.notice) if n) or None
         self.threads = info.threads
         hint = self.card.input.get("default_batch_size", DEFAULT_BATCH_SIZE)
         if isinstance(hint, bool) or not isinstance(hint, int) or hint < 1:

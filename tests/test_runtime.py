@@ -297,3 +297,18 @@ def test_metrics_say_what_they_average() -> None:
     assert m["average"] == "macro" and m["per_class"]["c"]["recall"] == 0.5
     m = metrics.summary(y[:2], proba[:2, :2], np.array([0, 1]), ["bogus", "real"], positive=1)
     assert m["average"] == "class real"
+
+
+def test_a_model_that_shadows_a_shipped_name_is_said(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    mine = tmp_path / "models"
+    mine.mkdir()
+    shutil.copy(tiny_model_path, mine / "hits.onnx")  # a retrained "hits"
+    monkeypatch.setenv("STAMPCLF_MODELS", str(mine))
+    clf = Classifier("hits", device="cpu")
+    assert clf.name == "tiny" and clf.notice and "from $STAMPCLF_MODELS), not the shipped" in clf.notice
+    monkeypatch.delenv("STAMPCLF_MODELS")
+    assert Classifier("hits", device="cpu").notice is None
