@@ -132,6 +132,9 @@ class ModelCard:
             raise bad(f"classes {self.classes!r} (need a list of at least two names)")
         if len(set(self.classes)) != len(self.classes):
             raise bad(f"duplicate class names in {self.classes!r}")
+        for c in self.classes:  # names become output columns p_<class> (and HDF5 dataset names)
+            if not isinstance(c, str) or not c or "/" in c or c != c.strip():
+                raise bad(f"class name {c!r} (need a non-empty string without '/' or surrounding spaces)")
         inp = self.input
         if not isinstance(inp, dict):
             raise bad("input is not an object")

@@ -169,8 +169,8 @@ def to_fp16(model: bytes, source: str = "model") -> bytes:
 def _bucket(n: int, batch_size: int) -> int:
     """Padded length of a short batch: the next power of two, at most *batch_size*.
 
-    A long run pads its last batch to the full batch shape (already planned); a
-    small call pads to one of a few sizes instead of costing a full batch.
+    A long run's last batch therefore costs at most twice its rows, and a small
+    call pads to one of a few sizes (each planned once) instead of a full batch.
     """
     return min(batch_size, 1 << max(0, n - 1).bit_length())
 

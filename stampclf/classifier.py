@@ -264,6 +264,21 @@ class Classifier:
     def __repr__(self) -> str:
         return f"Classifier({self.name!r} v{self.version}, device={self.device!r}, classes={self.classes})"
 
+    def close(self) -> None:
+        """Stop the CPU worker threads and drop their sessions (also done at interpreter exit).
+
+        The classifier stays usable: a later call starts them again.
+        """
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+
+    def __enter__(self) -> Classifier:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     # --- core --------------------------------------------------------------------------
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self._submit(x)()

@@ -77,10 +77,14 @@ def summary(
     else:
         present = cm.sum(1) > 0
         out["average"] = "macro"  # over the classes present in the labels; AUC one-vs-rest
+
+        def macro(v: np.ndarray) -> float:
+            return float(v[present].mean()) if present.any() else float("nan")
+
         out.update(
-            precision=float(prec[present].mean()),
-            recall=float(rec[present].mean()),
-            f1=float(f1[present].mean()),
+            precision=macro(prec),
+            recall=macro(rec),
+            f1=macro(f1),
             roc_auc=float(np.nanmean([a for a in aucs if np.isfinite(a)])) if any(np.isfinite(aucs)) else float("nan"),
         )
     return out

@@ -280,7 +280,10 @@ def image_to_uint8(img: Any, spec: dict[str, Any]) -> np.ndarray:
         wide = np.asarray(img, dtype=np.int64)
         img = Image.fromarray(np.clip(wide * 255 // 65535, 0, 255).astype(np.uint8), "L")
     img = img.convert(spec.get("mode", "RGB"))
-    method = getattr(Image.Resampling, _RESAMPLE[str(spec.get("resample", "bilinear"))])
+    resample = str(spec.get("resample", "bilinear"))
+    if resample not in _RESAMPLE:
+        raise InputError(f"image preprocessing: unknown resample {resample!r} (expected one of {', '.join(_RESAMPLE)})")
+    method = getattr(Image.Resampling, _RESAMPLE[resample])
     fit = spec.get("fit", "crop")
     resize = spec.get("resize")
     if fit == "pad":

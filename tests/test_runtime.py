@@ -312,3 +312,24 @@ def test_a_model_that_shadows_a_shipped_name_is_said(
     assert clf.name == "tiny" and clf.notice and "from $STAMPCLF_MODELS), not the shipped" in clf.notice
     monkeypatch.delenv("STAMPCLF_MODELS")
     assert Classifier("hits", device="cpu").notice is None
+
+
+def test_classifier_closes_its_worker_threads(tiny_model_path: Path) -> None:
+    import threading
+
+    x = make_stamps(600, seed=1)
+    with Classifier(tiny_model_path, device="cpu", threads=2, batch_size=512) as clf:
+        first = clf.predict_proba(x)
+        assert any(t.name.startswith("stampclf-cpu") for t in threading.enumerate())
+    assert not any(t.name.startswith("stampclf-cpu") for t in threading.enumerate())
+    np.testing.assert_array_equal(clf.predict_proba(x), first)  # usable again after close
+    clf.close()
+
+
+def test_card_refuses_class_names_that_cannot_be_columns(tmp_path: Path) -> None:
+    from conftest import card_dict, write_model
+
+    card = card_dict()
+    card["classes"] = ["bogus", "re/al"]
+    with pytest.raises(ModelError, match="class name 're/al'"):
+        Classifier(write_model(tmp_path / "m.onnx", card=card), device="cpu")
