@@ -140,7 +140,7 @@ def classify_files(
     y_prob: list[np.ndarray] = []
     t0 = time.perf_counter()
     extra = tuple(dict.fromkeys(c for _g, op in groups for c in getattr(op, "extra_columns", ())))
-    attrs = run_attrs(clf.threshold if clf.card.is_binary else None, clf.precision, clf.device)
+    attrs = run_attrs(clf.threshold if clf.card.is_binary else None, clf.precision, clf.device, clf.card.weights_sha256)
     writer = open_writer(output, clf.classes, clf.name, clf.version, extra, attrs)
     try:
         if not keep_going:

@@ -124,6 +124,7 @@ def test_hdf5_output_matches_csv(tiny_model_path: Path, tmp_path: Path) -> None:
     rows = _rows(r2.stdout)
     with h5py.File(tmp_path / "o.h5") as f:
         assert f.attrs["model"] == "tiny"
+        assert f.attrs["model_weights_sha256"] == Classifier(tiny_model_path, device="cpu").card.weights_sha256
         assert [x.decode() for x in f["label"][...]] == [r["label"] for r in rows]
         assert np.allclose(f["p_real"][...], [float(r["p_real"]) for r in rows], rtol=1e-6)
         assert all(x.decode() == "0.0.1" for x in f["model_version"][...])

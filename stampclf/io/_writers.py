@@ -346,14 +346,19 @@ def open_writer(
     return ResultWriter(path, classes, model, version, extra_columns, attrs)
 
 
-def run_attrs(threshold: float | None, precision: str, device: str) -> dict[str, Any]:
+def run_attrs(
+    threshold: float | None, precision: str, device: str, weights_sha256: str | None = None
+) -> dict[str, Any]:
     """The settings that decide an output's labels, for its HDF5 attributes.
 
-    *threshold* is None for multiclass models (labels are the most probable class).
+    *threshold* is None for multiclass models (labels are the most probable class);
+    *weights_sha256* (the card's) tells two models of one name and version apart.
     """
     from .. import __version__
 
     out: dict[str, Any] = {"stampclf_version": __version__, "precision": precision, "device": device}
+    if weights_sha256:
+        out["model_weights_sha256"] = weights_sha256
     if threshold is not None:
         out["threshold"] = float(threshold)
     return out
