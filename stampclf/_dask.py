@@ -16,8 +16,12 @@ module does not import Dask.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
+import logging
 import os
+import signal
+import stat
 import tempfile
 import threading
 import time
@@ -44,14 +48,60 @@ _CLASSIFIERS: dict[tuple[Any, ...], Classifier] = {}
 _LOCK = threading.Lock()
 
 
+def _cache_dir() -> str:
+    """This user's own folder for model files in the temp folder (mode 0700), made on first use.
+
+    The temp folder is shared with other local users: a file there that anyone could
+    have put in place is never used. A folder of that name that is not this user's
+    own, private directory (someone else's, a link, open to others) is passed over
+    for a fresh private folder.
+    """
+    base = tempfile.gettempdir()
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    path = os.path.join(base, f"stampclf-{uid if uid is not None else 'models'}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return tempfile.mkdtemp(prefix="stampclf-")
+    st = os.lstat(path)
+    if uid is not None and (not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077):
+        return tempfile.mkdtemp(prefix="stampclf-")  # mode 0700, this process's own
+    return path
+
+
+def _sha256_of(path: str) -> str | None:
+    """The sha256 of a file's bytes, or None where it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
 def _model_file(data: bytes, sha: str) -> str:
-    """The model bytes as a file in this worker's temp folder (written once, atomically)."""
-    path = os.path.join(tempfile.gettempdir(), f"stampclf-model-{sha[:32]}.onnx")
-    if not os.path.exists(path) or os.path.getsize(path) != len(data):
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".part")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+    """The model bytes as a file in this user's private cache folder, reused only if its sha256 is *sha*.
+
+    Written atomically (a private ``.part`` file, mode 0600, renamed into place), so a
+    worker never reads a half-written file; a file that is there with other bytes
+    (damaged, or not written by us) is replaced.
+    """
+    folder = _cache_dir()
+    path = os.path.join(folder, f"model-{sha}.onnx")
+    if _sha256_of(path) != sha:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".model-", suffix=".part")  # mode 0600
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     return path
 
 
@@ -97,6 +147,7 @@ class _Unit:
     start: int = 0
     stop: int = 0
     error: str = ""  # the client could not read this input (keep_going)
+    dups: Any = None  # hdf5: rows in start:stop flagged as a duplicate id (the client's scan of the input)
 
 
 class _Ready:
@@ -138,11 +189,10 @@ def _score_unit(data: bytes, sha: str, options: dict[str, Any], settings: dict[s
         clf = _worker_classifier(data, sha, options)
         batch = settings["batch_size"] or clf.batch_size
         if unit.kind == "hdf5":
-            reader: Any = _RowRange(
-                HDF5Reader(unit.paths[0], clf.card.input, settings["layout"], settings["channels_last"]),
-                unit.start,
-                unit.stop,
+            hdf5 = HDF5Reader(
+                unit.paths[0], clf.card.input, settings["layout"], settings["channels_last"], duplicates=unit.dups
             )
+            reader: Any = _RowRange(hdf5, unit.start, unit.stop)
         elif unit.kind == "images":
             from .io import ImageReader
 
@@ -193,9 +243,14 @@ def _plan(
                 continue
             try:
                 n = reader.n_rows
+                # duplicate ids: the reader scanned the id column once, here; each unit gets its rows
+                flagged = reader.duplicate_rows() if hasattr(reader, "duplicate_rows") else np.empty(0, np.int64)
             finally:
                 reader.close()
-            units += [_Unit(index, "hdf5", group, s, min(s + chunk_rows, n)) for s in range(0, max(n, 1), chunk_rows)]
+            for s in range(0, max(n, 1), chunk_rows):
+                e = min(s + chunk_rows, n)
+                mine = flagged[np.searchsorted(flagged, s) : np.searchsorted(flagged, e)]
+                units.append(_Unit(index, "hdf5", group, s, e, dups=mine))
         else:
             units.append(_Unit(index, "group", list(group)))
     return units
@@ -225,6 +280,7 @@ def _ordered(client: Any, submit: Any, items: list[Any], window: int) -> Iterato
         except BaseException:
             client.cancel([f for _, f in pending if not isinstance(f, _Ready)])
             raise
+        del fut  # the cluster lets go of this result now, not at the end of the run
         nxt = next(it, None)
         if nxt is not None:
             pending.append((nxt, submit(nxt)))
@@ -377,14 +433,19 @@ def _array_results(client: Any, stamps: Any, data: Any, sha: str, options: dict[
         raise InputError(f"dask array: expected 4 axes (N, C, H, W), got shape {stamps.shape}")
     # one task per chunk of rows: every chunk holds whole stamps
     stamps = stamps.rechunk({1: -1, 2: -1, 3: -1})
+    # Nothing is computed yet: each unit's graph computes its block and scores it, so only
+    # the units in flight hold stamps on the cluster (the block is dropped once scored).
+    from dask import delayed
+
     blocks = list(stamps.to_delayed().ravel())
     offsets = np.concatenate([[0], np.cumsum(stamps.chunks[0])[:-1]]).astype(int)
-    futures = client.compute(blocks)  # the blocks stay on the workers
     items = [_Unit(0, "array", [], int(o), int(o) + int(n)) for o, n in zip(offsets, stamps.chunks[0], strict=True)]
-    by_item = dict(zip((id(i) for i in items), futures, strict=True))
+    todo = dict(zip((id(i) for i in items), blocks, strict=True))
+    del blocks
+    score = delayed(_score_block, pure=False)
 
     def submit(u: _Unit) -> Any:
-        return client.submit(_score_block, data, sha, options, by_item[id(u)], u.start, pure=False)
+        return client.compute(score(data, sha, options, todo.pop(id(u)), u.start))
 
     yield from _ordered(client, submit, items, _window(client))
 
@@ -430,9 +491,112 @@ def connect(address: str) -> Any:
         from ._session import cpu_count
 
         workers = int(n) if n else cpu_count()
-        # a client that starts its own cluster also shuts it down when closed
-        return Client(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        return _local_client(Client, workers)
     try:
         return Client(address, timeout=10)
     except (OSError, TimeoutError, ValueError) as exc:
         raise InputError(f"--scheduler {address}: cannot connect ({exc.__class__.__name__}: {exc})") from None
+
+
+def _local_client(client_cls: Any, workers: int) -> Any:
+    """A client with its own local cluster of *workers* single-threaded processes, shut down when it closes.
+
+    Ctrl-C goes to the whole process group. The worker processes are started with
+    SIGINT ignored (`_start_ignoring_sigint`), so only this process is interrupted;
+    it then closes the cluster without Dask's log lines of workers leaving and tasks
+    cancelled.
+    """
+
+    class LocalClient(client_cls):  # type: ignore[misc, valid-type]
+        def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Any:
+            if exc_type is not None and not issubclass(exc_type, Exception):  # KeyboardInterrupt, SystemExit
+                with _quiet_close():
+                    return super().__exit__(exc_type, exc, tb)
+            return super().__exit__(exc_type, exc, tb)
+
+    def make() -> Any:
+        # silence_logs: this cluster's log lines (memory use, a slow event loop, workers
+        # and scheduler closing in either order) are not this command's: what goes wrong
+        # in a task reaches the client as an exception. A cluster of your own logs as usual.
+        # The scheduler's HTTP server (metrics) on a free local port, not 8787, which another
+        # cluster on this machine may hold (Dask would warn on stderr and move).
+        return LocalClient(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}, silence_logs=logging.CRITICAL,
+        )  # fmt: skip
+
+    return _start_ignoring_sigint(make, workers)
+
+
+def _start_ignoring_sigint(make: Any, workers: int) -> Any:
+    """``make()`` (a client that starts *workers* worker processes), the processes started with SIGINT ignored.
+
+    A process inherits an ignored SIGINT, and Python then installs no KeyboardInterrupt
+    handler. So SIGINT is ignored here while ``make()``, in a thread, spawns the
+    worker processes (a fraction of a second), and handled again while they start up:
+    a Ctrl-C then interrupts, and the cluster is closed once it is up. With another
+    multiprocessing start method than Dask's default ``spawn`` (no ``spawn_main``
+    children to see), SIGINT stays ignored until the cluster is up. Outside the main
+    thread (no signals to set) this is just ``make()``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return make()
+    import psutil  # a dependency of distributed
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    box: dict[str, Any] = {}
+    done = threading.Event()  # not Thread.join: interrupted, it can take a running thread for finished
+
+    def run() -> None:
+        try:
+            box["client"] = make()
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    def spawned() -> int:
+        n = 0
+        for p in me.children():
+            with contextlib.suppress(psutil.Error):
+                n += p.pid not in before and "spawn_main" in " ".join(p.cmdline())  # exec'd: it has its own signals
+        return n
+
+    thread = threading.Thread(target=run, name="stampclf-local-cluster", daemon=True)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        thread.start()
+        while not done.wait(0.01) and spawned() < workers:
+            pass
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    try:
+        done.wait()
+    except BaseException:  # interrupted while the workers start: close the cluster when it is up
+        with _quiet_close():
+            done.wait()
+            if "client" in box:
+                box["client"].close()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["client"]
+
+
+@contextlib.contextmanager
+def _quiet_close() -> Iterator[None]:
+    """Closing a cluster after an interrupt: no log records in this process, and a second Ctrl-C does not cut it short.
+
+    (Cut short, the cluster is closed again at exit, with tracebacks.)
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    level = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(level)
+        if main:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)

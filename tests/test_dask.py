@@ -190,3 +190,131 @@ def test_foreign_labels_do_not_stop_a_dask_run(cluster, tiny_model_path: Path, t
     path = write_hits_h5(tmp_path / "other_scheme.h5", 6, labels=np.array([b"star"] * 6))
     s = sdask.classify_dask(client, [str(path)], tiny_model_path, str(tmp_path / "o.csv"))
     assert s.rows == 6 and not s.file_errors  # labels are only for --evaluate, which Dask does not do
+
+
+# --- memory and cost per unit -------------------------------------------------------------
+_BLOCKS_MADE: list[int] = []
+
+
+def _block_made(x: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+    """A chunk of a Dask array, recorded when it is computed (in-process workers: the same list)."""
+    _BLOCKS_MADE.append(block_info[0]["chunk-location"][0])  # type: ignore[index]
+    return x
+
+
+def test_dask_array_blocks_are_computed_as_units_are_submitted(cluster, tiny_model_path: Path, monkeypatch) -> None:
+    import time
+
+    _, client = cluster
+    window = 2
+    monkeypatch.setattr(sdask, "_window", lambda _client: window)
+    x = make_stamps(40, seed=4)
+    stamps = da.from_array(x, chunks=(4, 4, 21, 21)).map_blocks(_block_made, dtype=x.dtype)
+    _BLOCKS_MADE.clear()
+    card, sha, data = sdask._load_model(client, tiny_model_path)
+    options = {"device": "cpu", "threads": 1, "threshold": None, "batch_size": BATCH, "precision": "fp32"}
+    preds = []
+    for k, (_, pred) in enumerate(sdask._array_results(client, stamps, data, sha, options)):
+        # a block is computed only once its unit is submitted: at most the window ahead of the results
+        assert len(set(_BLOCKS_MADE)) <= k + 1 + window
+        preds.append(pred)
+    assert sorted(_BLOCKS_MADE) == list(range(10))  # each block once
+    got = sdask._join(preds)
+    want = Classifier(tiny_model_path, device="cpu", threads=1, batch_size=BATCH).classify(x)
+    assert got.ids.tolist() == list(range(40)) and got.labels.tolist() == want.labels.tolist()
+    np.testing.assert_array_equal(got.proba, want.proba)
+    # nothing of the run is left on the cluster: neither results nor blocks
+    for _ in range(50):
+        left = [k for k in client.who_has() if "_score_block" in str(k) or "_block_made" in str(k)]
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left
+
+
+def test_duplicate_ids_are_found_once_per_input(cluster, tiny_model_path: Path, tmp_path: Path, monkeypatch) -> None:
+    from stampclf.io import _hdf5
+
+    _, client = cluster
+    ids = np.array([5, 6, 5, 7, 6, 6, 8, 9, 10, 11, 5, 12, 13])  # duplicates within and across units of 3
+    path = str(write_hits_h5(tmp_path / "dups.h5", len(ids), seed=6, ids=ids, chunks=True))
+    ref, out = tmp_path / "ref.csv", tmp_path / "dask.csv"
+    _single(tiny_model_path, [path], ref)
+    scanned: list[int] = []
+    real = _hdf5.duplicate_rows
+
+    def counting(values: np.ndarray) -> np.ndarray:
+        scanned.append(len(values))
+        return real(values)
+
+    monkeypatch.setattr(_hdf5, "duplicate_rows", counting)  # the in-process workers see it too
+    s = sdask.classify_dask(client, [path], tiny_model_path, str(out), batch_size=BATCH, chunk_rows=3)
+    assert s.rows == len(ids) and _rows(out) == _rows(ref)  # first occurrences unflagged, as in one process
+    flagged = [r["id"] for r in _rows(out) if r["status"] == "flagged: duplicate id"]
+    assert flagged == ["5", "6", "6", "5"]
+    assert sum(scanned) == len(ids)  # the client's one scan; the 5 units read no whole id column
+
+
+def test_model_cache_is_private_and_checked(tmp_path: Path, monkeypatch) -> None:
+    import hashlib
+    import os
+    import stat
+    import tempfile
+
+    if not hasattr(os, "getuid"):
+        pytest.skip("POSIX owners and modes")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    data = b"model bytes" * 100
+    sha = hashlib.sha256(data).hexdigest()
+    folder = tmp_path / f"stampclf-{os.getuid()}"
+    folder.mkdir(mode=0o700)
+    planted = folder / f"model-{sha}.onnx"
+    planted.write_bytes(b"x" * len(data))  # same size, other bytes: not used
+    path = Path(sdask._model_file(data, sha))
+    assert path == planted and path.read_bytes() == data
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    inode = path.stat().st_ino
+    assert Path(sdask._model_file(data, sha)).stat().st_ino == inode  # right bytes: reused as is
+    assert not [p for p in folder.iterdir() if p.name.endswith(".part")]
+    # a folder of that name that others can write to is passed over
+    folder.chmod(0o777)
+    other = Path(sdask._model_file(data, sha))
+    assert other.parent != folder and other.read_bytes() == data
+    assert stat.S_IMODE(other.parent.stat().st_mode) == 0o700
+
+
+# --- Ctrl-C with a local cluster ----------------------------------------------------------
+def test_local_cluster_workers_ignore_sigint() -> None:
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    with sdask.connect("local:1") as client:
+        assert signal.getsignal(signal.SIGINT) is before  # only the worker processes ignore it
+        ignored = client.run(lambda: __import__("signal").getsignal(2) == __import__("signal").SIG_IGN)
+        assert list(ignored.values()) == [True]
+
+
+def test_interrupt_while_the_local_cluster_starts_closes_it() -> None:
+    import os
+    import signal
+    import threading
+    import time
+
+    class Fake:
+        closed = False
+
+        def close(self) -> None:
+            Fake.closed = True
+
+    def make() -> Fake:
+        time.sleep(0.6)  # the cluster starting; Ctrl-C comes meanwhile
+        return Fake()
+
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    before = signal.getsignal(signal.SIGINT)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        sdask._start_ignoring_sigint(make, 0)
+    timer.join()
+    assert Fake.closed  # waited for the cluster to be up, then closed it
+    assert signal.getsignal(signal.SIGINT) is before

@@ -58,7 +58,8 @@ class HDF5Reader:
     """
 
     def __init__(
-        self, path: str, card_input: dict[str, Any], layout: str = "auto", channels_last: bool = False
+        self, path: str, card_input: dict[str, Any], layout: str = "auto", channels_last: bool = False,
+        duplicates: np.ndarray | None = None,
     ) -> None:
         if layout not in LAYOUTS:
             raise InputError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
@@ -70,7 +71,7 @@ class HDF5Reader:
         self._reading: str | None = None  # the dataset being read, for error messages
         self._file = _open(self.path)
         try:
-            self._setup(card_input, layout, channels_last)
+            self._setup(card_input, layout, channels_last, duplicates)
         except StampclfError:
             self._file.close()
             raise
@@ -92,7 +93,9 @@ class HDF5Reader:
             raise InputError(f"{self.path}: {name!r} is a group, not a dataset")
         return obj
 
-    def _setup(self, card_input: dict[str, Any], layout: str, channels_last: bool) -> None:
+    def _setup(
+        self, card_input: dict[str, Any], layout: str, channels_last: bool, duplicates: np.ndarray | None
+    ) -> None:
         names: list[str] = list(card_input.get("hdf5_datasets") or card_input["channels"])
         self.channels = list(card_input["channels"])
         h, w = int(card_input["height"]), int(card_input["width"])
@@ -173,8 +176,18 @@ class HDF5Reader:
             self.why_no_labels = str(exc).removeprefix(f"{self.path}: ")
         self.has_labels = self._labels is not None
         # Duplicate ids are kept (one output row per input row) but flagged; reading the
-        # 1-D id column once is cheap next to the stamps.
-        self._dup = duplicate_rows(self._ids[()]) if self._ids is not None else None
+        # 1-D id column once is cheap next to the stamps. A caller that scanned it already
+        # (Dask: once per input, not once per unit of work) passes the flagged rows.
+        if duplicates is not None:
+            self._dup = np.zeros(self.n_rows, dtype=bool) if len(duplicates) else None
+            if self._dup is not None:
+                self._dup[np.asarray(duplicates, dtype=np.int64)] = True
+        else:
+            self._dup = duplicate_rows(self._ids[()]) if self._ids is not None else None
+
+    def duplicate_rows(self) -> np.ndarray:
+        """Row numbers whose id appeared in an earlier row (flagged ``duplicate id``)."""
+        return np.flatnonzero(self._dup) if self._dup is not None else np.empty(0, np.int64)
 
     def _find(self, candidates: tuple[str, ...], what: str) -> Any:
         for name in candidates:
