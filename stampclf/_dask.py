@@ -381,7 +381,7 @@ def classify_dask(
         results = _ordered(client, submit, units, _window(client))
     classes = list(card.classes)
     thr = (card.threshold if threshold is None else threshold) if card.is_binary else None
-    attrs = run_attrs(thr, precision, f"{device} (requested of the Dask workers)")
+    attrs = run_attrs(thr, precision, f"{device} (requested of the Dask workers)", card.weights_sha256)
     writer = open_writer(output, classes, card.name, card.version, extra, attrs)
     try:
         current, failed_input, n_given = -1, False, 0
@@ -468,6 +468,7 @@ def predict_dask(
     if not _is_dask_array(stamps):
         raise InputError(f"predict_dask: expected a dask array, got {type(stamps).__name__}")
     card, sha, data = _load_model(client, model)
+    check_threshold(card, threshold)  # before any task: every worker would fail the same way
     options = {
         "device": device, "threads": threads, "threshold": threshold, "batch_size": batch_size, "precision": precision,
     }  # fmt: skip
