@@ -154,9 +154,15 @@ def classify_files(
                 reader = opener()
                 if keep_going and hasattr(reader, "salvage"):
                     reader.salvage = True  # a damaged chunk fails its rows, not the whole file
-                if evaluate:  # say so now, not after classifying it
+                labels = "check" if evaluate else "skip"
+                if evaluate and keep_going:  # no usable labels: classified all the same, not in the metrics
+                    why = _labels_problem(clf, reader)
+                    if why is not None:
+                        summary.file_errors.append(f"{why}; its rows are classified but not in the metrics")
+                        labels = "skip"
+                elif evaluate:  # say so now, not after classifying it
                     _require_labels(reader)
-                for pred in clf._classify_reader(reader, batch_size or clf.batch_size, "check" if evaluate else "skip"):
+                for pred in clf._classify_reader(reader, batch_size or clf.batch_size, labels):
                     if getattr(opener, "images", False):
                         summary.file_errors.extend(unreadable_images(pred.status))
                     writer.write(pred.ids, pred.labels, pred.proba, pred.status, pred.file, pred.extra)
@@ -181,7 +187,7 @@ def classify_files(
             summary.failed += failed
             y_true.extend(truth)
             y_prob.extend(prob)
-        if evaluate and summary.files and not y_true:  # before the output appears: an error leaves none
+        if evaluate and summary.files and not y_true and not keep_going:  # before the output appears
             raise InputError(f"--evaluate: no labels in {', '.join(paths)} ({_NO_LABELS})")
         finish(writer, summary)
     except BaseException:
@@ -204,6 +210,18 @@ def _require_labels(reader: Any) -> None:
         reader.close()
         why = getattr(reader, "why_no_labels", None) or _NO_LABELS
         raise InputError(f"--evaluate: no labels in {reader.path} ({why})")
+
+
+def _labels_problem(clf: Classifier, reader: Any) -> str | None:
+    """Why *reader*'s labels cannot be used for ``--evaluate`` (as its error line), or None."""
+    if not reader.has_labels:
+        why = getattr(reader, "why_no_labels", None) or _NO_LABELS
+        return f"--evaluate: no labels in {reader.path} ({why})"
+    try:
+        clf._check_labels(reader)
+    except InputError as exc:
+        return str(exc)
+    return None
 
 
 def _check_inputs(clf: Classifier, groups: list[tuple[list[str], Any]], evaluate: bool) -> None:

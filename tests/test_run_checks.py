@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import h5py
@@ -233,3 +234,19 @@ def test_options_refused_with_the_value_named(
     path = write_hits_h5(tmp_path / "s.h5", 4)
     r = _cli("classify", path, "-m", tiny_model_path, *args)
     assert r.exit_code == 2 and phrase in r.stderr and not r.stdout, r.stderr
+
+
+def test_keep_going_evaluate_classifies_a_file_without_usable_labels(tmp_path: Path, tiny_model_path: Path) -> None:
+    good = write_hits_h5(tmp_path / "good.h5", 6, seed=1)
+    nolabels = write_hits_h5(tmp_path / "nolabels.h5", 4, seed=2, labels=None)
+    other = write_hits_h5(tmp_path / "other.h5", 3, seed=3, labels=np.array([b"star"] * 3))
+    out = tmp_path / "o.csv"
+    r = _cli("classify", good, nolabels, other, "-m", tiny_model_path, "--device", "cpu", "--evaluate",
+             "--keep-going", "-o", out)  # fmt: skip
+    assert r.exit_code == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("stampclf: error:")]
+    assert len(errors) == 2 and all("classified but not in the metrics" in e for e in errors)
+    assert f"no labels in {nolabels}" in errors[0] and "label 'star' is not one of" in errors[1]
+    with open(out) as fh:
+        assert len(fh.readlines()) == 1 + 6 + 4 + 3  # every row written
+    assert re.search(r"\bn: 6\b", r.stderr)  # the metrics: the labelled file only
