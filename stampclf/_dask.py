@@ -147,7 +147,9 @@ class _Unit:
     start: int = 0
     stop: int = 0
     error: str = ""  # the client could not read this input (keep_going)
-    dups: Any = None  # hdf5: rows in start:stop flagged as a duplicate id (the client's scan of the input)
+    # rows flagged as a duplicate id by the client's scan of the whole input (hdf5: row numbers
+    # in the file; images: positions in this unit's paths)
+    dups: Any = None
 
 
 class _Ready:
@@ -196,7 +198,9 @@ def _score_unit(data: bytes, sha: str, options: dict[str, Any], settings: dict[s
         elif unit.kind == "images":
             from .io import ImageReader
 
-            reader = ImageReader(unit.paths, clf.card.preprocessing, clf.card.shape, classes=clf.card.classes)
+            reader = ImageReader(
+                unit.paths, clf.card.preprocessing, clf.card.shape, classes=clf.card.classes, duplicates=unit.dups
+            )
         else:
             (_, opener), *rest = open_inputs(unit.paths, clf.card, settings["layout"], settings["channels_last"])
             if rest:  # the client grouped these paths as one reader; the worker must agree
@@ -225,14 +229,18 @@ def _plan(
 ) -> list[_Unit]:
     """Split inputs into units, in input order (the client must be able to read the files)."""
     units: list[_Unit] = []
-    for index, (group, opener) in enumerate(open_inputs(paths, card, layout, channels_last)):
+    for index, (group, opener) in enumerate(open_inputs(paths, card, layout, channels_last, keep_going)):
+        failing = getattr(opener, "error", None)
+        if failing is not None:  # keep_going: missing, or of no known kind
+            units.append(_Unit(index, "error", list(group), error=str(failing)))
+            continue
         if getattr(opener, "images", False):
             reader = opener()  # lists the files (each row's file column is its own path)
-            files = reader.files
-            units += [
-                _Unit(index, "images", files[s : s + chunk_rows])
-                for s in range(0, len(files), chunk_rows)
-            ]
+            files, flagged = reader.files, reader.duplicate_rows()  # the same image twice, across tasks too
+            reader.close()
+            for s in range(0, len(files), chunk_rows):
+                mine = flagged[np.searchsorted(flagged, s) : np.searchsorted(flagged, s + chunk_rows)] - s
+                units.append(_Unit(index, "images", files[s : s + chunk_rows], dups=mine))
         elif input_kind(group[0]) == "hdf5":
             try:
                 reader = opener()  # HDF5: count rows here, read them on the workers
@@ -362,7 +370,7 @@ def classify_dask(
         paths = [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
         if not paths:
             raise InputError("no input files given")
-        groups = open_inputs(paths, card, layout, channels_last)
+        groups = open_inputs(paths, card, layout, channels_last, keep_going)
         n_paths = [len(g) for g, _ in groups]  # paths given per reader, as a local run counts them
         extra = tuple(dict.fromkeys(c for _g, op in groups for c in getattr(op, "extra_columns", ())))
         units = _plan(paths, card, layout, channels_last, chunk_rows, keep_going)

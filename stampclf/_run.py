@@ -11,7 +11,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from . import metrics as _metrics
-from ._errors import InputError, StampclfError
+from ._errors import InputError, OutputError, StampclfError
 from .classifier import Classifier
 from .io import LAYOUTS, open_inputs, open_writer, run_attrs
 
@@ -174,6 +174,8 @@ def classify_files(
                         prob.append(pred.proba)
                     bar.update(len(pred))
                 summary.file_errors.extend(getattr(reader, "damaged", ()))  # rows kept, as failed rows
+            except OutputError:
+                raise  # the output, not this input, is at fault: --keep-going cannot help
             except StampclfError as exc:
                 if not keep_going:
                     raise

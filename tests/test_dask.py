@@ -121,6 +121,16 @@ def test_keep_going_counts_no_rows_of_an_input_that_fails_late(cluster, inputs, 
     assert len(s.file_errors) == 1 and "late.h5" in s.file_errors[0]
 
 
+def test_keep_going_reports_a_missing_input_as_locally(cluster, inputs, tiny_model_path: Path, tmp_path: Path) -> None:
+    _, client = cluster
+    paths = [inputs[0], str(tmp_path / "vanished.h5"), inputs[1]]
+    ref, out = tmp_path / "ref.csv", tmp_path / "dask.csv"
+    _single(tiny_model_path, paths, ref, keep_going=True)
+    s = sdask.classify_dask(client, paths, tiny_model_path, str(out), batch_size=BATCH, chunk_rows=5, keep_going=True)
+    assert s.file_errors == [f"{paths[1]}: file does not exist"] and s.files == 2
+    assert _rows(out) == _rows(ref)
+
+
 def test_dask_array(cluster, tiny_model_path: Path) -> None:
     _, client = cluster
     x = make_stamps(50, seed=3, size=(25, 25))  # other size: cropped and flagged, as in memory
@@ -177,6 +187,11 @@ def test_image_folders(cluster, tiny_image_model_path: Path, tmp_path: Path) -> 
     # the two paths form one reader, split into 3 tasks; both runs count the paths given
     assert s.rows == 12 and s.files == local.files == 2
     assert _rows(out) == _rows(ref)
+    # the same image again, given after its folder: flagged as locally, though it is in another task
+    again = [*paths, str(folder / "im00.png")]
+    _single(tiny_image_model_path, again, ref)
+    sdask.classify_dask(client, again, tiny_image_model_path, str(out), batch_size=BATCH, chunk_rows=4)
+    assert _rows(out) == _rows(ref) and _rows(out)[-1]["status"] == "flagged: duplicate id"
     # an unreadable image is a failed row and an input error, as locally, with or without keep_going
     (folder / "sub" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     for keep_going in (False, True):

@@ -865,18 +865,29 @@ def test_ctrl_c_with_csv_on_stdout_says_it_is_incomplete(
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".h5"])
+@pytest.mark.parametrize("where", ["_write", "_mark_here"])  # CSV: the buffer is flushed when an input starts
+@pytest.mark.parametrize("keep_going", [[], ["--keep-going"]], ids=["", "keep_going"])
 def test_disk_full_is_one_line_naming_the_output(
-    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str, where: str,
+    keep_going: list[str],
 ) -> None:
     from stampclf.io import _writers
 
-    def full(self: Any, *a: Any) -> None:
-        raise OSError(28, "No space left on device")
+    calls = {"n": 0}
+    real = getattr(_writers.ResultWriter, where)
 
-    monkeypatch.setattr(_writers.ResultWriter, "_write", full)
+    def full(self: Any, *a: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second input: --keep-going must not take it for a bad input
+            raise OSError(28, "No space left on device")
+        real(self, *a)
+
+    monkeypatch.setattr(_writers.ResultWriter, where, full)
     h5 = write_hits_h5(tmp_path / "a.h5", 5)
+    b = write_hits_h5(tmp_path / "b.h5", 5)
     out = tmp_path / f"out{suffix}"
-    result = run_cli("classify", str(h5), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu")
+    result = run_cli("classify", str(h5), str(b), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu",
+                     "-b", "5", *keep_going)  # fmt: skip
     assert result.exit_code == 2
     assert stderr_of(result).strip() == f"stampclf: error: {out}: cannot write the output (No space left on device)"
     assert leftovers(tmp_path, out.name) == []  # no output, no temporary file

@@ -54,7 +54,7 @@ class ImageReader:
 
     def __init__(
         self, paths: list[str], spec: dict[str, Any], shape: tuple[int, int, int], threads: int | None = None,
-        classes: list[str] | tuple[str, ...] | None = None,
+        classes: list[str] | tuple[str, ...] | None = None, duplicates: np.ndarray | None = None,
     ) -> None:
         self.files = expand_image_paths(paths)
         self.path = self.files[0] if len(self.files) == 1 else f"{len(self.files)} images"
@@ -68,12 +68,21 @@ class ImageReader:
         if classes and not self.has_labels:
             stray = next(f for f, d in zip(self.files, parents, strict=True) if d not in classes)
             self.why_no_labels = f"{stray} is not in a folder named after one of the model's classes: {', '.join(classes)}"
-        # the same image twice (e.g. given alone and inside a folder): kept, flagged
-        self._dup = duplicate_rows(np.array([os.path.realpath(f) for f in self.files], dtype=object))
+        # the same image twice (e.g. given alone and inside a folder): kept, flagged; a caller
+        # that found them already (Dask: over all the files, not one task's) passes the rows
+        if duplicates is not None:
+            self._dup = np.zeros(len(self.files), dtype=bool)
+            self._dup[np.asarray(duplicates, dtype=np.int64)] = True
+        else:
+            self._dup = duplicate_rows(np.array([os.path.realpath(f) for f in self.files], dtype=object))
         self._spec = spec
         self._shape = shape
         self._threads = threads or _decode_threads()
         self._pool: ThreadPoolExecutor | None = None
+
+    def duplicate_rows(self) -> np.ndarray:
+        """Row numbers of images that appeared in an earlier row (flagged ``duplicate id``)."""
+        return np.flatnonzero(self._dup)
 
     def _load(self, name: str) -> tuple[np.ndarray | None, str]:
         try:

@@ -258,6 +258,10 @@ class ResultWriter:
 
     def mark(self) -> None:
         """Remember the current end of the output; `rollback` returns to it."""
+        with self._output_errors():
+            self._mark_here()
+
+    def _mark_here(self) -> None:
         if self._fh is not None and self._tmp:
             self._fh.flush()
             self._mark = self._fh.tell()
@@ -270,6 +274,10 @@ class ResultWriter:
 
         Returns False when that is impossible (CSV on stdout: those rows are already out).
         """
+        with self._output_errors():
+            return self._rollback()
+
+    def _rollback(self) -> bool:
         if self._h5 is not None:
             for name in self._h5:
                 self._h5[name].resize((self._mark_rows,))
