@@ -334,3 +334,35 @@ def test_card_refuses_class_names_that_cannot_be_columns(tmp_path: Path) -> None
     card["classes"] = ["bogus", "re/al"]
     with pytest.raises(ModelError, match="class name 're/al'"):
         Classifier(write_model(tmp_path / "m.onnx", card=card), device="cpu")
+
+
+def test_hdf5_text_column_with_a_very_long_value_becomes_variable_length(tmp_path: Path) -> None:
+    from stampclf.io._writers import ResultWriter
+
+    out = tmp_path / "o.h5"
+    w = ResultWriter(str(out), ["real", "bogus"], "hits", "1.1.0")
+    p = np.full((2, 2), 0.5, "f4")
+    huge = "failed: " + "é" * 5000  # 10 kB: padding every row to it would cost more than a heap entry
+    w.write(np.array([1, 2]), np.array(["real"] * 2, object), p, np.array(["ok", "flagged: x"], object), "a.h5")
+    w.write(np.array([3, 4]), np.array(["", "real"], object), p, np.array([huge, "ok"], object), "a.h5")
+    w.commit()
+    with h5py.File(out) as f:
+        assert f["status"].asstr()[...].tolist() == ["ok", "flagged: x", huge, "ok"]
+        assert h5py.check_string_dtype(f["status"].dtype).length is None  # variable-length now
+        assert h5py.check_string_dtype(f["label"].dtype).length == 16  # the others stay fixed
+
+
+def test_float_ids_read_the_same_in_csv_and_hdf5(tmp_path: Path) -> None:
+    import csv as csv_mod
+
+    from stampclf.io._writers import ResultWriter
+
+    ids = np.array([0.1, 2.5, 1e7 + 1], np.float32)
+    for name in ("o.csv", "o.h5"):
+        w = ResultWriter(str(tmp_path / name), ["real", "bogus"], "m", "1")
+        w.write(ids, np.array(["real"] * 3, object), np.full((3, 2), 0.5, "f4"), np.array(["ok"] * 3, object), "f")
+        w.commit()
+    with open(tmp_path / "o.csv", newline="") as fh:
+        in_csv = [r["id"] for r in csv_mod.DictReader(fh)]
+    with h5py.File(tmp_path / "o.h5") as f:
+        assert f["id"].asstr()[...].tolist() == in_csv == [str(v) for v in ids]

@@ -68,12 +68,23 @@ def _csv_text(
 _H5_OPTS: dict[str, Any] = {"chunks": (8192,), "compression": "gzip", "compression_opts": 1, "shuffle": True}
 
 
+#: Longest text value (bytes) a fixed-width HDF5 column takes; a longer one makes the column variable-length
+_MAX_FIXED = 1024
+
+
+def _as_column(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Encoded text (numpy ``S``) as an array h5py writes into a column of *dtype*."""
+    return np.asarray(values, dtype=dtype if dtype.kind == "S" else object)
+
+
 def _encode(values: Any) -> np.ndarray:
     """UTF-8 bytes (numpy ``S``) of ``str(v)`` for each value."""
     arr = np.asarray(values)
     if arr.dtype.kind in "iu":
         return arr.astype("S")  # digits: the same text as str(), without a Python loop
-    return np.asarray([str(v).encode("utf-8") for v in arr.tolist()], dtype="S")
+    if arr.dtype.kind in "OU":
+        return np.asarray([str(v).encode("utf-8") for v in arr.tolist()], dtype="S")
+    return np.asarray([str(v).encode("utf-8") for v in arr], dtype="S")  # numpy's own str(), as in the CSV
 
 
 def _os_reason(exc: OSError) -> str:
@@ -176,30 +187,37 @@ class ResultWriter:
         self._text_columns = ("id", "label", "status", "model", "model_version", "file", *self.extra_columns)
 
     def _write_text(self, name: str, values: np.ndarray) -> None:
-        """Append encoded *values* to the fixed-width text column *name*, widening it when needed.
+        """Append encoded *values* to the text column *name*, widening it when needed.
 
         Fixed-width UTF-8 instead of HDF5 variable-length strings: those keep every
         value in the file's global heap, outside the compressed chunks (about 35 bytes
         a row per column whatever the text), while null-padded fixed-width values
-        compress to almost nothing when they repeat (model, version, file, "ok").
+        compress to almost nothing when they repeat (model, version, file, "ok"). A
+        value longer than `_MAX_FIXED` bytes (a long error message) turns its column
+        into variable-length strings for good: padding every row to it would cost more.
         """
         import h5py
 
         width = max(values.dtype.itemsize, 1)
         ds, dtype = self._text.get(name, (None, None))
-        if ds is None or dtype.itemsize < width:
-            # round up so that a column is rewritten only a few times however its values grow
-            dtype = h5py.string_dtype("utf-8", max(16, 1 << (width - 1).bit_length()))
-            tmp = self._h5.create_dataset(f"{name}.widen", (self.rows,), maxshape=(None,), dtype=dtype, **_H5_OPTS)
+        if ds is None or (dtype.kind == "S" and dtype.itemsize < width):
+            if width > _MAX_FIXED:
+                dtype = h5py.string_dtype("utf-8")
+                opts = _H5_OPTS
+            else:  # round up so that a column is rewritten only a few times however its values grow
+                dtype = h5py.string_dtype("utf-8", max(16, 1 << (width - 1).bit_length()))
+                # a wide column gets shorter chunks: a chunk stays within the chunk cache
+                opts = {**_H5_OPTS, "chunks": (max(1, min(8192, (1 << 20) // dtype.itemsize)),)}
+            tmp = self._h5.create_dataset(f"{name}.widen", (self.rows,), maxshape=(None,), dtype=dtype, **opts)
             for start in range(0, self.rows, 65_536):  # in slices: memory stays flat on a long run
-                tmp[start : start + 65_536] = np.asarray(ds[start : start + 65_536], dtype=dtype)
+                tmp[start : start + 65_536] = _as_column(ds[start : start + 65_536], dtype)
             if ds is not None:
                 del self._h5[name]
             self._h5.move(f"{name}.widen", name)
             ds = self._h5[name]
             self._text[name] = (ds, dtype)
         ds.resize((self.rows + len(values),))
-        ds[self.rows :] = np.asarray(values, dtype=dtype)
+        ds[self.rows :] = _as_column(values, dtype)
 
     def write(
         self,
