@@ -764,6 +764,27 @@ def test_keep_going_keeps_the_readable_rows_of_a_damaged_file(tmp_path: Path, ti
     assert "failed 10" in stderr_of(result)
 
 
+def test_salvage_fails_only_the_damaged_chunk_of_one_channel(tmp_path: Path, tiny_model_path: Path) -> None:
+    x = make_stamps(40, seed=6)
+    damaged = tmp_path / "channels.h5"
+    names = ["temp_images", "sci_images", "diff_images", "SNR_images"]
+    with h5py.File(damaged, "w") as f:
+        for c, name in enumerate(names):  # the first dataset in chunks of 20 rows, the difference in 5
+            f.create_dataset(name, data=x[:, c], chunks=(5 if name == "diff_images" else 20, 21, 21),
+                             compression="gzip")  # fmt: skip
+        offset = f["diff_images"].id.get_chunk_info(1).byte_offset  # rows 5-9
+    with open(damaged, "r+b") as fh:
+        fh.seek(offset + 10)
+        fh.write(b"\xff" * 200)
+    out = tmp_path / "out.csv"
+    result = run_cli("classify", str(damaged), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu",
+                     "--batch-size", "16", "--keep-going")  # fmt: skip
+    [line] = error_lines(stderr_of(result))
+    assert "cannot read rows 5-9 of dataset 'diff_images'" in line
+    failed = [i for i, r in enumerate(read_csv(out)) if r["status"].startswith("failed")]
+    assert failed == list(range(5, 10))
+
+
 def test_keep_going_with_every_input_bad_writes_nothing(tmp_path: Path, tiny_model_path: Path) -> None:
     bad = tmp_path / "bad.h5"
     bad.write_text("x")

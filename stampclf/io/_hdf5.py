@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterator
@@ -278,10 +279,12 @@ class HDF5Reader:
         except InputError:
             if not self.salvage:
                 raise
-        step = (self._datasets[0].chunks or (stop - start,))[0]
+        # pieces that never straddle a chunk of any stamp dataset: boundaries on multiples of
+        # the gcd of their chunk lengths (a contiguous dataset has none)
+        step = math.gcd(*(d.chunks[0] for d in self._datasets if d.chunks)) or (stop - start)
+        bounds = [start, *range((start // step + 1) * step, stop, step), stop]
         out: InputBatch | None = None
-        for a in range(start, stop, step):
-            b = min(a + step, stop)
+        for a, b in itertools.pairwise(bounds):
             try:
                 part = self.read_block(a, b)
             except InputError as exc:
