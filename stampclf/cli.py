@@ -32,10 +32,10 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _guard(fn: Callable[[], Any], interrupted: str = "no output written") -> Any:
+def _guard(fn: Callable[[], Any], interrupted: Callable[[], str] = lambda: "no output written") -> Any:
     """Run *fn*, turning errors into one line and an exit code (traceback with --debug).
 
-    *interrupted* completes the line printed on Ctrl-C or SIGTERM.
+    *interrupted* gives the end of the line printed on Ctrl-C or SIGTERM.
     """
 
     got: list[int] = []
@@ -52,7 +52,7 @@ def _guard(fn: Callable[[], Any], interrupted: str = "no output written") -> Any
             traceback.print_exc()
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        typer.echo(f"stampclf: interrupted; {interrupted}", err=True)
+        typer.echo(f"stampclf: interrupted; {interrupted()}", err=True)
         # the shell's convention, 128 + signal number: 130 for Ctrl-C, 143 for SIGTERM
         raise typer.Exit(128 + (got[0] if got else signal.SIGINT)) from None
     except BrokenPipeError:
@@ -140,8 +140,14 @@ def classify(
             _print_metrics(s.metrics)
         return code
 
-    to_stdout = output in (None, "-")
-    code = _guard(run, "the CSV on stdout is incomplete" if to_stdout else "no output written")
+    from .io._writers import stdout_writes
+
+    printed_before = stdout_writes()
+
+    def interrupted() -> str:
+        return "the CSV on stdout is incomplete" if stdout_writes() > printed_before else "no output written"
+
+    code = _guard(run, interrupted)
     if code:
         raise typer.Exit(code)
 

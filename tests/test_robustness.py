@@ -885,6 +885,21 @@ def test_ctrl_c_with_csv_on_stdout_says_it_is_incomplete(
     assert stderr_of(result).strip() == "stampclf: interrupted; the CSV on stdout is incomplete"
 
 
+def test_ctrl_c_before_any_row_on_stdout_says_no_output(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stampclf.classifier
+
+    def slow_load(*_a: Any, **_k: Any) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while the model loads: nothing printed yet
+
+    monkeypatch.setattr(stampclf.classifier.Classifier, "__init__", slow_load)
+    h5 = write_hits_h5(tmp_path / "a.h5", 4)
+    result = run_cli("classify", str(h5), "--model", str(tiny_model_path), "--device", "cpu")
+    assert result.exit_code == 130
+    assert stderr_of(result).strip() == "stampclf: interrupted; no output written"
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".h5"])
 @pytest.mark.parametrize("where", ["_write", "_mark_here"])  # CSV: the buffer is flushed when an input starts
 @pytest.mark.parametrize("keep_going", [[], ["--keep-going"]], ids=["", "keep_going"])

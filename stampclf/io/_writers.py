@@ -68,6 +68,15 @@ def _csv_text(
 _H5_OPTS: dict[str, Any] = {"chunks": (8192,), "compression": "gzip", "compression_opts": 1, "shuffle": True}
 
 
+_stdout_writes = 0
+
+
+def stdout_writes() -> int:
+    """How many times writers of this process have printed CSV on stdout: a change tells a
+    caller that its run left rows there (what Ctrl-C cannot take back)."""
+    return _stdout_writes
+
+
 #: Longest text value (bytes) a fixed-width HDF5 column takes; a longer one makes the column variable-length
 _MAX_FIXED = 1024
 
@@ -164,6 +173,9 @@ class ResultWriter:
             raise InputError(f"{self.path}: cannot create the output ({_os_reason(exc)})") from None
 
     def _write_header(self) -> None:
+        global _stdout_writes
+        if self._tmp is None:
+            _stdout_writes += 1
         if self._header_due:
             self._csv.writerow(columns_for(self.classes, self.extra_columns))
             self._header_due = False
