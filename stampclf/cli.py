@@ -200,8 +200,8 @@ def _print_metrics(m: dict[str, Any]) -> None:
     for k in (k for k in keys if k in m):
         v = m[k]
         name = f"{k} ({avg})" if avg and k in ("precision", "recall", "f1", "roc_auc") else k
-        if k == "roc_auc" and isinstance(v, float) and v != v:
-            text = "n/a (the labels hold one class only)"
+        if isinstance(v, float) and v != v:  # NaN: say why
+            text = "n/a (no scored rows)" if not m.get("n") else "n/a (the labels hold one class only)"
         else:
             text = f"{v:.4f}" if isinstance(v, float) else str(v)
         lines.append(f"{name:>24}: {text}")

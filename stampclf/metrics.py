@@ -70,7 +70,10 @@ def summary(
         },
         "confusion_matrix": cm.tolist(),
     }
-    if positive is not None:
+    if positive is not None and not len(y_true):  # nothing scored: no figures, not zeros
+        out.update(precision=float("nan"), recall=float("nan"), f1=float("nan"), roc_auc=float("nan"))
+        out["average"] = f"class {classes[positive]}"
+    elif positive is not None:
         out.update(precision=float(prec[positive]), recall=float(rec[positive]), f1=float(f1[positive]))
         out["roc_auc"] = aucs[positive]
         out["average"] = f"class {classes[positive]}"

@@ -275,7 +275,7 @@ def image_to_uint8(img: Any, spec: dict[str, Any]) -> np.ndarray:
     """
     from PIL import Image
 
-    if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
+    if img.mode.startswith("I;16"):
         # 16-bit pixels: Pillow's convert() would clip everything above 255 to white
         wide = np.asarray(img, dtype=np.int64)
         img = Image.fromarray(np.clip(wide * 255 // 65535, 0, 255).astype(np.uint8), "L")
