@@ -267,7 +267,8 @@ class Classifier:
     def close(self) -> None:
         """Stop the CPU worker threads and drop their sessions (also done at interpreter exit).
 
-        The classifier stays usable: a later call starts them again.
+        The classifier stays usable: a later call starts them again. Not while another
+        thread is classifying with it.
         """
         if self._runner is not None:
             self._runner.close()
