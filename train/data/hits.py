@@ -18,10 +18,8 @@ Options (``--set key=value``, defaults from the model's recipe)
 ``real_sn=PATH`` | ``real_sn=none``
     The 87 real HiTS supernovae as an extra test split ``real_sn`` (default: the shared
     data file ``../shared/data/hits/hits2015_sn_science_stamps.h5`` next to the repository,
-    skipped with a note when absent). Its metrics have no ROC AUC (one class: NaN), which
-    ``train/export.py`` cannot write into the strict-JSON card: use ``real_sn=none`` for
-    runs that will be exported (``benchmarks/gpu_train_hits.sh`` does) until export maps
-    non-finite numbers to null.
+    skipped with a note when absent). Its metrics have no ROC AUC (one class: NaN);
+    ``train/export.py`` stores that as null in the strict-JSON card.
 
 ``train/train.py`` refuses any other ``--set`` key that is not a training recipe key.
 
