@@ -320,6 +320,14 @@ class ImageAugment:
 
 # --- bundles ---------------------------------------------------------------------------
 def _root(name: str, recipe: dict[str, Any]) -> Path:
+    if name not in DEFAULT_ROOTS:  # your own data (``image_folder``): no default place
+        if "root" not in recipe:
+            raise FileNotFoundError(f"data set {name!r} reads your own images: give --set root=FOLDER "
+                                    "(a folder per class, FOLDER/<class>/*.jpg)")
+        root = Path(str(recipe["root"]))
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: image folder does not exist")
+        return root
     default, archive, unpack = DEFAULT_ROOTS[name]
     root = Path(str(recipe.get("root", default)))
     if not root.is_dir():
@@ -332,10 +340,11 @@ def _root(name: str, recipe: dict[str, Any]) -> Path:
 
 def _provenance(name: str, root: Path, recipe: dict[str, Any], source: str,
                 splits: dict[str, tuple[list[str], np.ndarray]], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    archive = Path(str(recipe.get("archive", _SHARED / DEFAULT_ROOTS[name][1])))
+    shared = DEFAULT_ROOTS.get(name)  # None: your own data, no archive unless --set archive= names one
+    archive = Path(str(recipe.get("archive", _SHARED / shared[1] if shared else "")))
     prov: dict[str, Any] = {
         "source": source,
-        "archive": f"../shared/data/{DEFAULT_ROOTS[name][1]}",
+        "archive": f"../shared/data/{shared[1]}" if shared else recipe.get("archive"),
         "archive_sha256": _file_sha256(archive) if archive.is_file() else None,
         "root": str(root),
         "sizes": {k: len(v[0]) for k, v in splits.items()},
@@ -403,6 +412,12 @@ def _pokemon_types_splits(spec: Any, recipe: dict[str, Any], seed: int) -> tuple
     return root, _split_three(files, labels, recipe, seed)
 
 
+def _image_folder_splits(spec: Any, recipe: dict[str, Any], seed: int) -> tuple[Path, _Splits]:
+    root = _root("image_folder", recipe)
+    files, labels, _ = folder_per_class(root, spec.classes)
+    return root, _split_three(files, labels, recipe, seed)
+
+
 def _cifar10_splits(spec: Any, recipe: dict[str, Any], seed: int) -> tuple[Path, _Splits]:
     root = _root("cifar10", recipe)
     files, labels, _ = folder_per_class(root / "train", spec.classes)
@@ -443,6 +458,11 @@ _IMAGE_SETS: dict[str, _ImageSet] = {
         {"hflip": 0.5, "rotate": 15.0},
         "Pokémon artwork by primary type (dalelane/pokemon-images-dataset), 1,209 images, 18 types; "
         "artwork is Nintendo's, used for training only and never redistributed",
+    ),
+    "image_folder": _ImageSet(
+        _image_folder_splits,
+        {"hflip": 0.5},
+        "your own images, a folder per class (--set root=FOLDER); identified by the sha256 of the file lists",
     ),
     "cifar10": _ImageSet(
         _cifar10_splits,
@@ -525,6 +545,16 @@ def load_galaxy_zoo1(spec: Any, options: dict[str, Any], seed: int) -> DataBundl
 def load_pokemon_types(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
     """Pokémon artwork by primary type (folder per class); stratified 70/15/15 split from the seed."""
     return _load("pokemon_types", spec, options, seed)
+
+
+@register_dataset("image_folder", options=(*IMAGE_OPTIONS, "test_fraction"))
+def load_image_folder(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
+    """Your own images, ``root/<class>/**/*.jpg`` with the model's class names; stratified 70/15/15 from the seed.
+
+    For a model of your own: register it with ``dataset="image_folder"`` and its classes
+    (docs/models-images.md, "Your own images"), then ``train.py --set root=FOLDER``.
+    """
+    return _load("image_folder", spec, options, seed)
 
 
 @register_dataset("cifar10", options=IMAGE_OPTIONS)  # fixed test split: no test_fraction
