@@ -885,6 +885,22 @@ def test_ctrl_c_with_csv_on_stdout_says_it_is_incomplete(
     assert stderr_of(result).strip() == "stampclf: interrupted; the CSV on stdout is incomplete"
 
 
+def test_hdf5_flush_failure_is_one_line_and_leaves_no_file(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(self: Any) -> None:  # what HDF5 says when the disk fills as it writes its metadata
+        raise OSError("Write through metadata accumulator failed (file write failed: time = Mon Nov 23\n, "
+                      "errno = 28, error message = 'No space left on device', buf = 0x1)")
+
+    monkeypatch.setattr(h5py.File, "flush", full)
+    h5 = write_hits_h5(tmp_path / "a.h5", 5)
+    out = tmp_path / "out.h5"
+    result = run_cli("classify", str(h5), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu")
+    assert result.exit_code == 2
+    assert stderr_of(result).strip() == f"stampclf: error: {out}: cannot write the output (No space left on device)"
+    assert leftovers(tmp_path, out.name) == []
+
+
 def test_ctrl_c_before_any_row_on_stdout_says_no_output(
     tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

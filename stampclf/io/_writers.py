@@ -96,8 +96,31 @@ def _encode(values: Any) -> np.ndarray:
     return np.asarray([str(v).encode("utf-8") for v in arr], dtype="S")  # numpy's own str(), as in the CSV
 
 
-def _os_reason(exc: OSError) -> str:
-    return exc.strerror or str(exc).splitlines()[0]
+def _os_reason(exc: BaseException) -> str:
+    """The reason of an OS or HDF5 I/O error, one line (HDF5 puts the OS's message inside its own)."""
+    text = str(exc)
+    found = re.search(r"error message = '([^']*)'", text)
+    if found:
+        return found.group(1)
+    return getattr(exc, "strerror", None) or (text.splitlines()[0] if text else repr(exc))
+
+
+def _discard_h5(h5: Any) -> None:
+    """Close an HDF5 file that is being thrown away, whatever state a failed write left it in.
+
+    After a failed write (a full disk) HDF5 cannot flush its metadata on close, and
+    the library then crashes the process at exit. The file is discarded anyway, so its
+    descriptor is pointed at /dev/null first: the flush succeeds and goes nowhere.
+    """
+    with contextlib.suppress(Exception):
+        fd = h5.id.get_vfd_handle()
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+    with contextlib.suppress(Exception):
+        h5.close()
 
 
 def _create_part(path: str, folder: str) -> str:
@@ -332,7 +355,7 @@ class ResultWriter:
             yield
         except BrokenPipeError:
             raise  # stdout's reader went away (e.g. `| head`): the CLI ends quietly
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # h5py raises RuntimeError for some failed flushes
             raise OutputError(f"{self.path or 'stdout'}: cannot write the output ({_os_reason(exc)})") from None
 
     def _commit(self) -> None:
@@ -340,6 +363,9 @@ class ResultWriter:
             for name in self._text_columns:  # an output without rows still has every column
                 if name not in self._h5:
                     self._write_text(name, np.empty(0, "S1"))
+            # flush first: a failure (disk full) then leaves the file open for `abort` to
+            # discard safely; one inside close() leaves HDF5 unable to close it at all
+            self._h5.flush()
             self._h5.close()
             self._h5 = None
         if self._fh is not None:
@@ -357,9 +383,10 @@ class ResultWriter:
         """Drop the partial output; the final name is left untouched."""
         try:
             if self._h5 is not None:
-                self._h5.close()
+                _discard_h5(self._h5)
             if self._fh is not None and self._tmp:
-                self._fh.close()
+                with contextlib.suppress(OSError):  # a full disk fails the flush too: the file goes anyway
+                    self._fh.close()
         finally:
             self._h5 = self._fh = None
             if self._tmp and os.path.exists(self._tmp):
