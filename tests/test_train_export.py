@@ -249,7 +249,7 @@ def test_retrained_model_gets_a_local_version(trained: dict[str, Path]) -> None:
     # the fixture trains on its own data, 2 epochs, seed 3: not the registered hits recipe
     spec = get_spec("hits")
     card, _ = read_card(trained["onnx"])
-    assert re.fullmatch(re.escape(spec.version) + r"\+local\.\d{8}", card.version), card.version
+    assert re.fullmatch(re.escape(spec.version) + r"\+local\.\d{8}\.[0-9a-f]{8}", card.version), card.version
     assert Classifier(trained["onnx"], device="cpu").version == card.version  # the runtime takes it
     report = json.loads((trained["dir"] / "hits" / "report.json").read_text())
     assert report["version"] == card.version

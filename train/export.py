@@ -14,7 +14,7 @@ largest absolute difference in probabilities exceeds 1e-5.
 The card's version is the registry's (``ModelSpec.version``) only for a run of the
 registered recipe: same recipe and data options (``--set`` keys in `SAME_MODEL_KEYS`
 aside), default epochs, seed 0. Any other run gets a PEP 440 local version such as
-``1.1.0+local.20261123`` (the training date) and a notice; ``--version`` sets it
+``1.1.0+local.20261123.1a2b3c4d`` (the training date and the weights' sha256 prefix) and a notice; ``--version`` sets it
 explicitly. Into the repository's own ``exported/`` (the default ``--out``) an
 existing model file is overwritten only with ``--force``: a quick retrain never
 silently replaces a shipped model.
@@ -160,7 +160,9 @@ def recipe_differences(spec: ModelSpec, report: dict[str, Any]) -> list[str]:
     return diffs
 
 
-def card_version(spec: ModelSpec, report: dict[str, Any], version: str | None = None) -> tuple[str, str | None]:
+def card_version(
+    spec: ModelSpec, report: dict[str, Any], version: str | None = None, weights_sha: str = ""
+) -> tuple[str, str | None]:
     """The card's version and a one-line notice (None when there is nothing to say).
 
     *version* (``--version``) wins; else the registry's version for a run of the registered
@@ -177,7 +179,8 @@ def card_version(spec: ModelSpec, report: dict[str, Any], version: str | None = 
     date = re.sub(r"\D", "", str(report.get("date", "")))[:8]
     if len(date) != 8:
         date = datetime.now(timezone.utc).strftime("%Y%m%d")
-    local = f"{spec.version}{'.' if '+' in spec.version else '+'}local.{date}"
+    # the weights' sha256 prefix tells two retrains of one day apart on every output row
+    local = f"{spec.version}{'.' if '+' in spec.version else '+'}local.{date}" + (f".{weights_sha[:8]}" if weights_sha else "")
     return local, (f"[export] note: not the registered {spec.name} {spec.version} recipe (differs in: "
                    f"{', '.join(diffs)}): card version {local}; give --version VERSION to choose another")
 
@@ -331,15 +334,16 @@ def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path |
                               "or --out another folder")
     report_path = report_path or checkpoint.parent / "report.json"
     report = shipped_report(json.loads(report_path.read_text()))
-    version, notice = card_version(spec, report, version)
-    if notice:
-        print(notice, flush=True)
-    report["version"] = version  # the copy beside the model says what its card says
     model = load_trained(spec, checkpoint)
     shape = (len(spec.input["channels"]), int(spec.input["height"]), int(spec.input["width"]))
     raw = to_onnx_bytes(model, shape, "stamps" if spec.input.get("kind", "stamp") == "stamp" else "images")
     graph, _ = read_onnx_parts(raw)
-    card = build_card(spec, report, graph_sha256(graph), version)
+    weights_sha = graph_sha256(graph)
+    version, notice = card_version(spec, report, version, weights_sha)
+    if notice:
+        print(notice, flush=True)
+    report["version"] = version  # the copy beside the model says what its card says
+    card = build_card(spec, report, weights_sha, version)
     per_row = largest_activation_per_row(raw)
     card.input["largest_activation_bytes_per_row"] = per_row
     card.input["default_batch_size"] = default_batch_size(per_row)
