@@ -96,6 +96,7 @@ def create_session(
         raise DeviceError(f"threads must be at least 1, got {threads}")
     import onnxruntime as ort
 
+    _quiet(ort)
     n_threads = threads or cpu_count()
     opts = _options(n_threads)
     notice: str | None = None
@@ -111,7 +112,7 @@ def create_session(
             try:
                 sess = _make(ort, model, opts, [(_CUDA, cuda), _CPU], source)
             finally:
-                ort.set_default_logger_severity(2)
+                ort.set_default_logger_severity(3)
             if sess.get_providers()[0] == _CUDA:
                 return SessionInfo(sess, "cuda", None, n_threads, model, source)
             reason = "the CUDA execution provider failed to load (CUDA/cuDNN libraries missing?)"
@@ -121,6 +122,17 @@ def create_session(
             notice = f"device auto: {reason}; running on CPU"
     sess = _make(ort, model, opts, [_CPU], source)
     return SessionInfo(sess, "cpu", notice, n_threads, model, source)
+
+
+def _quiet(ort: Any) -> None:
+    """ONNX Runtime's own warnings off stderr (errors reach the user as ours, one line each).
+
+    e.g. a service account without a writable home gets a warning about telemetry
+    state on every run; stampclf sends no telemetry either way.
+    """
+    ort.set_default_logger_severity(3)
+    if hasattr(ort, "disable_telemetry_events"):
+        ort.disable_telemetry_events()
 
 
 def _cuda_unusable_reason(ort: Any) -> str | None:
