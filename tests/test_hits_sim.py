@@ -234,3 +234,13 @@ def test_diagnose_prints_every_kind_and_parameter(tiny_model_path: Path, capsys:
     for kind in KINDS:
         assert any(line.startswith(f"{kind} ") for line in out.splitlines())
     assert "star/change:" in out and "template convolved:" in out
+
+
+def test_cli_refuses_to_replace_a_file_without_force(tmp_path):
+    out = tmp_path / "sim.h5"
+    out.write_bytes(b"keep me")
+    r = subprocess.run([sys.executable, "train/simulate.py", "--n", "5", "--out", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and "exists; give --force" in r.stderr and out.read_bytes() == b"keep me"
+    _run_cli(["--n", "5", "--out", str(out), "--force"], module=False)
+    assert out.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"

@@ -301,3 +301,11 @@ def test_default_out_does_not_overwrite_a_model_without_force(
     # a new model in the shipped folder needs no --force
     (shipped / "hits.onnx").unlink()
     assert export_mod.main(["--model", "hits", "--checkpoint", ckpt]) == 0
+
+
+def test_epochs_below_one_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from train import train as train_mod
+
+    with pytest.raises(SystemExit) as exc:
+        train_mod.main(["--model", "hits", "--epochs", "0"])  # was: silently the recipe's epochs
+    assert exc.value.code == 2 and "0 is not at least 1" in capsys.readouterr().err

@@ -113,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real-fraction", type=float, default=0.5)
     ap.add_argument("--workers", type=int, default=1, help="processes (output does not depend on it)")
     ap.add_argument("--compression", choices=["gzip", "lzf"], default=None)
+    ap.add_argument("--force", action="store_true", help="replace an existing --out file")
     args = ap.parse_args(argv)
     if args.n < 0 or not 0.0 <= args.real_fraction <= 1.0:
         ap.error("need --n >= 0 and 0 <= --real-fraction <= 1")
+    if args.out.exists() and not args.force:  # e.g. the shipped examples/hits_sample.h5
+        ap.error(f"{args.out} exists; give --force to replace it")
     command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(["simulate", *argv])
     summary = write_h5(args.out, args.n, args.seed, args.real_fraction, args.workers, command, args.compression)
     print(f"wrote {args.out}: {args.n} stamps in {summary['seconds']:.1f} s ({summary['stamps_per_s']:.0f} stamps/s)")

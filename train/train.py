@@ -426,10 +426,21 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _positive(text: str) -> int:
+    """An integer of at least 1, for argparse (``--epochs 0`` would fall back to the recipe's)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help=f"registered model: {', '.join(list_models())}")
-    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--epochs", type=_positive, default=None, help="override the recipe's epochs (at least 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
