@@ -292,7 +292,12 @@ def check_threshold(card: ModelCard | None, threshold: float | None) -> None:
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise InputError(f"threshold {threshold} is not a number in [0, 1]")
     if threshold is not None and card is not None and not card.is_binary:
+        why = (
+            "its card names no positive class, so its labels are the most probable class"
+            if len(card.classes) == 2
+            else f"it has {len(card.classes)} classes; labels are the most probable class"
+        )
         raise InputError(
-            f"threshold {threshold}: model {card.name!r} has {len(card.classes)} classes; "
-            "a threshold applies only to binary models (multiclass labels are the most probable class)"
+            f"threshold {threshold}: model {card.name!r} takes no threshold ({why}); "
+            "a threshold applies to binary models with a positive_class"
         )

@@ -121,11 +121,22 @@ def test_hdf5_output_records_the_run_settings(
 
 
 def test_threshold_is_refused_for_multiclass_models(tmp_path: Path, tiny_image_model_path: Path) -> None:
-    with pytest.raises(InputError, match="threshold 0.7: model 'tiny_image' has 3 classes"):
+    with pytest.raises(InputError, match=r"threshold 0.7: model 'tiny_image' takes no threshold \(it has 3 classes"):
         Classifier(tiny_image_model_path, device="cpu", threshold=0.7)
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     r = _cli("classify", tmp_path / "a.png", "-m", tiny_image_model_path, "--threshold", "0.7")
-    assert r.exit_code == 2 and "applies only to binary models" in r.stderr
+    assert r.exit_code == 2 and "a threshold applies to binary models with a positive_class" in r.stderr
+
+
+def test_a_file_given_twice_is_refused_and_ambiguous_ids_too(tmp_path: Path, tiny_model_path: Path) -> None:
+    path = write_hits_h5(tmp_path / "a.h5", 4)
+    again = tmp_path / "." / "a.h5"  # e.g. overlapping globs
+    r = _cli("classify", path, again, "-m", tiny_model_path, "--device", "cpu")
+    assert r.exit_code == 2 and f"{again}: given twice (also as {path})" in r.stderr and not r.stdout
+    with h5py.File(path, "a") as f:
+        f["ID"] = np.arange(4) + 100  # beside the file's 'id'
+    r = _cli("classify", path, "-m", tiny_model_path, "--device", "cpu")
+    assert r.exit_code == 2 and "several ids datasets ['ID', 'id']; keep one" in r.stderr
 
 
 def test_image_api_takes_pillow_images_and_uint8_pixels(tmp_path: Path, tiny_image_model_path: Path) -> None:

@@ -90,14 +90,29 @@ def open_inputs(
     other bad files and goes on.
     """
     groups: list[tuple[list[str], Any]] = []
+    seen: dict[str, str] = {}
     for path in paths:
         try:
+            _refuse_repeat(path, seen)
             _add_input(groups, path, card, layout, channels_last)
         except InputError as exc:
             if not keep_going:
                 raise
             groups.append(([path], _Failing(exc)))
     return groups
+
+
+def _refuse_repeat(path: str, seen: dict[str, str]) -> None:
+    """An input file given twice (e.g. overlapping globs) would be classified twice: refuse it.
+
+    Images are rows, not files of rows: one given twice is flagged ``duplicate id`` instead.
+    """
+    if not os.path.isfile(path) or os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES:
+        return
+    real = os.path.realpath(path)
+    if real in seen:
+        raise InputError(f"{path}: given twice (also as {seen[real]}); each input is classified once")
+    seen[real] = path
 
 
 class _Failing:

@@ -191,6 +191,9 @@ class HDF5Reader:
         return np.flatnonzero(self._dup) if self._dup is not None else np.empty(0, np.int64)
 
     def _find(self, candidates: tuple[str, ...], what: str) -> Any:
+        present = [n for n in candidates if n in self._file]
+        if len(present) > 1:  # which one is meant is a guess: refuse rather than pick
+            raise InputError(f"{self.path}: several {what} datasets {present}; keep one (read as {what}: {candidates})")
         for name in candidates:
             ds = self._dataset(name)
             if ds is not None:
