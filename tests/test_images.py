@@ -289,7 +289,9 @@ def test_16_bit_image_is_scaled_not_clipped() -> None:
     assert got[0, 0].tolist() == [0, 100, 255]
 
 
-def test_your_own_images_train_export_and_classify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_your_own_images_train_export_and_classify(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A model of your own on ``image_folder`` (a folder per class given with --set root)."""
     pytest.importorskip("onnx")
     from train import export as export_mod
@@ -313,8 +315,8 @@ def test_your_own_images_train_export_and_classify(tmp_path: Path, monkeypatch: 
             px = np.clip(rng.normal(level, 10, (20, 20, 3)), 0, 255).astype(np.uint8)
             PIL_Image.fromarray(px).save(root / label / f"{i}.png")
     run = tmp_path / "run"
-    with pytest.raises(FileNotFoundError, match="give --set root=FOLDER"):
-        train_mod.main(["--model", "my-shapes", "--out", str(run), "--threads", "1"])
+    assert train_mod.main(["--model", "my-shapes", "--out", str(run), "--threads", "1"]) == 2
+    assert "train: error: data set 'image_folder' reads your own images: give --set root=FOLDER" in capsys.readouterr().err
     assert train_mod.main(["--model", "my-shapes", "--out", str(run), "--threads", "1",
                            "--set", f"root={root}", "--set", "cache=none"]) == 0  # fmt: skip
     report = json.loads((run / "report.json").read_text())

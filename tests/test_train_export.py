@@ -309,3 +309,18 @@ def test_epochs_below_one_are_refused(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit) as exc:
         train_mod.main(["--model", "hits", "--epochs", "0"])  # was: silently the recipe's epochs
     assert exc.value.code == 2 and "0 is not at least 1" in capsys.readouterr().err
+
+
+def test_training_and_export_errors_are_one_line(trained: dict[str, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from train import export as export_mod
+    from train import train as train_mod
+
+    code = train_mod.main(["--model", "hits", "--out", str(tmp_path / "r"), "--set", "data=a.h5,b.h5,nope.h5"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("train: error: ") and len(err.strip().splitlines()) == 1, err
+    # a checkpoint of another model: named, not a dump of every tensor
+    code = export_mod.main(["--model", "hits-tiny", "--checkpoint", str(trained["run"] / "checkpoint.pt"),
+                            "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "the run of model" in err and len(err.strip().splitlines()) == 1, err

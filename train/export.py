@@ -82,7 +82,12 @@ def load_trained(spec: ModelSpec, checkpoint: Path) -> Deployable:
     """Build the registered model and load a checkpoint written by ``train.py``."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     net = create_model(spec.name)
-    net.load_state_dict(state["state_dict"])
+    try:
+        net.load_state_dict(state["state_dict"])
+    except RuntimeError as exc:  # torch lists every mismatched tensor: one line is enough here
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise ValueError(f"{checkpoint}: these weights do not fit model {spec.name!r} (a checkpoint of "
+                         f"another model? {first[:160]})") from None
     model = Deployable(net, float(state.get("temperature", torch.tensor(1.0))))
     return model.eval()
 
@@ -333,7 +338,11 @@ def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path |
         raise FileExistsError(f"{final} exists (a shipped model): give --force to overwrite it, "
                               "or --out another folder")
     report_path = report_path or checkpoint.parent / "report.json"
-    report = shipped_report(json.loads(report_path.read_text()))
+    raw_report = json.loads(report_path.read_text())
+    if raw_report.get("model", spec.name) != spec.name:
+        raise ValueError(f"{report_path}: the run of model {raw_report['model']!r}, not {spec.name!r}; "
+                         f"give --model {raw_report['model']} or that model's checkpoint")
+    report = shipped_report(raw_report)
     model = load_trained(spec, checkpoint)
     shape = (len(spec.input["channels"]), int(spec.input["height"]), int(spec.input["width"]))
     raw = to_onnx_bytes(model, shape, "stamps" if spec.input.get("kind", "stamp") == "stamp" else "images")
@@ -400,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         export(spec, ckpt, args.out or EXPORTED, args.report, args.version, args.force)
-    except FileExistsError as exc:
+    except (FileExistsError, ValueError, FileNotFoundError) as exc:
         print(f"export: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:

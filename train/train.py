@@ -447,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe or data option, e.g. --set n_train=20000")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--evaluate-only", action="store_true",
                    help="do not train: re-evaluate <out>/checkpoint.pt with the model as registered now "
                         "(after a change to its test-time augmentation) and rewrite report and figures")
@@ -510,6 +511,9 @@ def reproduce_command(argv: list[str]) -> str:
         if flag in ("--out", "--threads"):
             i += 1 if eq else 2
             continue
+        if a == "--debug":
+            i += 1
+            continue
         if flag == "--set":
             kv = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
             if kv.split("=", 1)[0] in NO_EFFECT_KEYS:
@@ -530,7 +534,15 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the report's command
     options = parse_options(args.options)
     check_options(spec, options)
-    (evaluate_only if args.evaluate_only else train)(spec, args, options)
+    try:
+        (evaluate_only if args.evaluate_only else train)(spec, args, options)
+    except (ValueError, TypeError, KeyError, OSError) as exc:  # bad options or data: one line
+        if args.debug:
+            raise
+        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"train: error: {text.splitlines()[0] if text else type(exc).__name__} "
+              "(--debug for a traceback)", file=sys.stderr)
+        return 2
     return 0
 
 
