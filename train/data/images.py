@@ -361,7 +361,9 @@ def _provenance(name: str, root: Path, recipe: dict[str, Any], source: str,
 
 def _bundle(name: str, spec: Any, recipe: dict[str, Any], root: Path, source: str,
             splits: dict[str, tuple[list[str], np.ndarray]], augment: Callable[..., Any] | None) -> DataBundle:
-    cache = recipe.get("cache", "/tmp/data/cache")  # noqa: S108 - next to the unpacked data
+    # the shared data sets are cached next to their unpacked copies; your own images are not
+    # copied (decoded) into a shared folder unless you ask for it with --set cache=DIR
+    cache = recipe.get("cache", "none" if name == "image_folder" else "/tmp/data/cache")  # noqa: S108
     threads = int(recipe.get("decode_threads", 2))
     arrays = {k: decode_images(f, spec.preprocessing, cache, threads) for k, (f, _y) in splits.items()}
     shape = (len(spec.input["channels"]), int(spec.input["height"]), int(spec.input["width"]))
