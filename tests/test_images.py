@@ -213,7 +213,7 @@ def test_stratified_split_is_disjoint_and_deterministic() -> None:
         assert set(labels[part]) == {0, 1, 2, 3}
 
 
-def test_folder_per_class_and_missing_root(tmp_path: Path) -> None:
+def test_folder_per_class_and_missing_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rng = np.random.default_rng(0)
     for c in ("b", "a"):
         (tmp_path / c / "sub").mkdir(parents=True)
@@ -223,6 +223,11 @@ def test_folder_per_class_and_missing_root(tmp_path: Path) -> None:
     assert names == ["a", "b"] and labels.tolist() == [0, 0, 1, 1] and len(files) == 4
     with pytest.raises(FileNotFoundError, match="class folder of 'c' missing"):
         data_images.folder_per_class(tmp_path, ("a", "c"))
+    capsys.readouterr()
+    _rng_image(rng, 8, 8, (1, 2, 3)).save(tmp_path / "stray.png")
+    files, _, _ = data_images.folder_per_class(tmp_path, ("a",))  # 'b' is no class of this model
+    assert len(files) == 2
+    assert "not used: folders that are no class: b; 1 images outside the class folders" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match=r"tar xzf \.\./shared/data/galaxy_zoo1/galaxy_zoo1_sdss\.tar\.gz"):
         data_images.load_galaxy_zoo1(get_spec("galaxy"), {"root": str(tmp_path / "nope")}, 0)
 

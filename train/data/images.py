@@ -101,6 +101,13 @@ def folder_per_class(root: str | Path, classes: tuple[str, ...] | None = None) -
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: image folder does not exist")
     names = list(classes) if classes else sorted(d.name for d in root.iterdir() if d.is_dir())
+    others = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in names)
+    loose = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    if others or loose:  # a misspelt class folder would otherwise vanish from training unnoticed
+        print(f"[data] note: {root}: not used: "
+              + "; ".join(x for x in (f"folders that are no class: {', '.join(others)}" if others else "",
+                                      f"{len(loose)} images outside the class folders" if loose else "") if x),
+              flush=True)
     files: list[str] = []
     labels: list[int] = []
     for i, name in enumerate(names):
