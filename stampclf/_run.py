@@ -148,6 +148,7 @@ def classify_files(
         for group, opener in groups:
             writer.mark()
             rows = flagged = failed = 0
+            first_failure: str | None = None
             truth: list[np.ndarray] = []
             prob: list[np.ndarray] = []
             try:
@@ -169,11 +170,18 @@ def classify_files(
                     rows += len(pred)
                     flagged += sum(1 for s in pred.status if s.startswith("flagged"))
                     failed += sum(1 for s in pred.status if s.startswith("failed"))
+                    if first_failure is None and failed:
+                        first_failure = next(str(s) for s in pred.status if str(s).startswith("failed"))
                     if evaluate and pred.true_labels is not None:
                         truth.append(pred.true_labels)
                         prob.append(pred.proba)
                     bar.update(len(pred))
                 summary.file_errors.extend(getattr(reader, "damaged", ()))  # rows kept, as failed rows
+                if rows and failed == rows and not getattr(opener, "images", False) and not reader_errors(reader):
+                    # an input of which nothing could be scored is an error, as an unreadable image is
+                    summary.file_errors.append(
+                        f"{', '.join(group)}: none of its {rows} row(s) could be scored (e.g. {first_failure})"
+                    )
             except OutputError:
                 raise  # the output, not this input, is at fault: --keep-going cannot help
             except StampclfError as exc:
@@ -241,6 +249,11 @@ def _check_inputs(clf: Classifier, groups: list[tuple[list[str], Any]], evaluate
                 clf._check_labels(reader)
         finally:
             reader.close()
+
+
+def reader_errors(reader: Any) -> bool:
+    """Whether the reader reported its own errors for its failed rows (damaged HDF5 chunks)."""
+    return bool(getattr(reader, "damaged", None))
 
 
 def unreadable_images(status: Any) -> list[str]:

@@ -901,6 +901,20 @@ def test_hdf5_flush_failure_is_one_line_and_leaves_no_file(
     assert leftovers(tmp_path, out.name) == []
 
 
+def test_an_input_of_which_no_row_can_be_scored_is_an_error(tmp_path: Path, tiny_model_path: Path) -> None:
+    bad = write_hits_h5(tmp_path / "allnan.h5", stamps=np.full((3, 4, 21, 21), np.nan, "f4"))
+    good = write_hits_h5(tmp_path / "good.h5", 2)
+    out = tmp_path / "out.csv"
+    args = ["--model", str(tiny_model_path), "--device", "cpu", "-o", str(out)]
+    result = run_cli("classify", str(bad), *args)
+    assert result.exit_code == 2 and not out.exists()  # nothing scored: no output that looks like a result
+    assert error_lines(stderr_of(result)) == [
+        f"stampclf: error: {bad}: none of its 3 row(s) could be scored (e.g. failed: 1764 of 1764 pixels not finite)"
+    ]
+    result = run_cli("classify", str(bad), str(good), *args)
+    assert result.exit_code == 2 and len(read_csv(out)) == 5  # the failed rows stay, reported
+
+
 def test_ctrl_c_before_any_row_on_stdout_says_no_output(
     tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
