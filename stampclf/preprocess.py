@@ -279,6 +279,16 @@ def image_to_uint8(img: Any, spec: dict[str, Any]) -> np.ndarray:
         # 16-bit pixels: Pillow's convert() would clip everything above 255 to white
         wide = np.asarray(img, dtype=np.int64)
         img = Image.fromarray(np.clip(wide * 255 // 65535, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":  # float pixels: 0..1 scaled to 0..255 (convert() would truncate them to 0 and 1)
+        f = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        img = Image.fromarray(np.clip(f * 255.0 if f.max(initial=0.0) <= 1.0 else f, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # transparent pixels show the card's background colour (the artwork's own white for the
+        # Pokemon models), not whatever colour they happen to store (convert() drops alpha)
+        colour = spec.get("pad_color", 0)
+        rgb = tuple(colour)[:3] if isinstance(colour, (list, tuple)) else (int(colour),) * 3
+        back = Image.new("RGBA", img.size, (*rgb, 255))
+        img = Image.alpha_composite(back, img.convert("RGBA"))
     img = img.convert(spec.get("mode", "RGB"))
     resample = str(spec.get("resample", "bilinear"))
     if resample not in _RESAMPLE:

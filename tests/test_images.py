@@ -334,6 +334,19 @@ def test_your_own_images_train_export_and_classify(
     assert clf.classes == ["dark", "light"] and clf.version == "0.1.0"  # the registered recipe: its version
     s = classify_files(clf, [str(root)], str(tmp_path / "o.csv"), evaluate=True, progress=False)
     assert s.rows == 40 and s.metrics is not None and s.metrics["roc_auc"] >= 0.95  # two epochs: it ranks
+def test_transparent_pixels_show_the_cards_background() -> None:
+    from stampclf.preprocess import image_to_uint8
+
+    rgba = np.zeros((4, 4, 4), np.uint8)  # fully transparent black, one opaque red pixel
+    rgba[0, 0] = (255, 0, 0, 255)
+    img = PIL_Image.fromarray(rgba, "RGBA")
+    got = image_to_uint8(img, {"mode": "RGB", "fit": "pad", "resize": 4, "pad_color": [255, 255, 255]})
+    assert got[:, 0, 0].tolist() == [255, 0, 0] and got[:, 3, 3].tolist() == [255, 255, 255]
+    assert image_to_uint8(img, {"mode": "RGB"})[:, 3, 3].tolist() == [0, 0, 0]  # no pad_color: black
+    flt = PIL_Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), "F")  # float TIFF pixels in 0..1
+    assert image_to_uint8(flt, {"mode": "L"})[0, 0].tolist() == [0, 127, 255]
+
+
 # --- end to end ------------------------------------------------------------------------
 def test_tiny_train_export_classify(tmp_path: Path) -> None:
     pytest.importorskip("onnx")
