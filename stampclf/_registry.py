@@ -52,8 +52,10 @@ def resolve_model(model: str | os.PathLike[str]) -> Path:
         candidate = d / f"{text}.onnx"
         if candidate.is_file():
             return candidate
-    shipped = ", ".join(list_models()) or "none found"
-    raise ModelError(f"unknown model {text!r}; shipped models: {shipped} (or give a path to an .onnx file)")
+    known = ", ".join(list_models()) or "none found"
+    missing = [p for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p and not os.path.isdir(p)]
+    note = f"; ${MODELS_ENV} names no folder {', '.join(missing)}" if missing else ""
+    raise ModelError(f"unknown model {text!r}; models: {known} (or give a path to an .onnx file){note}")
 
 
 def shadowing_notice(model: str | os.PathLike[str], path: Path) -> str | None:

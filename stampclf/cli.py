@@ -215,17 +215,27 @@ def _print_metrics(m: dict[str, Any]) -> None:
 def models() -> None:
     """List the shipped models with version, task and classes."""
 
-    def run() -> None:
+    def run() -> int:
         from ._card import read_card
         from ._registry import list_models, resolve_model
 
+        bad = []
         for name in list_models():
-            card, _ = read_card(resolve_model(name), verify=False)
+            try:
+                card, _ = read_card(resolve_model(name), verify=False)
+            except StampclfError as exc:  # one bad file (e.g. in $STAMPCLF_MODELS) hides none of the others
+                bad.append(str(exc))
+                continue
             acc = card.metrics.get("test", {}).get("accuracy")
             acc_s = f"  test accuracy {acc:.4f}" if isinstance(acc, float) else ""
             typer.echo(f"{name:<16} v{card.version:<8} {card.task:<22} {'/'.join(card.classes)}{acc_s}")
+        for line in bad:
+            typer.echo(f"stampclf: error: {line}", err=True)
+        return 2 if bad else 0
 
-    _guard(run)
+    code = _guard(run)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

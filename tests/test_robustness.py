@@ -369,7 +369,7 @@ CORPUS: dict[str, Case] = {
     ),
     "model_unknown_name": Case(
         lambda d, m: [str(write_hits_h5(d / "good.h5", 4)), "--model", "nope"],
-        "shipped models:",
+        "; models: ",
         names="nope",
         model="",
     ),

@@ -366,3 +366,10 @@ def test_float_ids_read_the_same_in_csv_and_hdf5(tmp_path: Path) -> None:
         in_csv = [r["id"] for r in csv_mod.DictReader(fh)]
     with h5py.File(tmp_path / "o.h5") as f:
         assert f["id"].asstr()[...].tolist() == in_csv == [str(v) for v in ids]
+
+
+def test_models_lists_the_good_ones_beside_a_bad_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    monkeypatch.setenv("STAMPCLF_MODELS", str(tmp_path))
+    r = CliRunner().invoke(app, ["models"])
+    assert r.exit_code == 2 and "hits" in r.stdout and "junk.onnx" in r.stderr
