@@ -135,7 +135,7 @@ def classify(
         s = classify_files(
             clf, files, output, batch_size, layout, channels_last, keep_going, evaluate, False if quiet else progress
         )
-        code = _report(s, f"with {clf.name} v{clf.version} on {clf.device}", output, quiet)
+        code = _report(s, f"with {clf.name} v{clf.version} on {clf.device}", output, quiet, len(files))
         if s.metrics is not None:
             _print_metrics(s.metrics)
         return code
@@ -174,17 +174,21 @@ def _classify_on_dask(
             threshold=threshold, layout=layout, channels_last=channels_last, keep_going=keep_going,
             precision=precision,
         )  # fmt: skip
-    return _report(s, f"with {card.name} v{card.version} on Dask ({scheduler})", output, quiet)
+    return _report(s, f"with {card.name} v{card.version} on Dask ({scheduler})", output, quiet, len(files))
 
 
-def _report(s: Any, where: str, output: Optional[str], quiet: bool) -> int:
-    """Print the run's file errors and (unless quiet) its summary line; return the exit code."""
+def _report(s: Any, where: str, output: Optional[str], quiet: bool, given: int | None = None) -> int:
+    """Print the run's file errors and (unless quiet) its summary line; return the exit code.
+
+    *given*: the number of input paths, when some were left out (``--keep-going``).
+    """
     for err in s.file_errors:
         typer.echo(f"stampclf: error: {err}", err=True)
     if not quiet:
         rate = s.rows / s.seconds if s.seconds > 0 else 0.0
+        of = f" of {given}" if given is not None and given != s.files else ""
         typer.echo(
-            f"stampclf: {s.rows:,} rows from {s.files} input(s) {where} in {s.seconds:.2f} s "
+            f"stampclf: {s.rows:,} rows from {s.files}{of} input(s) {where} in {s.seconds:.2f} s "
             f"({rate:,.0f} rows/s); flagged {s.flagged:,}, failed {s.failed:,}"
             + (f"; written to {s.output}" if s.output and s.output != "-" else "")
             + ("; no output written" if output and output != "-" and not s.output else ""),

@@ -690,7 +690,7 @@ def test_keep_going_reports_bad_file_and_classifies_the_rest(tmp_path: Path, tin
     assert error_lines(err)[2].startswith(f"stampclf: error: {odd}: unknown input type") and len(error_lines(err)) == 3
     rows = read_csv(out)
     assert [r["file"] for r in rows] == [str(a)] * 5 + [str(b)] * 3
-    assert "8 rows from 2 input(s)" in err
+    assert "8 rows from 2 of 5 input(s)" in err
 
 
 def test_keep_going_drops_rows_of_a_file_that_fails_half_way(
