@@ -217,7 +217,11 @@ class Classifier:
         self.session = info.session
         self.device = info.device
         # a model name that resolved to another file than the shipped model of that name
-        self.notice = "; ".join(n for n in (shadowing_notice(model, self.path), info.notice) if n) or None
+        over = (
+            f"--threads {threads} is more than the {cpu_count()} CPU(s) this process may use (slower, not faster)"
+            if threads and info.device == "cpu" and threads > cpu_count() else None
+        )
+        self.notice = "; ".join(n for n in (shadowing_notice(model, self.path), info.notice, over) if n) or None
         self.threads = info.threads
         hint = self.card.input.get("default_batch_size", DEFAULT_BATCH_SIZE)
         if isinstance(hint, bool) or not isinstance(hint, int) or hint < 1:
