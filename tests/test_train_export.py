@@ -210,8 +210,9 @@ def test_ema_recipe_key_saves_averaged_weights(trained: dict[str, Path], tmp_pat
     counters = [k for k in plain if k.endswith("num_batches_tracked")]
     steps = report["best_epoch"] * (768 // 128)  # counted steps up to the kept epoch, not an average of them
     assert counters and all(int(averaged[k]) == steps for k in counters)
-    with pytest.raises(ValueError, match="ema must be in"):
-        train_mod.main([*args, "--out", str(tmp_path / "bad"), "--set", "ema=1.0"])
+    assert train_mod.main([*args, "--out", str(tmp_path / "bad"), "--set", "ema=1.0"]) == 2  # "ema must be in ..."
+    with pytest.raises(ValueError, match="ema must be in"):  # --debug: the exception itself
+        train_mod.main([*args, "--out", str(tmp_path / "bad"), "--set", "ema=1.0", "--debug"])
 
 
 # --- unknown --set keys ----------------------------------------------------------------------
