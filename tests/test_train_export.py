@@ -320,6 +320,7 @@ def test_training_and_export_errors_are_one_line(trained: dict[str, Path], tmp_p
     code = train_mod.main(["--model", "hits", "--out", str(tmp_path / "r"), "--set", "data=a.h5,b.h5,nope.h5"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("train: error: ") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()  # a failed run leaves no empty run folder
     # a checkpoint of another model: named, not a dump of every tensor
     code = export_mod.main(["--model", "hits-tiny", "--checkpoint", str(trained["run"] / "checkpoint.pt"),
                             "--out", str(tmp_path)])

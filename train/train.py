@@ -175,8 +175,7 @@ def _ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor
 
 def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
     """Train *spec* and write checkpoint, report and figures to ``args.out``. Returns the report."""
-    out = Path(args.out or f"runs/{spec.name}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out or f"runs/{spec.name}")  # made when there is something to write (`finish`)
     seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,7 +185,8 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     bs = int(recipe.get("batch_size", 256))
     workers = int(recipe.get("workers", 0))
     t_start = time.time()
-    print(f"[train] {spec.name}: loading data ({spec.dataset})", flush=True)
+    given = options.get("data") or options.get("root")
+    print(f"[train] {spec.name}: loading data ({spec.dataset}{f': {given}' if given else ''})", flush=True)
     data: DataBundle = load_dataset(spec, options, args.seed)
     print(f"[train] data: train {len(data.train)}, val {len(data.val)}, test {len(data.test)} "
           f"({time.time() - t_start:.0f} s)", flush=True)
@@ -273,6 +273,7 @@ def finish(spec: ModelSpec, model: nn.Module, data: DataBundle, run: dict[str, A
     ``recipe``, ``device`` and ``train_seconds``. Calibration, operating points and every
     metric are computed here, with the model as registered (its eval-mode graph).
     """
+    out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     device, recipe, history = args.device, run["recipe"], run["history"]
     bs, workers = int(recipe.get("batch_size", 256)), int(recipe.get("workers", 0))
