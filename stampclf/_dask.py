@@ -131,7 +131,7 @@ class _RowRange:
 
     def batches(self, batch_size: int) -> Iterator[InputBatch]:
         for s in range(self._start, self._stop, batch_size):
-            yield self._reader.read_block(s, min(s + batch_size, self._stop))
+            yield self._reader.read_rows(s, min(s + batch_size, self._stop))  # salvages as the reader is set
 
     def close(self) -> None:
         self._reader.close()
@@ -194,6 +194,7 @@ def _score_unit(data: bytes, sha: str, options: dict[str, Any], settings: dict[s
             hdf5 = HDF5Reader(
                 unit.paths[0], clf.card.input, settings["layout"], settings["channels_last"], duplicates=unit.dups
             )
+            hdf5.salvage = settings["keep_going"]  # a damaged chunk fails its rows, as in a local run
             reader: Any = _RowRange(hdf5, unit.start, unit.stop)
         elif unit.kind == "images":
             from .io import ImageReader
@@ -207,7 +208,9 @@ def _score_unit(data: bytes, sha: str, options: dict[str, Any], settings: dict[s
                 raise InputError(f"{unit.paths[0]}: inputs grouped differently on the worker")
             reader = opener()
         preds = list(clf._classify_reader(reader, batch, "skip"))  # no --evaluate on Dask
-        return _join(preds) if preds else _empty(clf, getattr(reader, "path", unit.paths[0]))
+        result = _join(preds) if preds else _empty(clf, getattr(reader, "path", unit.paths[0]))
+        damaged = getattr(getattr(reader, "_reader", None), "damaged", None)
+        return ("salvaged", result, list(damaged)) if damaged else result
     except StampclfError as exc:
         if settings["keep_going"]:
             return ("error", str(exc))
@@ -411,6 +414,9 @@ def classify_dask(
                 n_given = n_paths[unit.index] if n_paths else 1
             if failed_input:
                 continue
+            if isinstance(res, tuple) and res[0] == "salvaged":  # rows kept, the damaged ranges reported
+                tally.file_errors.extend(e for e in res[2] if e not in tally.file_errors)  # once per input
+                res = res[1]
             if isinstance(res, tuple):  # ("error", message) of a unit, keep_going
                 failed_input = True
                 summary.file_errors.append(res[1])

@@ -110,15 +110,38 @@ def test_keep_going_counts_no_rows_of_an_input_that_fails_late(cluster, inputs, 
     bad = tmp_path / "late.h5"
     with h5py.File(bad, "w") as f:
         f.create_dataset("stamps", data=make_stamps(40, seed=5), chunks=(10, 4, 21, 21), compression="gzip")
-        offset = f["stamps"].id.get_chunk_info(3).byte_offset
-    with open(bad, "r+b") as fh:  # rows 30-39 unreadable: the first three units score, then it fails
-        fh.seek(offset + 10)
-        fh.write(b"\xff" * 200)
+        f.create_dataset("labels", data=np.arange(40) % 2, chunks=(10,), compression="gzip")
+        offset = f["labels"].id.get_chunk_info(3).byte_offset
+    with open(bad, "r+b") as fh:  # labels of rows 30-39 unreadable: the first three units score, then it
+        fh.seek(offset + 10)  # fails, and not even failed rows can stand for them (salvage needs the labels)
+        fh.write(b"\xff" * 30)
     out = tmp_path / "o.csv"
     s = sdask.classify_dask(client, [inputs[0], str(bad)], tiny_model_path, str(out), batch_size=BATCH,
                             chunk_rows=10, keep_going=True)  # fmt: skip
     assert len(_rows(out)) == 23 and s.rows == 23 and s.files == 1
     assert len(s.file_errors) == 1 and "late.h5" in s.file_errors[0]
+
+
+def test_keep_going_salvages_a_damaged_chunk_as_locally(cluster, inputs, tiny_model_path: Path,
+                                                        tmp_path: Path) -> None:
+    import h5py
+
+    _, client = cluster
+    bad = tmp_path / "damaged.h5"
+    with h5py.File(bad, "w") as f:
+        f.create_dataset("stamps", data=make_stamps(40, seed=5), chunks=(10, 4, 21, 21), compression="gzip")
+        offset = f["stamps"].id.get_chunk_info(2).byte_offset
+    with open(bad, "r+b") as fh:  # rows 20-29 unreadable
+        fh.seek(offset + 10)
+        fh.write(b"\xff" * 200)
+    paths = [inputs[0], str(bad)]
+    ref, out = tmp_path / "ref.csv", tmp_path / "dask.csv"
+    local = classify_files(Classifier(tiny_model_path, device="cpu", threads=1, batch_size=BATCH), paths, str(ref),
+                           BATCH, keep_going=True, progress=False)  # fmt: skip
+    s = sdask.classify_dask(client, paths, tiny_model_path, str(out), batch_size=BATCH, chunk_rows=8, keep_going=True)
+    assert _rows(out) == _rows(ref) and s.rows == local.rows == 63 and s.failed == local.failed == 10
+    assert [e.split(" (")[0] for e in s.file_errors] == [e.split(" (")[0] for e in local.file_errors]
+    assert "cannot read rows 20-29" in s.file_errors[0]
 
 
 def test_keep_going_reports_a_missing_input_as_locally(cluster, inputs, tiny_model_path: Path, tmp_path: Path) -> None:

@@ -270,7 +270,7 @@ class HDF5Reader:
             status = np.where(self._dup[start:stop], DUPLICATE_ID, OK).astype(object)
         return InputBatch(ids=ids, stamps=stamps, labels=labels, status=status)
 
-    def _read_or_salvage(self, start: int, stop: int) -> InputBatch:
+    def read_rows(self, start: int, stop: int) -> InputBatch:
         """`read_block`, or with `salvage` set, the block with its unreadable rows as failed rows.
 
         The block is read again a chunk at a time so that only the rows of a damaged
@@ -284,19 +284,28 @@ class HDF5Reader:
                 raise
         # pieces that never straddle a chunk of any stamp dataset: boundaries on multiples of
         # the gcd of their chunk lengths (a contiguous dataset has none)
-        step = math.gcd(*(d.chunks[0] for d in self._datasets if d.chunks)) or (stop - start)
+        chunked = math.gcd(*(d.chunks[0] for d in self._datasets if d.chunks))
+        step = chunked or (stop - start)
         bounds = [start, *range((start // step + 1) * step, stop, step), stop]
         out: InputBatch | None = None
         for a, b in itertools.pairwise(bounds):
             try:
                 part = self.read_block(a, b)
             except InputError as exc:
-                self.damaged.append(str(exc))
-                reason = str(exc).removeprefix(f"{self.path}: ")
+                error = exc
+                whole = (a - a % step, min(a - a % step + step, self.n_rows)) if chunked else (a, b)
+                if whole != (a, b):  # name the whole damaged range, whatever rows the caller asked for
+                    try:
+                        self.read_block(*whole)
+                    except InputError as wider:
+                        error = wider
+                if str(error) not in self.damaged:
+                    self.damaged.append(str(error))
+                reason = str(error).removeprefix(f"{self.path}: ")
                 try:
                     part = self._batch(a, b, np.zeros((b - a, *self._row_shape), np.float32), reason)
                 except _H5_ERRORS:
-                    raise exc from None
+                    raise error from None
             out = part if out is None else _join(out, part)
         assert out is not None
         return out
@@ -327,7 +336,7 @@ class HDF5Reader:
         self._advise(0, block)
         for b0 in range(0, self.n_rows, block):
             self._advise(b0 + block, b0 + 2 * block)
-            blk = self._read_or_salvage(b0, min(b0 + block, self.n_rows))
+            blk = self.read_rows(b0, min(b0 + block, self.n_rows))
             pos = 0
             if carry is not None:
                 pos = min(batch_size - len(carry), len(blk))
