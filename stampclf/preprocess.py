@@ -29,6 +29,9 @@ __all__ = [
 
 #: Status of a row that needed no intervention.
 OK = "ok"
+#: Version of what `image_to_uint8` returns for a given file and spec; training's decoded-image
+#: cache is keyed by it, so a change here (bump it) never reuses pixels decoded the old way.
+IMAGE_DECODE_VERSION = 2
 
 _MAD_TO_SIGMA = 1.4826  # sigma of a Gaussian from its median absolute deviation
 
@@ -286,7 +289,10 @@ def image_to_uint8(img: Any, spec: dict[str, Any]) -> np.ndarray:
         # transparent pixels show the card's background colour (the artwork's own white for the
         # Pokemon models), not whatever colour they happen to store (convert() drops alpha)
         colour = spec.get("pad_color", 0)
-        rgb = tuple(colour)[:3] if isinstance(colour, (list, tuple)) else (int(colour),) * 3
+        if isinstance(colour, (list, tuple)):
+            rgb = (int(colour[0]),) * 3 if len(colour) == 1 else tuple(int(c) for c in colour[:3])
+        else:
+            rgb = (int(colour),) * 3
         back = Image.new("RGBA", img.size, (*rgb, 255))
         img = Image.alpha_composite(back, img.convert("RGBA"))
     img = img.convert(spec.get("mode", "RGB"))

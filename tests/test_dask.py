@@ -144,6 +144,21 @@ def test_keep_going_salvages_a_damaged_chunk_as_locally(cluster, inputs, tiny_mo
     assert "cannot read rows 20-29" in s.file_errors[0]
 
 
+def test_an_input_with_no_scorable_row_is_an_error_as_locally(cluster, inputs, tiny_model_path: Path,
+                                                              tmp_path: Path) -> None:
+    _, client = cluster
+    bad = write_hits_h5(tmp_path / "allnan.h5", stamps=np.full((3, 4, 21, 21), np.nan, "f4"))
+    paths = [str(bad), inputs[0]]
+    ref, out = tmp_path / "ref.csv", tmp_path / "dask.csv"
+    local = classify_files(Classifier(tiny_model_path, device="cpu", threads=1, batch_size=BATCH), paths, str(ref),
+                           BATCH, progress=False)  # fmt: skip
+    s = sdask.classify_dask(client, paths, tiny_model_path, str(out), batch_size=BATCH, chunk_rows=2)
+    assert s.file_errors == local.file_errors and len(s.file_errors) == 1 and _rows(out) == _rows(ref)
+    alone = tmp_path / "alone.csv"
+    s = sdask.classify_dask(client, [str(bad)], tiny_model_path, str(alone), batch_size=BATCH, chunk_rows=2)
+    assert s.file_errors and not alone.exists()  # nothing scored: no output, as locally
+
+
 def test_keep_going_reports_a_missing_input_as_locally(cluster, inputs, tiny_model_path: Path, tmp_path: Path) -> None:
     _, client = cluster
     paths = [inputs[0], str(tmp_path / "vanished.h5"), inputs[1]]

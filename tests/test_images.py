@@ -343,6 +343,7 @@ def test_transparent_pixels_show_the_cards_background() -> None:
     got = image_to_uint8(img, {"mode": "RGB", "fit": "pad", "resize": 4, "pad_color": [255, 255, 255]})
     assert got[:, 0, 0].tolist() == [255, 0, 0] and got[:, 3, 3].tolist() == [255, 255, 255]
     assert image_to_uint8(img, {"mode": "RGB"})[:, 3, 3].tolist() == [0, 0, 0]  # no pad_color: black
+    assert image_to_uint8(img, {"mode": "L", "pad_color": [255]})[0, 3, 3] == 255  # one grey level
     flt = PIL_Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), "F")  # float TIFF pixels in 0..1
     assert image_to_uint8(flt, {"mode": "L"})[0, 0].tolist() == [0, 127, 255]
 

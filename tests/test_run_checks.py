@@ -137,6 +137,11 @@ def test_a_file_given_twice_is_refused_and_ambiguous_ids_too(tmp_path: Path, tin
         f["ID"] = np.arange(4) + 100  # beside the file's 'id'
     r = _cli("classify", path, "-m", tiny_model_path, "--device", "cpu")
     assert r.exit_code == 2 and "several ids datasets ['ID', 'id']; keep one" in r.stderr
+    with h5py.File(path, "a") as f:  # an object id beside a candidate id (ZTF): 'id' is used, as always
+        del f["ID"]
+        f["candid"] = np.arange(4) + 900
+    r = _cli("classify", path, "-m", tiny_model_path, "--device", "cpu", "-q")
+    assert r.exit_code == 0 and "\n900," not in r.stdout
 
 
 def test_image_api_takes_pillow_images_and_uint8_pixels(tmp_path: Path, tiny_image_model_path: Path) -> None:

@@ -321,6 +321,9 @@ def test_training_and_export_errors_are_one_line(trained: dict[str, Path], tmp_p
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("train: error: ") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()  # a failed run leaves no empty run folder
+    (tmp_path / "afile").write_text("x")  # refused before any data is loaded, not after training
+    assert train_mod.main(["--model", "hits", "--out", str(tmp_path / "afile")]) == 2
+    assert "--out" in capsys.readouterr().err
     # a checkpoint of another model: named, not a dump of every tensor
     code = export_mod.main(["--model", "hits-tiny", "--checkpoint", str(trained["run"] / "checkpoint.pt"),
                             "--out", str(tmp_path)])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import platform
 import random
 import shlex
@@ -176,6 +177,7 @@ def _ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor
 def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
     """Train *spec* and write checkpoint, report and figures to ``args.out``. Returns the report."""
     out = Path(args.out or f"runs/{spec.name}")  # made when there is something to write (`finish`)
+    _check_out(out)  # now, not after hours of training
     seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -427,6 +429,17 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _check_out(out: Path) -> None:
+    """Refuse a run folder that could not be written at the end: a file, or no write permission."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent if parent.is_dir() else parent.parent, os.W_OK):
+        raise ValueError(f"--out {out}: no permission to write in {parent}")
+
+
 def _positive(text: str) -> int:
     """An integer of at least 1, for argparse (``--epochs 0`` would fall back to the recipe's)."""
     try:
@@ -537,11 +550,12 @@ def main(argv: list[str] | None = None) -> int:
     check_options(spec, options)
     try:
         (evaluate_only if args.evaluate_only else train)(spec, args, options)
-    except (ValueError, TypeError, KeyError, OSError) as exc:  # bad options or data: one line
+    except (ValueError, KeyError, OSError) as exc:  # bad options or data: one line
         if args.debug:
             raise
-        text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"train: error: {text.splitlines()[0] if text else type(exc).__name__} "
+        text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        kind = "" if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: "  # a KeyError may be a bug
+        print(f"train: error: {kind}{text.splitlines()[0] if text else type(exc).__name__} "
               "(--debug for a traceback)", file=sys.stderr)
         return 2
     return 0

@@ -192,7 +192,8 @@ class HDF5Reader:
 
     def _find(self, candidates: tuple[str, ...], what: str) -> Any:
         present = [n for n in candidates if n in self._file]
-        if len(present) > 1:  # which one is meant is a guess: refuse rather than pick
+        spellings = [n.lower().rstrip("s") for n in present]  # 'ID', 'id', 'ids' are one name; 'candid' another
+        if len(set(spellings)) < len(spellings):  # which one is meant is a guess: refuse rather than pick
             raise InputError(f"{self.path}: several {what} datasets {present}; keep one (read as {what}: {candidates})")
         for name in candidates:
             ds = self._dataset(name)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from stampclf.io._images import IMAGE_SUFFIXES
-from stampclf.preprocess import image_to_uint8, open_image, scale_pixels
+from stampclf.preprocess import IMAGE_DECODE_VERSION, image_to_uint8, open_image, scale_pixels
 
 from . import DataBundle, array_sha256, register_dataset
 
@@ -198,6 +198,7 @@ def decode_images(files: list[str], spec: dict[str, Any], cache: str | None, thr
     geometric preprocessing settings, so a changed card or file decodes again.
     """
     geometry = {k: spec.get(k) for k in ("mode", "fit", "resize", "crop", "pad_color", "resample")}
+    geometry["decoder"] = IMAGE_DECODE_VERSION  # pixels decoded by an older image_to_uint8 are not reused
     h = hashlib.sha256(json.dumps(geometry, sort_keys=True).encode())
     for f in files:
         st = os.stat(f)
