@@ -253,11 +253,16 @@ def info(
 
     def run() -> None:
         from ._card import read_card
-        from ._registry import resolve_model
+        from ._registry import resolve_model, shadowing_notice
 
         if model and model_opt and model != model_opt:
             raise InputError(f"two models given: {model!r} and --model {model_opt!r}")
-        card, _ = read_card(resolve_model(model or model_opt or "hits"))
+        name = model or model_opt or "hits"
+        path = resolve_model(name)
+        card, _ = read_card(path)
+        note = shadowing_notice(name, path)
+        if note:
+            typer.echo(f"stampclf: {note}", err=True)
         typer.echo(json.dumps(card.to_dict(), indent=2, sort_keys=True))
 
     _guard(run)

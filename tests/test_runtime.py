@@ -311,6 +311,8 @@ def test_a_model_that_shadows_a_shipped_name_is_said(
     monkeypatch.setenv("STAMPCLF_MODELS", str(mine))
     clf = Classifier("hits", device="cpu")
     assert clf.name == "tiny" and clf.notice and "from $STAMPCLF_MODELS), not the shipped" in clf.notice
+    r = CliRunner().invoke(app, ["info", "hits"])
+    assert r.exit_code == 0 and "not the shipped" in r.stderr and '"name": "tiny"' in r.stdout
     monkeypatch.delenv("STAMPCLF_MODELS")
     assert Classifier("hits", device="cpu").notice is None
 
@@ -373,3 +375,12 @@ def test_models_lists_the_good_ones_beside_a_bad_file(tmp_path: Path, monkeypatc
     monkeypatch.setenv("STAMPCLF_MODELS", str(tmp_path))
     r = CliRunner().invoke(app, ["models"])
     assert r.exit_code == 2 and "hits" in r.stdout and "junk.onnx" in r.stderr
+
+
+def test_output_to_dev_null_is_accepted_and_left_a_device(tmp_path: Path, tiny_model_path: Path) -> None:
+    import stat
+
+    path = write_hits_h5(tmp_path / "s.h5", n=5)
+    r = CliRunner().invoke(app, ["classify", str(path), "-m", str(tiny_model_path), "--device", "cpu", "-o", os.devnull])
+    assert r.exit_code == 0, r.output
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)  # written to, never renamed over

@@ -144,7 +144,7 @@ def _create_part(path: str, folder: str) -> str:
 
 
 def _format_of(path: str | None) -> str:
-    if path is None or path == "-":
+    if path is None or path == "-" or path == os.devnull:
         return "csv"
     ext = os.path.splitext(path)[1].lower()
     if ext == ".csv":
@@ -162,7 +162,9 @@ class ResultWriter:
         attrs: dict[str, Any] | None = None,
     ) -> None:
         self.attrs = dict(attrs or {})  # run settings, stored as HDF5 file attributes
-        self.path = None if path in (None, "-") else str(path)
+        # /dev/null (timing a run without keeping its rows) is written directly: never renamed over
+        self.path = None if path in (None, "-", os.devnull) else str(path)
+        self._devnull = path == os.devnull
         if self.path is not None and os.path.isdir(self.path):
             raise InputError(f"{self.path}: output path is a folder (give a .csv or .h5 file name)")
         self.format = _format_of(path)
@@ -182,7 +184,11 @@ class ResultWriter:
             self._tmp = _create_part(self.path, folder)
         try:
             if self.format == "csv":
-                self._fh = open(self._tmp, "w", newline="") if self._tmp else sys.stdout
+                self._fh = (
+                    open(self._tmp, "w", newline="") if self._tmp  # noqa: SIM115 - closed by commit/abort
+                    else open(os.devnull, "w") if self._devnull  # noqa: SIM115
+                    else sys.stdout
+                )
                 self._csv = csv.writer(self._fh, lineterminator="\n")
                 # on stdout the header waits for the first row or the commit, so that a run
                 # refused before its first row prints nothing that looks like an empty result
@@ -197,7 +203,7 @@ class ResultWriter:
 
     def _write_header(self) -> None:
         global _stdout_writes
-        if self._tmp is None:
+        if self._tmp is None and not self._devnull:
             _stdout_writes += 1
         if self._header_due:
             self._csv.writerow(columns_for(self.classes, self.extra_columns))
@@ -338,7 +344,7 @@ class ResultWriter:
             self._fh.flush()
             self._fh.seek(self._mark)
             self._fh.truncate()
-        elif self.rows != self._mark_rows:
+        elif self.rows != self._mark_rows and not self._devnull:
             return False
         self.rows = self._mark_rows
         return True
@@ -373,6 +379,7 @@ class ResultWriter:
             self._fh.flush()
             if self._tmp:
                 os.fsync(self._fh.fileno())
+            if self._tmp or self._devnull:
                 self._fh.close()
             self._fh = None
         if self._tmp:
@@ -384,7 +391,7 @@ class ResultWriter:
         try:
             if self._h5 is not None:
                 _discard_h5(self._h5)
-            if self._fh is not None and self._tmp:
+            if self._fh is not None and (self._tmp or self._devnull):
                 with contextlib.suppress(OSError):  # a full disk fails the flush too: the file goes anyway
                     self._fh.close()
         finally:
