@@ -7,7 +7,6 @@ same numbers in training and in deployment. Every parameter comes from the
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
@@ -113,14 +112,16 @@ def _robust_centre_scale(flat: np.ndarray, finite_rows: np.ndarray) -> tuple[np.
     dirty = ~finite_rows
     if dirty.any():
         rows = np.where(np.isfinite(flat[dirty]), flat[dirty], np.nan)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows are handled below
-            med = np.nanmedian(rows, axis=1)
-            mad = np.nanmedian(np.abs(rows - med[:, None]), axis=1)
-            sig = mad * _MAD_TO_SIGMA
-            std = np.nanstd(rows, axis=1)
-        sig = np.where(sig > 0, sig, std)
-        centre[dirty], sigma[dirty] = np.nan_to_num(med), sig
+        # rows without a finite pixel keep centre 0 and sigma 1: left out of the nan-functions,
+        # which would warn (and warnings filters are process-wide, not safe to toggle per thread)
+        some = np.isfinite(rows).any(axis=1)
+        med, sig = np.zeros(len(rows), np.float32), np.ones(len(rows), np.float32)
+        if some.any():
+            r = rows[some]
+            m = np.nanmedian(r, axis=1)
+            mad = np.nanmedian(np.abs(r - m[:, None]), axis=1) * _MAD_TO_SIGMA
+            med[some], sig[some] = m, np.where(mad > 0, mad, np.nanstd(r, axis=1))
+        centre[dirty], sigma[dirty] = med, sig
     sigma = np.where(np.isfinite(sigma) & (sigma > 0), sigma, 1.0).astype(np.float32)
     return centre, sigma
 
@@ -157,11 +158,14 @@ def normalise(stamps: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
         np.divide(out, sigma[:, None] * soft, out=out)
         np.arcsinh(out, out=out)
     elif method == "minmax":
-        masked = np.where(finite, flat, np.nan)
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: filled below
-            lo = np.nan_to_num(np.nanmin(masked, axis=1)) if flat.size else flat[:, 0]
-            hi = np.nan_to_num(np.nanmax(masked, axis=1)) if flat.size else flat[:, 0]
+        # min and max of the finite pixels (rows with none: 0 and 0), without the nan-functions'
+        # warnings (process-wide filters are not safe to toggle with several threads)
+        if flat.size:
+            lo = np.where(finite, flat, np.inf).min(axis=1)
+            hi = np.where(finite, flat, -np.inf).max(axis=1)
+            lo, hi = np.where(np.isfinite(lo), lo, 0.0), np.where(np.isfinite(hi), hi, 0.0)
+        else:
+            lo = hi = flat[:, 0]
         span = np.where(hi > lo, hi - lo, 1.0)
         out = (flat - lo[:, None]) / span[:, None]
     else:
