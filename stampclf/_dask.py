@@ -34,7 +34,7 @@ import numpy as np
 from ._card import check_threshold, read_card
 from ._errors import InputError, StampclfError
 from ._registry import resolve_model
-from ._run import RunSummary, finish, unreadable_images
+from ._run import RunSummary, finish, first_failed, unreadable_images, unscored_input
 from .classifier import Classifier, Predictions
 from .io import LAYOUTS, HDF5Reader, InputBatch, input_kind, open_inputs, open_writer, run_attrs
 
@@ -400,24 +400,20 @@ def classify_dask(
 
         def settle() -> None:
             if current >= 0 and not failed_input:
-                if tally.rows and tally.failed == tally.rows and not tally.file_errors and current in unit_paths:
-                    # nothing of this input could be scored: an error, as in a local run
-                    where = unit_paths.get(current, "input")
-                    tally.file_errors.append(f"{where}: none of its {tally.rows} row(s) could be scored "
-                                             f"(e.g. {first_failure[0]})")
+                if not tally.file_errors and current in unit_paths:  # as in a local run
+                    tally.file_errors += unscored_input(unit_paths[current], tally.rows, tally.failed, first_failure)
                 summary.files += n_given
                 summary.rows += tally.rows
                 summary.flagged += tally.flagged
                 summary.failed += tally.failed
                 summary.file_errors.extend(tally.file_errors)
 
-        first_failure: list[str] = []
-        unit_paths: dict[int, str] = {}
+        first_failure: str | None = None
+        unit_paths: dict[int, list[str]] = {}
         for unit, res in results:
             if unit.index != current:
                 settle()
-                current, failed_input, tally = unit.index, False, RunSummary()
-                first_failure.clear()
+                current, failed_input, tally, first_failure = unit.index, False, RunSummary(), None
                 writer.mark()
                 n_given = n_paths[unit.index] if n_paths else 1
             if failed_input:
@@ -437,10 +433,10 @@ def classify_dask(
             tally.rows += len(res)
             tally.flagged += sum(1 for s in res.status if s.startswith("flagged"))
             tally.failed += sum(1 for s in res.status if s.startswith("failed"))
-            if not first_failure:
-                first_failure += [str(s) for s in res.status if str(s).startswith("failed")][:1]
+            if tally.failed and first_failure is None:
+                first_failure = first_failed(res.status)
             if unit.kind != "images":  # images report each unreadable one themselves
-                unit_paths.setdefault(unit.index, ", ".join(unit.paths) if unit.paths else "dask array")
+                unit_paths.setdefault(unit.index, unit.paths)
         settle()
         finish(writer, summary)
     except BaseException:

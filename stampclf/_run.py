@@ -170,18 +170,16 @@ def classify_files(
                     rows += len(pred)
                     flagged += sum(1 for s in pred.status if s.startswith("flagged"))
                     failed += sum(1 for s in pred.status if s.startswith("failed"))
-                    if first_failure is None and failed:
-                        first_failure = next(str(s) for s in pred.status if str(s).startswith("failed"))
+                    if failed and first_failure is None:
+                        first_failure = first_failed(pred.status)
                     if evaluate and pred.true_labels is not None:
                         truth.append(pred.true_labels)
                         prob.append(pred.proba)
                     bar.update(len(pred))
-                summary.file_errors.extend(getattr(reader, "damaged", ()))  # rows kept, as failed rows
-                if rows and failed == rows and not getattr(opener, "images", False) and not reader_errors(reader):
-                    # an input of which nothing could be scored is an error, as an unreadable image is
-                    summary.file_errors.append(
-                        f"{', '.join(group)}: none of its {rows} row(s) could be scored (e.g. {first_failure})"
-                    )
+                damaged = getattr(reader, "damaged", [])  # rows kept, as failed rows
+                summary.file_errors.extend(damaged)
+                if not damaged and not getattr(opener, "images", False):  # those report their own errors
+                    summary.file_errors.extend(unscored_input(group, rows, failed, first_failure))
             except OutputError:
                 raise  # the output, not this input, is at fault: --keep-going cannot help
             except StampclfError as exc:
@@ -214,19 +212,22 @@ def classify_files(
 _NO_LABELS = "expected a 'labels' dataset in HDF5, or images in folders named after the model's classes"
 
 
+def _no_labels(reader: Any) -> str:
+    """The ``--evaluate`` error line of a reader without (usable) labels."""
+    return f"--evaluate: no labels in {reader.path} ({getattr(reader, 'why_no_labels', None) or _NO_LABELS})"
+
+
 def _require_labels(reader: Any) -> None:
     """Refuse (and close) a reader without labels, for ``--evaluate``."""
     if not reader.has_labels:
         reader.close()
-        why = getattr(reader, "why_no_labels", None) or _NO_LABELS
-        raise InputError(f"--evaluate: no labels in {reader.path} ({why})")
+        raise InputError(_no_labels(reader))
 
 
 def _labels_problem(clf: Classifier, reader: Any) -> str | None:
     """Why *reader*'s labels cannot be used for ``--evaluate`` (as its error line), or None."""
     if not reader.has_labels:
-        why = getattr(reader, "why_no_labels", None) or _NO_LABELS
-        return f"--evaluate: no labels in {reader.path} ({why})"
+        return _no_labels(reader)
     try:
         clf._check_labels(reader)
     except InputError as exc:
@@ -251,9 +252,19 @@ def _check_inputs(clf: Classifier, groups: list[tuple[list[str], Any]], evaluate
             reader.close()
 
 
-def reader_errors(reader: Any) -> bool:
-    """Whether the reader reported its own errors for its failed rows (damaged HDF5 chunks)."""
-    return bool(getattr(reader, "damaged", None))
+def first_failed(status: Any) -> str | None:
+    """The first ``failed`` status of a batch, or None."""
+    return next((str(s) for s in status if str(s).startswith("failed")), None)
+
+
+def unscored_input(paths: list[str], rows: int, failed: int, first: str | None) -> list[str]:
+    """The error line of an input of which no row could be scored (none otherwise).
+
+    Such an input is an error, as an unreadable image is: its failed rows stay in the output.
+    """
+    if rows and failed == rows:
+        return [f"{', '.join(paths)}: none of its {rows} row(s) could be scored (e.g. {first})"]
+    return []
 
 
 def unreadable_images(status: Any) -> list[str]:

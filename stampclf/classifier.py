@@ -120,7 +120,6 @@ def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, d
                 fut.cancel()
 
 
-
 def _gpu_only(precision: str, cuda_graph: bool, where: str) -> None:
     """Refuse the GPU-only options on a CPU (fp16 is slower there and less accurate)."""
     if precision == "fp16":
@@ -216,11 +215,11 @@ class Classifier:
         self._runner: BatchRunner | None = None  # made on first use, at the current batch size
         self.session = info.session
         self.device = info.device
-        # a model name that resolved to another file than the shipped model of that name
         over = (
             f"--threads {threads} is more than the {cpu_count()} CPU(s) this process may use (slower, not faster)"
             if threads and info.device == "cpu" and threads > cpu_count() else None
         )
+        # shadowing: a model name that resolved to other weights than the shipped model of that name
         self.notice = "; ".join(n for n in (shadowing_notice(model, self.path), info.notice, over) if n) or None
         self.threads = info.threads
         hint = self.card.input.get("default_batch_size", DEFAULT_BATCH_SIZE)

@@ -179,12 +179,12 @@ class HDF5Reader:
         # Duplicate ids are kept (one output row per input row) but flagged; reading the
         # 1-D id column once is cheap next to the stamps. A caller that scanned it already
         # (Dask: once per input, not once per unit of work) passes the flagged rows.
-        if duplicates is not None:
-            self._dup = np.zeros(self.n_rows, dtype=bool) if len(duplicates) else None
-            if self._dup is not None:
-                self._dup[np.asarray(duplicates, dtype=np.int64)] = True
-        else:
+        self._dup: np.ndarray | None = None
+        if duplicates is None:
             self._dup = duplicate_rows(self._ids[()]) if self._ids is not None else None
+        elif len(duplicates):
+            self._dup = np.zeros(self.n_rows, dtype=bool)
+            self._dup[np.asarray(duplicates, dtype=np.int64)] = True
 
     def duplicate_rows(self) -> np.ndarray:
         """Row numbers whose id appeared in an earlier row (flagged ``duplicate id``)."""
