@@ -223,6 +223,17 @@ def write_hits_h5(
     return Path(path)
 
 
+def damage_chunk(path: str | Path, dataset: str, chunk: int, nbytes: int = 200) -> None:
+    """Overwrite bytes inside one stored (compressed) chunk of *dataset*: h5py then cannot read its rows."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        offset = f[dataset].id.get_chunk_info(chunk).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 10)
+        fh.write(b"\xff" * nbytes)
+
+
 def image_card_dict(size: int = 8, **overrides: Any) -> dict[str, Any]:
     """A valid card for an RGB image classifier taking ``size`` x ``size`` pictures."""
     card = card_dict(

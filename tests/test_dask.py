@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_stamps, write_hits_h5
+from conftest import damage_chunk, make_stamps, write_hits_h5
 from typer.testing import CliRunner
 
 distributed = pytest.importorskip("distributed")
@@ -111,10 +111,9 @@ def test_keep_going_counts_no_rows_of_an_input_that_fails_late(cluster, inputs, 
     with h5py.File(bad, "w") as f:
         f.create_dataset("stamps", data=make_stamps(40, seed=5), chunks=(10, 4, 21, 21), compression="gzip")
         f.create_dataset("labels", data=np.arange(40) % 2, chunks=(10,), compression="gzip")
-        offset = f["labels"].id.get_chunk_info(3).byte_offset
-    with open(bad, "r+b") as fh:  # labels of rows 30-39 unreadable: the first three units score, then it
-        fh.seek(offset + 10)  # fails, and not even failed rows can stand for them (salvage needs the labels)
-        fh.write(b"\xff" * 30)
+    # labels of rows 30-39 unreadable: the first three units score, then it fails, and not
+    # even failed rows can stand for them (salvage needs the labels)
+    damage_chunk(bad, "labels", 3, nbytes=30)
     out = tmp_path / "o.csv"
     s = sdask.classify_dask(client, [inputs[0], str(bad)], tiny_model_path, str(out), batch_size=BATCH,
                             chunk_rows=10, keep_going=True)  # fmt: skip
@@ -130,10 +129,7 @@ def test_keep_going_salvages_a_damaged_chunk_as_locally(cluster, inputs, tiny_mo
     bad = tmp_path / "damaged.h5"
     with h5py.File(bad, "w") as f:
         f.create_dataset("stamps", data=make_stamps(40, seed=5), chunks=(10, 4, 21, 21), compression="gzip")
-        offset = f["stamps"].id.get_chunk_info(2).byte_offset
-    with open(bad, "r+b") as fh:  # rows 20-29 unreadable
-        fh.seek(offset + 10)
-        fh.write(b"\xff" * 200)
+    damage_chunk(bad, "stamps", 2)  # rows 20-29 unreadable
     paths = [inputs[0], str(bad)]
     ref, out = tmp_path / "ref.csv", tmp_path / "dask.csv"
     local = classify_files(Classifier(tiny_model_path, device="cpu", threads=1, batch_size=BATCH), paths, str(ref),

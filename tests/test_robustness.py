@@ -20,7 +20,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from conftest import card_dict, make_stamps, write_hits_h5, write_model
+from conftest import card_dict, damage_chunk, make_stamps, write_hits_h5, write_model
 from typer.testing import CliRunner
 
 from stampclf import Classifier, InputError, ModelError
@@ -743,10 +743,7 @@ def test_keep_going_keeps_the_readable_rows_of_a_damaged_file(tmp_path: Path, ti
     with h5py.File(damaged, "w") as f:
         f.create_dataset("stamps", data=x, chunks=(10, 4, 21, 21), compression="gzip")
         f["id"] = np.arange(100, 140)
-        offset = f["stamps"].id.get_chunk_info(2).byte_offset
-    with open(damaged, "r+b") as fh:  # rows 20-29 unreadable; ids and the other rows fine
-        fh.seek(offset + 10)
-        fh.write(b"\xff" * 200)
+    damage_chunk(damaged, "stamps", 2)  # rows 20-29 unreadable; ids and the other rows fine
     out = tmp_path / "out.csv"
     args = ["classify", str(damaged), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu"]
     result = run_cli(*args, "--batch-size", "16")
@@ -772,10 +769,7 @@ def test_salvage_fails_only_the_damaged_chunk_of_one_channel(tmp_path: Path, tin
         for c, name in enumerate(names):  # the first dataset in chunks of 20 rows, the difference in 5
             f.create_dataset(name, data=x[:, c], chunks=(5 if name == "diff_images" else 20, 21, 21),
                              compression="gzip")  # fmt: skip
-        offset = f["diff_images"].id.get_chunk_info(1).byte_offset  # rows 5-9
-    with open(damaged, "r+b") as fh:
-        fh.seek(offset + 10)
-        fh.write(b"\xff" * 200)
+    damage_chunk(damaged, "diff_images", 1)  # rows 5-9
     out = tmp_path / "out.csv"
     result = run_cli("classify", str(damaged), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu",
                      "--batch-size", "16", "--keep-going")  # fmt: skip
