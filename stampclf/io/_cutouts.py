@@ -8,11 +8,13 @@ pixels with BLANK values).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
+import threading
 import warnings
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,7 @@ __all__ = [
     "derive_snr",
     "cutouts_to_input",
     "classify_cutouts",
+    "quiet_astropy",
 ]
 
 #: Channel names a model card may use, and what they mean for survey cut-outs.
@@ -108,16 +111,33 @@ def _fast_image(data: bytes) -> np.ndarray | None:
     return arr.reshape(h, w).astype(np.float32)
 
 
+_ASTROPY_WARNINGS = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_astropy() -> Iterator[None]:
+    """Keep astropy's warnings about non-standard headers off stderr while it parses a file.
+
+    ``warnings.catch_warnings`` swaps the process-wide filter list and restores it on
+    exit: two threads inside it at once restore each other's lists and let a warning
+    through (an error under ``-W error``). The lock keeps stampclf's own uses (reader
+    threads, Dask worker threads) from overlapping.
+    """
+    from astropy.utils.exceptions import AstropyWarning
+
+    with _ASTROPY_WARNINGS, warnings.catch_warnings():
+        # e.g. ZTF's "Found a SIMPLE card but its format doesn't respect the FITS Standard"
+        warnings.simplefilter("ignore", AstropyWarning)
+        yield
+
+
 def _astropy_image(data: bytes, what: str) -> np.ndarray:
     try:
         from astropy.io import fits
-        from astropy.utils.exceptions import AstropyWarning
     except ImportError:
         raise InputError(f"{what}: reading this FITS file needs astropy (pip install 'stampclf[alerts]')") from None
     try:
-        with warnings.catch_warnings():
-            # e.g. ZTF's "Found a SIMPLE card but its format doesn't respect the FITS Standard"
-            warnings.simplefilter("ignore", AstropyWarning)
+        with quiet_astropy():
             with fits.open(io.BytesIO(data), memmap=False) as hdul:
                 for hdu in hdul:
                     if hdu.is_image and hdu.data is not None and hdu.data.ndim >= 2:

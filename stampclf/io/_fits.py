@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from .._errors import InputError
 from ._base import InputBatch
-from ._cutouts import canonical_channel, card_channels, cutouts_to_input
+from ._cutouts import canonical_channel, card_channels, cutouts_to_input, quiet_astropy
 
 __all__ = ["FITSReader", "FITS_SUFFIXES", "is_fits", "channel_of"]
 
@@ -74,13 +73,11 @@ def _read_hdus(path: str) -> list[tuple[str, np.ndarray]]:
     """``(EXTNAME, pixels)`` of every image HDU with data; `InputError` naming the file."""
     try:
         from astropy.io import fits
-        from astropy.utils.exceptions import AstropyWarning
     except ImportError:
         raise InputError(f"{path}: reading FITS files needs astropy (pip install 'stampclf[alerts]')") from None
     out: list[tuple[str, np.ndarray]] = []
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", AstropyWarning)
+        with quiet_astropy():
             with fits.open(path, memmap=False) as hdul:
                 for hdu in hdul:
                     if hdu.is_image and hdu.data is not None:
