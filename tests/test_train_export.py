@@ -134,6 +134,15 @@ def test_export_module_entry_point_help() -> None:
         assert r.returncode == 0 and "--checkpoint" in r.stdout
 
 
+def test_export_output_is_only_its_own_lines(trained: dict[str, Path], tmp_path: Path) -> None:
+    # torch.onnx logged "torchvision is not installed. Skipping torchvision::nms" four times
+    argv = [str(ROOT / "train" / "export.py"), "--model", "hits", "--checkpoint", str(trained["run"] / "checkpoint.pt"),
+            "--out", str(tmp_path)]
+    r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "" and all(line.startswith("[export]") for line in r.stdout.splitlines()), r.stdout + r.stderr
+
+
 def test_card_metrics_store_undefined_values_as_null() -> None:
     # a single-class extra test set (e.g. real supernovae only) has no ROC AUC
     metrics = {"real_sn": {"recall": 0.97, "roc_auc": float("nan"), "confusion_matrix": [[0, 0], [1, 31]]}}

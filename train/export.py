@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import platform
@@ -110,6 +111,8 @@ def to_onnx_bytes(model: nn.Module, shape: tuple[int, int, int], input_name: str
     import onnx
 
     example = torch.zeros((2, *shape), dtype=torch.float32)
+    # "torchvision is not installed. Skipping torchvision::nms" x4: no model here uses those ops
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export's own deprecation chatter, not actionable here
         program = _export(model, example, input_name)
