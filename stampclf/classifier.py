@@ -19,6 +19,7 @@ from ._registry import resolve_model, shadowing_notice
 from ._session import PRECISIONS, BatchRunner, cpu_count, create_session, to_fp16
 from .io import InputBatch, open_inputs
 from .io._base import DUPLICATE_ID, duplicate_rows
+from .metrics import label_indices
 from .preprocess import OK, image_to_array, merge_status, prepare_stamps, scale_pixels
 
 __all__ = ["Classifier", "Predictions"]
@@ -513,30 +514,7 @@ class Classifier:
         return True
 
     def _label_index(self, labels: np.ndarray | None, what: str) -> np.ndarray | None:
-        if labels is None:
-            return None
-        if labels.dtype.kind == "f":
-            whole = np.isfinite(labels) & (labels == np.round(labels))
-            if not whole.all():
-                raise InputError(
-                    f"{what}: label {labels[~whole][0]} is not a class index 0..{len(self.classes) - 1}"
-                )
-            labels = labels.astype(np.int64)  # labels stored as 0.0/1.0
-        if labels.dtype.kind == "b":
-            raise InputError(
-                f"{what}: labels are booleans; store class indices 0..{len(self.classes) - 1} or names {self.classes}"
-            )
-        if labels.dtype.kind in "iu":
-            bad = (labels < 0) | (labels >= len(self.card.classes))
-            if bad.any():
-                raise InputError(f"{what}: label {labels[bad][0]} is not a class index 0..{len(self.classes) - 1}")
-            return labels.astype(np.int64)
-        names = [v.decode() if isinstance(v, bytes) else str(v) for v in labels]
-        try:
-            return np.array([self.card.classes.index(v) for v in names], dtype=np.int64)
-        except ValueError:
-            unknown = next(v for v in names if v not in self.card.classes)
-            raise InputError(f"{what}: label {unknown!r} is not one of {self.classes}") from None
+        return None if labels is None else label_indices(labels, self.card.classes, what)
 
 
 ProgressCallback = Callable[[int], None]

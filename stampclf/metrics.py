@@ -2,10 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-__all__ = ["roc_auc", "roc_curve", "confusion_matrix", "summary", "threshold_at_fpr", "expected_calibration_error"]
+from ._errors import InputError
 
+__all__ = ["label_indices", "roc_auc", "roc_curve", "confusion_matrix", "summary", "threshold_at_fpr", "expected_calibration_error"]
+
+
+
+def label_indices(labels: np.ndarray, classes: Sequence[str], what: str) -> np.ndarray:
+    """Class indices (int64) of stored labels: indices ``0..K-1``, whole floats or class names.
+
+    Raises
+    ------
+    InputError
+        Naming *what* and the first label that is not one of *classes*.
+    """
+    k = len(classes)
+    if labels.dtype.kind == "f":
+        whole = np.isfinite(labels) & (labels == np.round(labels))
+        if not whole.all():
+            raise InputError(f"{what}: label {labels[~whole][0]} is not a class index 0..{k - 1}")
+        labels = labels.astype(np.int64)  # labels stored as 0.0/1.0
+    if labels.dtype.kind == "b":
+        raise InputError(f"{what}: labels are booleans; store class indices 0..{k - 1} or names {list(classes)}")
+    if labels.dtype.kind in "iu":
+        bad = (labels < 0) | (labels >= k)
+        if bad.any():
+            raise InputError(f"{what}: label {labels[bad][0]} is not a class index 0..{k - 1}")
+        return labels.astype(np.int64)
+    names = [v.decode() if isinstance(v, bytes) else str(v) for v in labels]
+    lookup = {c: i for i, c in enumerate(classes)}
+    unknown = next((v for v in names if v not in lookup), None)
+    if unknown is not None:
+        raise InputError(f"{what}: label {unknown!r} is not one of {list(classes)}")
+    return np.array([lookup[v] for v in names], dtype=np.int64)
 
 def roc_curve(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """False and true positive rates over all thresholds, and the thresholds (descending)."""

@@ -13,6 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import make_stamps, write_hits_h5  # noqa: E402
+
 from stampclf import Classifier, read_card  # noqa: E402
 from train import export as export_mod  # noqa: E402
 from train import train as train_mod  # noqa: E402
@@ -338,3 +340,46 @@ def test_training_and_export_errors_are_one_line(trained: dict[str, Path], tmp_p
                             "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "the run of model" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_training_data_is_read_like_classify_reads_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--set data=``: any layout classify accepts, labels as indices or names, unusable rows counted."""
+    from train.data.hits import read_labelled_h5
+
+    spec = get_spec("hits")
+    stamps = make_stamps(24, seed=5)
+    y = np.arange(24) % 2
+    hits_layout = write_hits_h5(tmp_path / "channels.h5", stamps=stamps, labels=y)
+    names = np.array([spec.classes[v] for v in y], dtype="S")
+    stacked = write_hits_h5(tmp_path / "stacked.h5", stamps=stamps.astype(np.float64), labels=names, layout="stacked")
+    x1, y1, note1 = read_labelled_h5(str(hits_layout), spec, batch_size=5)
+    x2, y2, note2 = read_labelled_h5(str(stacked), spec)
+    np.testing.assert_array_equal(y1, y)
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_allclose(x1, x2, rtol=0, atol=1e-6)
+    assert (note1["layout"], note2["layout"]) == ("channels", "stacked") and note1["used"] == 24
+    # the same preprocessing as the runtime's
+    from stampclf.preprocess import prepare_stamps
+
+    np.testing.assert_array_equal(x1, prepare_stamps(stamps, spec.input, spec.preprocessing)[0])
+
+    bad = stamps.copy()
+    bad[[3, 7]] = np.nan  # no finite pixel: classify fails these rows, so training leaves them out
+    x3, y3, note3 = read_labelled_h5(str(write_hits_h5(tmp_path / "nan.h5", stamps=bad, labels=y)), spec)
+    assert len(x3) == len(y3) == 22 and note3["rows"] == 24 and sum(note3["left_out"].values()) == 2
+    assert "2 of 24 rows left out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    (None, "no labels to train on"),
+    (np.full(24, 2), "label 2 is not a class index 0..1"),
+    (np.array([b"real", b"junk"] * 12), "label 'junk' is not one of"),
+])
+def test_training_data_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], labels: object,
+                                          message: str) -> None:
+    f = str(write_hits_h5(tmp_path / "bad.h5", n=24, labels=labels))
+    rc = train_mod.main(["--model", "hits", "--epochs", "1", "--out", str(tmp_path / "run"), "--device", "cpu",
+                         "--set", f"data={f},{f},{f}", "--set", "real_sn=none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and f in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()

@@ -5,7 +5,9 @@ Options (``--set key=value``, defaults from the model's recipe)
 ``n_train``, ``n_val``, ``n_test``
     Simulated split sizes.
 ``data=train.h5,val.h5,test.h5``
-    Read three HiTS-layout files instead of simulating.
+    Read three labelled HDF5 files instead of simulating: any layout ``stampclf classify``
+    reads (HiTS per-channel datasets or a stacked ``stamps`` array), labels as class
+    indices or names; rows the runtime would fail are left out and counted.
 ``sim_workers``
     Processes simulating shards (default: the CPUs this process may use). The data do
     not depend on it: shards have a fixed size and their own seeds.
@@ -44,7 +46,10 @@ from stampclf.preprocess import prepare_stamps
 
 from . import DataBundle, array_sha256, register_dataset
 
-__all__ = ["CHANNEL_KEYS", "SHARD", "stack_channels", "to_tensors", "simulate_prepared", "HitsAugment", "real_sn_path"]
+__all__ = [
+    "CHANNEL_KEYS", "SHARD", "stack_channels", "to_tensors", "read_labelled_h5", "simulate_prepared", "HitsAugment",
+    "real_sn_path",
+]
 
 CHANNEL_KEYS = ("temp_images", "sci_images", "diff_images", "SNR_images")
 #: Stamps per simulation shard (a multiple of the simulator's chunk size).
@@ -168,13 +173,49 @@ class HitsAugment:
         return x, y
 
 
-def _read_h5(path: str) -> tuple[np.ndarray, np.ndarray]:
-    import h5py
+def read_labelled_h5(path: str, spec: Any, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Model input, class indices and a note on one labelled HDF5 file.
 
-    with h5py.File(path, "r") as f:
-        d = {k: f[k][...] for k in CHANNEL_KEYS}
-        labels = f["labels"][...]
-    return stack_channels(d), labels
+    The file is read by the runtime's own reader (any layout ``stampclf classify``
+    accepts) and preprocessed batch by batch with the runtime's code. Rows the runtime
+    would not score (status ``failed``: e.g. no finite pixel) are left out, counted in
+    the note and printed: a model learns and is evaluated on what it will be given.
+    """
+    from stampclf import InputError
+    from stampclf.io import HDF5Reader
+    from stampclf.metrics import label_indices
+
+    reader = HDF5Reader(path, spec.input)
+    try:
+        if not reader.has_labels:
+            why = getattr(reader, "why_no_labels", None) or "expected a 'labels' dataset, one class per stamp"
+            raise InputError(f"{path}: no labels to train on ({why})")
+        shape = (reader.n_rows, len(spec.input["channels"]), int(spec.input["height"]), int(spec.input["width"]))
+        x, y = np.empty(shape, np.float32), np.empty(reader.n_rows, np.int64)
+        keep = np.ones(reader.n_rows, dtype=bool)
+        reasons: dict[str, int] = {}
+        i = 0
+        for batch in reader.batches(batch_size):
+            xb, status = prepare_stamps(batch.stamps, spec.input, spec.preprocessing, path)
+            n = len(xb)
+            x[i : i + n], y[i : i + n] = xb, label_indices(batch.labels, spec.classes, path)
+            for j in np.flatnonzero([str(s).startswith("failed") for s in status]):
+                keep[i + j] = False
+                reason = str(status[j]).removeprefix("failed: ")
+                reasons[reason] = reasons.get(reason, 0) + 1
+            i += n
+    finally:
+        reader.close()
+    note: dict[str, Any] = {"file": path, "layout": reader.layout, "rows": int(len(keep)), "used": int(keep.sum())}
+    if not keep.all():
+        x, y = x[keep], y[keep]
+        note["left_out"] = reasons
+        top = max(reasons, key=reasons.__getitem__)
+        print(f"[data] {path}: {int((~keep).sum()):,} of {len(keep):,} rows left out, as stampclf classify would "
+              f"fail them (most often {top!r}: {reasons[top]:,})", flush=True)
+    if not len(y):
+        raise InputError(f"{path}: no row to train on ({reader.n_rows} rows; none the runtime could score)")
+    return x, y, note
 
 
 def real_sn_path(option: Any) -> Path | None:
@@ -216,10 +257,12 @@ def load_hits(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
         paths = str(recipe["data"]).split(",")
         if len(paths) != 3:
             raise ValueError(f"data= needs three HDF5 files train,val,test; got {recipe['data']!r}")
-        splits = [_read_h5(p) for p in paths]
-        prov: dict[str, Any] = {"source": "HiTS-layout HDF5 files", "files": paths}
-        prov["sha256"] = {name: array_sha256(x, y) for name, (x, y) in zip(("train", "val", "test"), splits, strict=True)}
-        train, val, test = (to_tensors(x, y, spec) for x, y in splits)
+        splits = [read_labelled_h5(p, spec) for p in paths]
+        names = ("train", "val", "test")
+        prov: dict[str, Any] = {"source": "labelled HDF5 files", "files": dict(zip(names, [n for *_, n in splits], strict=True))}
+        # hash of the preprocessed model input (what the network saw), as for simulated data
+        prov["sha256"] = {name: array_sha256(x, y) for name, (x, y, _) in zip(names, splits, strict=True)}
+        train, val, test = (TensorDataset(torch.from_numpy(x), torch.from_numpy(y)) for x, y, _ in splits)
     else:
         from .hits_sim import SIM_VERSION
 
