@@ -195,6 +195,7 @@ def _score_unit(data: bytes, sha: str, options: dict[str, Any], settings: dict[s
                 unit.paths[0], clf.card.input, settings["layout"], settings["channels_last"], duplicates=unit.dups
             )
             hdf5.salvage = settings["keep_going"]  # a damaged chunk fails its rows, as in a local run
+            hdf5.with_labels = False  # no --evaluate on Dask
             reader: Any = _RowRange(hdf5, unit.start, unit.stop)
         elif unit.kind == "images":
             from .io import ImageReader

@@ -476,6 +476,8 @@ class Classifier:
         """
         what = reader.path
         use_labels = labels == "check" or (labels == "auto" and self._labels_fit(reader))
+        if not use_labels and hasattr(reader, "with_labels"):
+            reader.with_labels = False
 
         def prepared() -> Iterator[tuple[InputBatch, np.ndarray, np.ndarray]]:
             for batch in reader.batches(batch_size):

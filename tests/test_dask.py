@@ -110,10 +110,10 @@ def test_keep_going_counts_no_rows_of_an_input_that_fails_late(cluster, inputs, 
     bad = tmp_path / "late.h5"
     with h5py.File(bad, "w") as f:
         f.create_dataset("stamps", data=make_stamps(40, seed=5), chunks=(10, 4, 21, 21), compression="gzip")
-        f.create_dataset("labels", data=np.arange(40) % 2, chunks=(10,), compression="gzip")
-    # labels of rows 30-39 unreadable: the first three units score, then it fails, and not
-    # even failed rows can stand for them (salvage needs the labels)
-    damage_chunk(bad, "labels", 3, nbytes=30)
+        f.create_dataset("id", data=np.arange(40), chunks=(10,), compression="gzip")
+    # ids of rows 30-39 unreadable: the first three units score, then it fails, and not
+    # even failed rows can stand for them (salvage needs the ids)
+    damage_chunk(bad, "id", 3, nbytes=30)
     out = tmp_path / "o.csv"
     s = sdask.classify_dask(client, [inputs[0], str(bad)], tiny_model_path, str(out), batch_size=BATCH,
                             chunk_rows=10, keep_going=True)  # fmt: skip
@@ -367,3 +367,18 @@ def test_interrupt_while_the_local_cluster_starts_closes_it() -> None:
     timer.join()
     assert Fake.closed  # waited for the cluster to be up, then closed it
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_damaged_labels_chunk_does_not_matter_without_evaluate(cluster, tiny_model_path: Path,
+                                                                 tmp_path: Path) -> None:
+    import h5py
+
+    _, client = cluster
+    bad = tmp_path / "labels.h5"
+    with h5py.File(bad, "w") as f:
+        f.create_dataset("stamps", data=make_stamps(40, seed=5), chunks=(10, 4, 21, 21), compression="gzip")
+        f.create_dataset("labels", data=np.arange(40) % 2, chunks=(10,), compression="gzip")
+    damage_chunk(bad, "labels", 3, nbytes=30)
+    out = tmp_path / "o.csv"
+    s = sdask.classify_dask(client, [str(bad)], tiny_model_path, str(out), batch_size=BATCH, chunk_rows=10)
+    assert s.rows == 40 and not s.file_errors and all(r["status"] == "ok" for r in _rows(out))

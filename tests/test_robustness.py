@@ -761,6 +761,27 @@ def test_keep_going_keeps_the_readable_rows_of_a_damaged_file(tmp_path: Path, ti
     assert "failed 10" in stderr_of(result)
 
 
+def test_a_damaged_labels_chunk_fails_only_evaluation(tmp_path: Path, tiny_model_path: Path) -> None:
+    x = make_stamps(40, seed=7)
+    damaged = tmp_path / "labels.h5"
+    with h5py.File(damaged, "w") as f:
+        f.create_dataset("stamps", data=x, chunks=(10, 4, 21, 21), compression="gzip")
+        f.create_dataset("labels", data=np.arange(40) % 2, chunks=(10,), compression="gzip")
+    damage_chunk(damaged, "labels", 2, nbytes=30)
+    out = tmp_path / "out.csv"
+    args = ["classify", str(damaged), "-o", str(out), "--model", str(tiny_model_path), "--device", "cpu",
+            "--batch-size", "16"]
+    result = run_cli(*args)  # the labels are not needed: every row is scored
+    assert result.exit_code == 0 and [r["status"] for r in read_csv(out)] == ["ok"] * 40
+    ref = Classifier(tiny_model_path, device="cpu").classify(x)
+    np.testing.assert_allclose([float(r["p_real"]) for r in read_csv(out)], ref.proba[:, 1], atol=1e-6)
+    result = run_cli(*args, "--evaluate")
+    [line] = error_lines(stderr_of(result))
+    assert result.exit_code == 2 and "cannot read dataset 'labels'" in line
+    result = run_cli(*args, "--evaluate", "--keep-going")  # classified, left out of the metrics
+    assert result.exit_code == 2 and "not in the metrics" in stderr_of(result) and len(read_csv(out)) == 40
+
+
 def test_salvage_fails_only_the_damaged_chunk_of_one_channel(tmp_path: Path, tiny_model_path: Path) -> None:
     x = make_stamps(40, seed=6)
     damaged = tmp_path / "channels.h5"

@@ -69,6 +69,9 @@ class HDF5Reader:
         #: set by the caller (``--keep-going``): unreadable rows become failed rows, listed in `damaged`
         self.salvage = False
         self.damaged: list[str] = []
+        #: read the labels beside the rows; a caller with no use for them turns it off, so that
+        #: a damaged labels chunk cannot fail rows it does not concern
+        self.with_labels = True
         self._reading: str | None = None  # the dataset being read, for error messages
         self._file = _open(self.path)
         try:
@@ -262,8 +265,10 @@ class HDF5Reader:
                 )
         else:
             ids = np.arange(start, stop)
-        self._reading = self._labels.name if self._labels is not None else None
-        labels = self._labels[start:stop] if self._labels is not None else None
+        labels = None
+        if self._labels is not None and self.with_labels:
+            self._reading = self._labels.name
+            labels = self._labels[start:stop]
         status = None
         if failed is not None:
             status = np.full(stop - start, f"failed: {failed}", dtype=object)
