@@ -63,7 +63,7 @@ echo "data: $DATA ($(find "$DATA/train" -name '*.jpg' | wc -l) train, $(find "$D
 mkdir -p "$OUT/runs" "$OUT/exported"
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}  # deterministic cuBLAS
 threads=$(nproc)
-args=(--model cifar10 --out "$RUN" --set "root=$DATA" --set "decode_threads=$threads")
+args=(--model cifar10 --out "$RUN" --force --set "root=$DATA" --set "decode_threads=$threads")
 [ -f "$ARCHIVE" ] && args+=(--set "archive=$ARCHIVE")
 [ -n "$DEVICE" ] && args+=(--device "$DEVICE")
 echo "+ $PY train/train.py ${args[*]} $*"

@@ -36,7 +36,7 @@ train_one() {  # model -> trains, copies to $OUT, appends to summary
   fi
   set +e
   timeout --signal=TERM "$left" "$PYTHON" train/train.py --model "$model" --device "$DEVICE" --seed 0 \
-    --out "runs/$model" --threads "$THREADS" "${SIZE_ARGS[@]}" \
+    --out "runs/$model" --force --threads "$THREADS" "${SIZE_ARGS[@]}" \
     --set cache="$CACHE" --set real_sn=none > "$OUT/logs/$model.log" 2>&1
   rc=$?
   set -e

@@ -223,7 +223,7 @@ def models() -> None:
         from ._card import read_card
         from ._registry import list_models, resolve_model
 
-        bad = []
+        bad, rows = [], []
         for name in list_models():
             try:
                 card, _ = read_card(resolve_model(name), verify=False)
@@ -232,7 +232,11 @@ def models() -> None:
                 continue
             acc = card.metrics.get("test", {}).get("accuracy")
             acc_s = f"  test accuracy {acc:.4f}" if isinstance(acc, float) else ""
-            typer.echo(f"{name:<16} v{card.version:<8} {card.task:<22} {'/'.join(card.classes)}{acc_s}")
+            rows.append((name, f"v{card.version}", card.task, "/".join(card.classes) + acc_s))
+        # columns as wide as their longest value: a local version (1.1.0+local.20261123.1a2b3c4d) is long
+        widths = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
+        for r in rows:
+            typer.echo(" ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + " " + r[3])
         for line in bad:
             typer.echo(f"stampclf: error: {line}", err=True)
         return 2 if bad else 0

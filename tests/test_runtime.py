@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import make_stamps, write_hits_h5
+from conftest import card_dict, make_stamps, write_hits_h5, write_model
 from typer.testing import CliRunner
 
 import stampclf
@@ -214,6 +214,17 @@ def test_version_models_info(tiny_model_path: Path, monkeypatch: pytest.MonkeyPa
     assert r.exit_code == 0 and tiny_model_path.stem in r.stdout
     r = runner.invoke(app, ["info", str(tiny_model_path)])
     assert r.exit_code == 0 and '"weights_sha256"' in r.stdout and '"channels"' in r.stdout
+
+
+def test_models_columns_line_up_with_a_long_local_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = tmp_path / "models"
+    mine.mkdir()
+    write_model(mine / "a.onnx", card_dict(name="a", version="1.1.0+local.20261123.1a2b3c4d"))
+    write_model(mine / "bb.onnx", card_dict(name="bb", version="2.0.0"))
+    monkeypatch.setenv("STAMPCLF_MODELS", str(mine))
+    r = runner.invoke(app, ["models"])
+    rows = [line for line in r.stdout.splitlines() if line.split()[0] in ("a", "bb")]
+    assert len(rows) == 2 and len({line.index(" real-bogus") for line in rows}) == 1, r.stdout
 
 
 def test_shipped_name_resolution(tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

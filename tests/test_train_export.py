@@ -378,8 +378,70 @@ def test_training_data_is_read_like_classify_reads_it(tmp_path: Path, capsys: py
 def test_training_data_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], labels: object,
                                           message: str) -> None:
     f = str(write_hits_h5(tmp_path / "bad.h5", n=24, labels=labels))
+    _, val, test = _own_data(tmp_path)
     rc = train_mod.main(["--model", "hits", "--epochs", "1", "--out", str(tmp_path / "run"), "--device", "cpu",
-                         "--set", f"data={f},{f},{f}", "--set", "real_sn=none"])
+                         "--set", f"data={f},{val},{test}", "--set", "real_sn=none"])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and f in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def _own_data(tmp_path: Path, **labels: object) -> list[str]:
+    """Three small labelled files; *labels* replaces a split's labels (train=..., val=..., test=...)."""
+    files = []
+    for k, seed in (("train", 1), ("val", 2), ("test", 3)):
+        y = labels.get(k, np.arange(24) % 2)
+        files.append(str(write_hits_h5(tmp_path / f"{k}.h5", stamps=make_stamps(24, seed=seed), labels=y)))
+    return files
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("n_train", "--set n_train does not apply with data="),
+    ("same file", "the train and test splits are one file"),
+    ("same data", "the train and val splits hold the same stamps and labels"),
+    ("one class", "the training split has no 'bogus' stamp"),
+    ("empty", "no stamps (0 rows)"),
+])
+def test_own_data_that_cannot_give_a_held_out_figure_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, message: str
+) -> None:
+    files = _own_data(tmp_path, train=np.ones(24, int)) if case == "one class" else _own_data(tmp_path)
+    extra: list[str] = []
+    if case == "n_train":
+        extra = ["--set", "n_train=500"]
+    elif case == "same file":
+        files[2] = files[0]
+    elif case == "same data":
+        Path(files[1]).write_bytes(Path(files[0]).read_bytes())
+    elif case == "empty":
+        write_hits_h5(files[1], stamps=np.zeros((0, 4, 21, 21), np.float32), labels=np.zeros(0, int), ids=None)
+    rc = train_mod.main(["--model", "hits", "--epochs", "1", "--out", str(tmp_path / "run"), "--device", "cpu",
+                         "--set", "data=" + " , ".join(files), "--set", "real_sn=none", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_run_folder_is_replaced_only_with_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"an earlier run")
+    argv = ["--model", "hits", "--epochs", "1", "--out", str(run), "--device", "cpu", "--set", "real_sn=none",
+            "--set", "data=" + ",".join(_own_data(tmp_path)), "--set", "batch_size=8"]
+    assert train_mod.main(argv) == 2 and "holds a trained run already" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == b"an earlier run"
+    assert train_mod.main([*argv, "--force"]) == 0 and (run / "checkpoint.pt").read_bytes() != b"an earlier run"
+    report = json.loads((run / "report.json").read_text())
+    assert "--force" not in report["command"] and "n_train" not in report["recipe"]  # sizes came from the files
+    assert all(Path(f["file"]).is_absolute() for f in report["data"]["files"].values())
+
+
+def test_export_under_another_name_from_the_checkpoint_alone(trained: dict[str, Path], tmp_path: Path) -> None:
+    rc = export_mod.main(["--checkpoint", str(trained["run"] / "checkpoint.pt"), "--name", "hits-mine",
+                          "--out", str(tmp_path)])  # --model read from the run's report.json
+    assert rc == 0 and (tmp_path / "hits-mine" / "report.json").exists()
+    card, _ = read_card(tmp_path / "hits-mine.onnx")
+    assert card.name == "hits-mine" and card.training["architecture"] == "hits"
+    assert all(f.startswith("hits-mine/") for f in card.report["figures"])
+    assert Classifier(tmp_path / "hits-mine.onnx", device="cpu").name == "hits-mine"  # the output rows' model
+    assert export_mod.main(["--checkpoint", str(trained["run"] / "checkpoint.pt"), "--name", "x.onnx",
+                            "--out", str(tmp_path)]) == 2

@@ -59,6 +59,8 @@ EXPORTED = Path(__file__).resolve().parent.parent / "exported"
 #: ``real_sn`` test split (evaluation only), and where the image data are read from
 SAME_MODEL_KEYS = (*NO_EFFECT_KEYS, "sim_workers", "real_sn", "root", "archive")
 #: PEP 440 versions the card accepts from ``--version`` (release, pre/post/dev, local part)
+#: a model name: also its file name (``<name>.onnx``) and what ``stampclf classify --model`` takes
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 VERSION_RE = re.compile(r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[a-z0-9]+([._-][a-z0-9]+)*)?", re.I)
 
 #: Largest accepted |p_onnx - p_torch|.
@@ -193,11 +195,15 @@ def card_version(
                    f"{', '.join(diffs)}): card version {local}; give --version VERSION to choose another")
 
 
-def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str, version: str | None = None) -> ModelCard:
+def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str, version: str | None = None,
+               name: str | None = None) -> ModelCard:
     """The model card from the registry spec and the training report (as :func:`shipped_report` leaves it).
 
     *version*: the card's version (default: the registry's, see :func:`card_version`).
+    *name*: the card's model name (default: the registry's); the registered model it was
+    built as is then kept as ``training.architecture``.
     """
+    name = name or spec.name
     import onnx
 
     versions = {
@@ -209,7 +215,7 @@ def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str, versio
     }
     test = report["metrics"]["test"]
     return ModelCard(
-        name=spec.name,
+        name=name,
         version=version or spec.version,
         task=spec.task,
         description=spec.description,
@@ -229,12 +235,13 @@ def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str, versio
             "train_seconds": round(float(report.get("train_seconds", 0.0)), 1),
             "data": report["data"],
             "parameters": report.get("parameters"),
+            **({"architecture": spec.name} if name != spec.name else {}),
             **({"evaluated_from": report["evaluated_from"]} if "evaluated_from" in report else {}),
         },
         metrics={k: _strip(v) for k, v in report["metrics"].items()},
         report={
             "history": report.get("history", {}),
-            "figures": [f"{spec.name}/{f}" for f in report.get("figures", [])],
+            "figures": [f"{name}/{f}" for f in report.get("figures", [])],
             "test_confusion_matrix": test.get("confusion_matrix"),
         },
         versions=versions,
@@ -330,16 +337,20 @@ def _is_exported(folder: Path) -> bool:
 
 
 def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path | None = None,
-           version: str | None = None, force: bool = False) -> Path:
+           version: str | None = None, force: bool = False, name: str | None = None) -> Path:
     """Export *spec* from *checkpoint*; returns the ONNX path. Raises on a failed check.
 
-    *version*: the card's version (default: :func:`card_version`). Raises `FileExistsError`
-    where *out_dir* is the repository's `EXPORTED` folder and the model file exists, unless *force*.
+    *version*: the card's version (default: :func:`card_version`); *name*: the card's model
+    name and file name (default: the registry's). Raises `FileExistsError` where *out_dir*
+    is the repository's `EXPORTED` folder and the model file exists, unless *force*.
     """
-    final = out_dir / f"{spec.name}.onnx"
+    name = name or spec.name
+    if not NAME_RE.fullmatch(name) or name.lower().endswith(".onnx"):
+        raise ValueError(f"--name {name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
+    final = out_dir / f"{name}.onnx"
     if not force and final.exists() and _is_exported(out_dir):
-        raise FileExistsError(f"{final} exists (a shipped model): give --force to overwrite it, "
-                              "or --out another folder")
+        raise FileExistsError(f"{final} exists in the repository's exported/ (the shipped models' folder): "
+                              "give --force to overwrite it, or --out another folder")
     report_path = report_path or checkpoint.parent / "report.json"
     raw_report = json.loads(report_path.read_text())
     if raw_report.get("model", spec.name) != spec.name:
@@ -355,13 +366,13 @@ def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path |
     if notice:
         print(notice, flush=True)
     report["version"] = version  # the copy beside the model says what its card says
-    card = build_card(spec, report, weights_sha, version)
+    card = build_card(spec, report, weights_sha, version, name)
     per_row = largest_activation_per_row(raw)
     card.input["largest_activation_bytes_per_row"] = per_row
     card.input["default_batch_size"] = default_batch_size(per_row)
     data = attach_card(raw, card)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{spec.name}.", suffix=".onnx", dir=out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".onnx", dir=out_dir)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -375,7 +386,7 @@ def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path |
         if os.path.exists(tmp):
             os.unlink(tmp)
     print(f"[export] largest absolute difference in probabilities: {worst:.2e} (tolerance {TOLERANCE:.0e})")
-    figs = out_dir / spec.name
+    figs = out_dir / name
     figs.mkdir(exist_ok=True)
     for f in report.get("figures", []):
         shutil.copy2(checkpoint.parent / f, figs / f)
@@ -384,10 +395,27 @@ def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path |
     return final
 
 
+def _model_of_run(checkpoint: Path | None, report: Path | None) -> str | None:
+    """The registered model a training run's report names (None: no such report)."""
+    if checkpoint is None:
+        return None
+    path = report or checkpoint.parent / "report.json"
+    try:
+        model = json.loads(path.read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Export a trained model to ONNX with its model card.")
-    p.add_argument("--model", required=True, help=f"registered model: {', '.join(list_models())}")
+    p.add_argument("--model", default=None,
+                   help=f"registered model: {', '.join(list_models())} (default: the one the checkpoint's "
+                        "report.json names)")
     p.add_argument("--checkpoint", type=Path, default=None, help="default runs/<model>/checkpoint.pt")
+    p.add_argument("--name", default=None,
+                   help="model name in the card, on every output row and of the file (default: the registered "
+                        "model's); e.g. hits-mysurvey for a retrain on your own data")
     p.add_argument("--report", type=Path, default=None, help="default: report.json next to the checkpoint")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: the repository's exported/, where an existing model needs --force)")
@@ -396,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
                         "else the registry's plus +local.<training date>)")
     p.add_argument("--force", action="store_true", help="overwrite a model in the repository's exported/")
     args = p.parse_args(argv)
+    if args.model is None:
+        args.model = _model_of_run(args.checkpoint, args.report)
+        if args.model is None:
+            print("export: error: give --model NAME, or --checkpoint of a run whose report.json names its model",
+                  file=sys.stderr)
+            return 2
     try:
         spec = get_spec(args.model)
     except KeyError as exc:
@@ -411,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        export(spec, ckpt, args.out or EXPORTED, args.report, args.version, args.force)
+        export(spec, ckpt, args.out or EXPORTED, args.report, args.version, args.force, args.name)
     except (FileExistsError, ValueError, FileNotFoundError) as exc:
         print(f"export: error: {exc}", file=sys.stderr)
         return 2

@@ -178,6 +178,9 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     """Train *spec* and write checkpoint, report and figures to ``args.out``. Returns the report."""
     out = Path(args.out or f"runs/{spec.name}")  # made when there is something to write (`finish`)
     _check_out(out)  # now, not after hours of training
+    if (out / "checkpoint.pt").exists() and not args.force:  # a model exported from it would lose its report
+        raise ValueError(f"--out {out}: holds a trained run already (checkpoint.pt); give --force to replace it, "
+                         "or another --out")
     seed_everything(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -262,7 +265,7 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     assert best_state is not None
     model.load_state_dict(best_state)
     run = {"history": history, "best_epoch": best_epoch + 1, "command": reproduce_command(_argv(args)),
-           "recipe": {**recipe, "epochs": epochs}, "device": device if device == "cpu" else
+           "recipe": {**{k: v for k, v in recipe.items() if k not in data.ignored}, "epochs": epochs}, "device": device if device == "cpu" else
            f"{device} ({torch.cuda.get_device_name(0)})", "train_seconds": time.time() - t_start}
     return finish(spec, model, data, run, out, args, options)
 
@@ -462,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe or data option, e.g. --set n_train=20000")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p.add_argument("--force", action="store_true", help="replace the run in --out (it holds a checkpoint.pt)")
     p.add_argument("--evaluate-only", action="store_true",
                    help="do not train: re-evaluate <out>/checkpoint.pt with the model as registered now "
                         "(after a change to its test-time augmentation) and rewrite report and figures")
@@ -513,7 +517,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
 def reproduce_command(argv: list[str]) -> str:
     """The training command for the card, without the options that cannot change the result.
 
-    ``--out`` (the export step reads the default ``runs/<model>``), ``--threads`` and the
+    ``--out`` (the export step reads the default ``runs/<model>``), ``--threads``, ``--force`` and the
     ``--set`` keys in ``NO_EFFECT_KEYS`` (a scratch cache path means nothing on another
     machine) are left out; everything else is kept in order.
     """
@@ -525,7 +529,7 @@ def reproduce_command(argv: list[str]) -> str:
         if flag in ("--out", "--threads"):
             i += 1 if eq else 2
             continue
-        if a == "--debug":
+        if a in ("--debug", "--force"):
             i += 1
             continue
         if flag == "--set":

@@ -135,7 +135,7 @@ class HDF5Reader:
                 raise InputError(
                     f"{self.path}: dataset {_STACKED_NAME!r} has {n_ch} channel(s) (shape {ds.shape}) "
                     f"but the model needs {len(self.channels)}: {self.channels}"
-                    + ("" if channels_last else " (channels-last data? use --channels-last)")
+                    + ("" if channels_last or ds.shape[3] != len(self.channels) else " (channels-last data? use --channels-last)")
                 )
             self._datasets = [ds]
             self._channels_last = channels_last

@@ -66,8 +66,11 @@ class ImageReader:
         self.has_labels = self._labels is not None
         self.why_no_labels: str | None = None
         if classes and not self.has_labels:
-            stray = next(f for f, d in zip(self.files, parents, strict=True) if d not in classes)
-            self.why_no_labels = f"{stray} is not in a folder named after one of the model's classes: {', '.join(classes)}"
+            strays = [f for f, d in zip(self.files, parents, strict=True) if d not in classes]
+            self.why_no_labels = (
+                f"{len(strays)} of {len(self.files)} images are not in a folder named after one of the model's "
+                f"classes ({', '.join(classes)}), e.g. {strays[0]}; give the class folders alone to evaluate those"
+            )
         # the same image twice (e.g. given alone and inside a folder): kept, flagged; a caller
         # that found them already (Dask: over all the files, not one task's) passes the rows
         if duplicates is not None:

@@ -34,6 +34,9 @@ class DataBundle:
     provenance: dict[str, Any]
     augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None
     extra_tests: dict[str, Dataset] = field(default_factory=dict)
+    #: recipe keys these data did not use (e.g. simulated split sizes when files were given):
+    #: left out of the run's recorded recipe
+    ignored: tuple[str, ...] = ()
 
 
 _LOADERS: dict[str, Callable[..., DataBundle]] = {}

@@ -206,13 +206,16 @@ def read_labelled_h5(path: str, spec: Any, batch_size: int = 8192) -> tuple[np.n
             i += n
     finally:
         reader.close()
-    note: dict[str, Any] = {"file": path, "layout": reader.layout, "rows": int(len(keep)), "used": int(keep.sum())}
+    note: dict[str, Any] = {"file": os.path.abspath(path), "layout": reader.layout, "rows": int(len(keep)),
+                            "used": int(keep.sum())}
     if not keep.all():
         x, y = x[keep], y[keep]
         note["left_out"] = reasons
         top = max(reasons, key=reasons.__getitem__)
         print(f"[data] {path}: {int((~keep).sum()):,} of {len(keep):,} rows left out, as stampclf classify would "
               f"fail them (most often {top!r}: {reasons[top]:,})", flush=True)
+    if not reader.n_rows:
+        raise InputError(f"{path}: no stamps (0 rows)")
     if not len(y):
         raise InputError(f"{path}: no row to train on ({reader.n_rows} rows; none the runtime could score)")
     return x, y, note
@@ -246,6 +249,37 @@ def _real_sn(option: Any, spec: Any) -> tuple[dict[str, TensorDataset], dict[str
 
 #: the ``--set`` keys `load_hits` reads (see the module docstring)
 HITS_OPTIONS = ("n_train", "n_val", "n_test", "data", "sim_workers", "cache", "snr_derived", "real_sn")
+#: the keys that shape simulated data only (refused with ``data=``, left out of the run's recipe)
+SIMULATION_OPTIONS = ("n_train", "n_val", "n_test", "sim_workers", "cache")
+
+
+def _read_given_splits(option: str, spec: Any) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
+    """The ``data=train.h5,val.h5,test.h5`` splits, checked the way a held-out figure needs."""
+    paths = [p.strip() for p in option.split(",")]
+    if len(paths) != 3 or not all(paths):
+        raise ValueError(f"data= needs three HDF5 files train,val,test; got {option!r}")
+    same = [(a, b) for a, b in ((0, 1), (0, 2), (1, 2)) if os.path.realpath(paths[a]) == os.path.realpath(paths[b])]
+    names = ("train", "val", "test")
+    if same:
+        a, b = same[0]
+        raise ValueError(f"data=: the {names[a]} and {names[b]} splits are one file, {paths[a]}; "
+                         "a held-out split must be other data")
+    splits = {k: read_labelled_h5(p, spec) for k, p in zip(names, paths, strict=True)}
+    digests = {k: array_sha256(x, y) for k, (x, y, _) in splits.items()}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        if digests[a] == digests[b]:
+            raise ValueError(f"data=: the {a} and {b} splits hold the same stamps and labels "
+                             f"({splits[a][2]['file']}, {splits[b][2]['file']})")
+    present = np.unique(splits["train"][1])
+    if len(present) < len(spec.classes):
+        missing = [c for i, c in enumerate(spec.classes) if i not in present]
+        raise ValueError(f"{paths[0]}: the training split has no {', '.join(map(repr, missing))} stamp; "
+                         f"it needs every class of {list(spec.classes)}")
+    for k in ("val", "test"):
+        if len(np.unique(splits[k][1])) < len(spec.classes):
+            print(f"[data] note: {splits[k][2]['file']}: the {k} split lacks a class; its ROC AUC and some "
+                  "per-class figures are undefined", flush=True)
+    return splits
 
 
 @register_dataset("hits_sim", options=HITS_OPTIONS)
@@ -253,16 +287,17 @@ def load_hits(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
     """Simulated HiTS candidates (train/val/test from disjoint seeds) or ``data=train.h5,val.h5,test.h5``."""
     recipe = {**spec.recipe, **options}
     extra: dict[str, TensorDataset] = {}
+    ignored: tuple[str, ...] = ()
     if recipe.get("data"):
-        paths = str(recipe["data"]).split(",")
-        if len(paths) != 3:
-            raise ValueError(f"data= needs three HDF5 files train,val,test; got {recipe['data']!r}")
-        splits = [read_labelled_h5(p, spec) for p in paths]
-        names = ("train", "val", "test")
-        prov: dict[str, Any] = {"source": "labelled HDF5 files", "files": dict(zip(names, [n for *_, n in splits], strict=True))}
+        given = [k for k in SIMULATION_OPTIONS if k in options]
+        if given:
+            raise ValueError(f"--set {given[0]} does not apply with data= (the files give the splits)")
+        ignored = SIMULATION_OPTIONS
+        splits = _read_given_splits(str(recipe["data"]), spec)
+        prov: dict[str, Any] = {"source": "labelled HDF5 files", "files": {k: n for k, (_, _, n) in splits.items()}}
         # hash of the preprocessed model input (what the network saw), as for simulated data
-        prov["sha256"] = {name: array_sha256(x, y) for name, (x, y, _) in zip(names, splits, strict=True)}
-        train, val, test = (TensorDataset(torch.from_numpy(x), torch.from_numpy(y)) for x, y, _ in splits)
+        prov["sha256"] = {k: array_sha256(x, y) for k, (x, y, _) in splits.items()}
+        train, val, test = (TensorDataset(torch.from_numpy(x), torch.from_numpy(y)) for x, y, _ in splits.values())
     else:
         from .hits_sim import SIM_VERSION
 
@@ -286,7 +321,7 @@ def load_hits(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
     prov["augmentation"] = {"rot90_and_mirror": True, "snr_derived": float(recipe.get("snr_derived", 0.0))}
     return DataBundle(
         train=train, val=val, test=test, provenance=prov,
-        augment=HitsAugment(float(recipe.get("snr_derived", 0.0))), extra_tests=extra,
+        augment=HitsAugment(float(recipe.get("snr_derived", 0.0))), extra_tests=extra, ignored=ignored,
     )
 
 
