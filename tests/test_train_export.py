@@ -445,3 +445,10 @@ def test_export_under_another_name_from_the_checkpoint_alone(trained: dict[str, 
     assert Classifier(tmp_path / "hits-mine.onnx", device="cpu").name == "hits-mine"  # the output rows' model
     assert export_mod.main(["--checkpoint", str(trained["run"] / "checkpoint.pt"), "--name", "x.onnx",
                             "--out", str(tmp_path)]) == 2
+
+
+def test_missing_shared_data_error_gives_the_unpack_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = train_mod.main(["--model", "galaxy", "--epochs", "1", "--out", str(tmp_path / "run"),
+                         "--set", f"root={tmp_path / 'nowhere'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "tar xzf ../shared/data/galaxy_zoo1/" in err, err

@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="output folder (default: the repository's exported/, where an existing model needs --force)")
     p.add_argument("--version", default=None,
                    help="card version (default: the registry's for a run of the registered recipe, "
-                        "else the registry's plus +local.<training date>)")
+                        "else the registry's plus +local.<training date>.<first 8 hex digits of the weights' sha256>)")
     p.add_argument("--force", action="store_true", help="overwrite a model in the repository's exported/")
     args = p.parse_args(argv)
     if args.model is None:

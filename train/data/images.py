@@ -340,7 +340,7 @@ def _root(name: str, recipe: dict[str, Any]) -> Path:
     root = Path(str(recipe.get("root", default)))
     if not root.is_dir():
         raise FileNotFoundError(
-            f"data for {name!r} not found at {root}; unpack it first (from the repository root):\n    {unpack}\n"
+            f"data for {name!r} not found at {root}; unpack it first, from the repository root: {unpack}; "
             f"or point to it with --set root=FOLDER (archive: ../shared/data/{archive}, see its README)"
         )
     return root
