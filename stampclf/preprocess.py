@@ -248,6 +248,14 @@ def prepare_stamps(
                 reasons[i] = []
             elif policy.get("flag", True):
                 reasons[i].append(f"{int(per_row[i])} non-finite pixels replaced")
+    # a channel of one value (e.g. a missing template stored as zeros) tells the model nothing it
+    # was trained on: scored, but flagged so that the row can be found
+    flat = x.reshape(n, n_ch, -1)
+    constant = flat.max(axis=2) == flat.min(axis=2)
+    for i in np.flatnonzero(constant.any(axis=1)):
+        if status[i] == OK:
+            names = ", ".join(repr(card_input["channels"][c]) for c in np.flatnonzero(constant[i]))
+            reasons[i].append(f"constant channel {names}")
     for i, r in enumerate(reasons):
         if r and status[i] == OK:
             status[i] = "flagged: " + "; ".join(r)

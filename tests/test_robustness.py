@@ -517,6 +517,22 @@ def test_nan_and_inf_pixels_flagged_or_failed(tmp_path: Path, tiny_model_path: P
     assert "flagged 3, failed 3" in stderr_of(result)
 
 
+def test_a_constant_channel_is_scored_and_flagged(tmp_path: Path, tiny_model_path: Path) -> None:
+    x = make_stamps(4, seed=4)
+    x[1, 0] = 0.0  # no template: stored as zeros
+    x[2] = 7.0  # every channel one value
+    x[3, 1, :2] = np.nan  # a few NaN pixels and a constant rest
+    x[3, 1, 2:] = 5.0
+    _, rows = _classify_csv(tmp_path, tiny_model_path, write_hits_h5(tmp_path / "c.h5", stamps=x))
+    assert [r["status"] for r in rows] == [
+        "ok",
+        "flagged: constant channel 'template'",
+        "flagged: constant channel 'template', 'science', 'difference', 'snr_difference'",
+        "flagged: 42 non-finite pixels replaced; constant channel 'science'",
+    ]
+    assert all(r["label"] in ("bogus", "real") for r in rows)
+
+
 def test_failed_rows_are_nan_in_hdf5_output(tmp_path: Path, tiny_model_path: Path) -> None:
     x = make_stamps(3)
     x[1] = np.nan
