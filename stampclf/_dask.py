@@ -175,14 +175,15 @@ def _join(preds: list[Predictions]) -> Predictions:
         None if any(t is None for t in truth) else np.concatenate(truth),  # type: ignore[arg-type]
         preds[0].file if isinstance(preds[0].file, str) else np.concatenate([p.file for p in preds]),
         {k: np.concatenate([p.extra[k] for p in preds]) for k in keys} if keys else None,  # type: ignore[index]
+        preds[0].classes, preds[0].model, preds[0].model_version,
     )
 
 
 def _empty(clf: Classifier, file: str) -> Predictions:
-    return Predictions(
+    return clf._provenance(Predictions(
         np.empty(0, object), np.empty(0, object), np.empty((0, len(clf.classes)), np.float32), np.empty(0, object),
         file=file,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def _score_unit(data: bytes, sha: str, options: dict[str, Any], settings: dict[str, Any], unit: _Unit) -> Any:
@@ -498,7 +499,8 @@ def predict_dask(
     preds = [res for _, res in _array_results(client, stamps, data, sha, options)]
     if not preds:
         return Predictions(np.empty(0, int), np.empty(0, object), np.empty((0, len(card.classes)), np.float32),
-                           np.empty(0, object), file="dask-array")  # fmt: skip
+                           np.empty(0, object), file="dask-array", classes=tuple(card.classes), model=card.name,
+                           model_version=card.version)  # fmt: skip
     return _join(preds)
 
 

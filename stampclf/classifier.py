@@ -47,6 +47,9 @@ class Predictions:
         The input the rows came from: one name, or one per row (image files).
     extra
         Reader-specific columns, e.g. ``object_id`` for alert packets.
+    classes, model, model_version
+        The model's class names (the columns of ``proba``), name and version: the
+        provenance of every row, as in the output files.
     """
 
     ids: np.ndarray
@@ -56,9 +59,36 @@ class Predictions:
     true_labels: np.ndarray | None = None
     file: str | np.ndarray = ""
     extra: dict[str, np.ndarray] | None = None
+    classes: tuple[str, ...] = ()
+    model: str = ""
+    model_version: str = ""
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def to_dict(self) -> dict[str, np.ndarray]:
+        """The rows as named columns, in the order of ``stampclf classify``'s output.
+
+        ``id, label, p_<class>..., status, model, model_version, file`` and the extra
+        columns; one array of ``len(self)`` values each.
+        """
+        n = len(self)
+        cols: dict[str, np.ndarray] = {"id": self.ids, "label": self.labels}
+        cols.update({f"p_{c}": self.proba[:, k] for k, c in enumerate(self.classes)})
+        cols["status"] = self.status
+        cols["model"] = np.full(n, self.model, dtype=object)
+        cols["model_version"] = np.full(n, self.model_version, dtype=object)
+        cols["file"] = np.full(n, self.file, dtype=object) if isinstance(self.file, str) else np.asarray(self.file)
+        cols.update(self.extra or {})
+        return cols
+
+    def to_pandas(self) -> Any:
+        """`to_dict` as a ``pandas.DataFrame`` (needs pandas, which stampclf itself does not)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("Predictions.to_pandas needs pandas (pip install pandas); to_dict() does not") from None
+        return pd.DataFrame(self.to_dict())
 
 
 def _prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
@@ -384,7 +414,12 @@ class Classifier:
         ids, status = _flag_duplicate_ids(ids, status)
         if x is not None:
             proba, labels = self._predict_prepared(x, status)
-        return Predictions(ids, labels, proba, status)
+        return self._provenance(Predictions(ids, labels, proba, status))
+
+    def _provenance(self, pred: Predictions) -> Predictions:
+        """*pred* with this model's classes, name and version."""
+        pred.classes, pred.model, pred.model_version = tuple(self.classes), self.name, self.version
+        return pred
 
     def _image_input(self, images: Any) -> np.ndarray:
         """Model input from Pillow images, uint8 pixels at the input size, or already preprocessed floats."""
@@ -495,10 +530,10 @@ class Classifier:
         try:
             for batch, proba, labels, status in self._predict_stream(stream):
                 file = batch.files if batch.files is not None else what
-                yield Predictions(
+                yield self._provenance(Predictions(
                     batch.ids, labels, proba, status, self._label_index(batch.labels, what) if use_labels else None,
                     file, batch.extra,
-                )
+                ))
         finally:
             reader.close()
 

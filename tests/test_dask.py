@@ -176,6 +176,7 @@ def test_dask_array(cluster, tiny_model_path: Path) -> None:
     assert pred.status.tolist() == want.status.tolist() and pred.status[7].startswith("failed")
     assert pred.labels.tolist() == want.labels.tolist()
     np.testing.assert_array_equal(pred.proba, want.proba)
+    assert (pred.model, pred.model_version, pred.classes) == ("tiny", "0.0.1", ("bogus", "real"))
 
 
 def test_cli_scheduler(cluster, inputs, tiny_model_path: Path, tmp_path: Path) -> None:

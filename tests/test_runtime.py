@@ -116,6 +116,30 @@ def test_csv_output_columns_and_provenance(tiny_model_path: Path, tmp_path: Path
     assert "5 rows" in r.stderr
 
 
+def test_api_rows_are_the_output_rows(tiny_model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Predictions.to_dict`` has the CLI's columns, provenance included, with the same values."""
+    x = make_stamps(7, seed=2)
+    x[3] = np.nan  # a failed row
+    path = write_hits_h5(tmp_path / "s.h5", stamps=x)
+    out = tmp_path / "out.csv"
+    assert runner.invoke(app, ["classify", str(path), "-m", str(tiny_model_path), "-o", str(out)]).exit_code == 0
+    want = _rows(out.read_text())
+    clf = Classifier(tiny_model_path, device="cpu", batch_size=3)
+    parts = [p.to_dict() for p in clf.classify_file(path)]
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    assert list(cols) == list(want[0]) and all(len(v) == 7 for v in cols.values())
+    for k in ("id", "label", "status", "model", "model_version", "file"):
+        assert [str(v) for v in cols[k]] == [r[k] for r in want], k
+    for k in ("p_bogus", "p_real"):
+        np.testing.assert_allclose(cols[k], [float(r[k]) if r[k] else np.nan for r in want], rtol=1e-6)
+    mem = clf.classify(x)
+    assert (mem.model, mem.model_version, mem.classes) == ("tiny", "0.0.1", ("bogus", "real"))
+    assert list(mem.to_dict()) == list(want[0])
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ImportError, match="pip install pandas"):
+        mem.to_pandas()
+
+
 def test_hdf5_output_matches_csv(tiny_model_path: Path, tmp_path: Path) -> None:
     path = write_hits_h5(tmp_path / "s.h5", n=9)
     r1 = runner.invoke(app, ["classify", str(path), "-m", str(tiny_model_path), "-o", str(tmp_path / "o.h5")])

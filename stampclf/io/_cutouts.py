@@ -373,4 +373,4 @@ def classify_cutouts(
     x, status = cutouts_to_input(cutouts, clf.card, "cut-outs", nominal, positions)
     ids, status = _flag_duplicate_ids(None if ids is None else _check_ids(ids, len(status)), status)
     proba, labels = clf._predict_prepared(x, status)
-    return Predictions(ids, labels, proba, status)
+    return clf._provenance(Predictions(ids, labels, proba, status))
