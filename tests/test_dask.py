@@ -370,6 +370,19 @@ def test_interrupt_while_the_local_cluster_starts_closes_it() -> None:
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_missing_snr_channel_is_derived_as_locally(cluster, tiny_model_path: Path, tmp_path: Path) -> None:
+    _, client = cluster
+    path = write_hits_h5(tmp_path / "no_snr.h5", 30, seed=4, drop=("SNR_images",), chunks=(10, 21, 21))
+    out = tmp_path / "d.csv"
+    sdask.classify_dask(client, [str(path)], tiny_model_path, str(out), batch_size=BATCH, chunk_rows=10)
+    local = Classifier(tiny_model_path, device="cpu", threads=1, batch_size=BATCH)
+    preds = list(local.classify_file(path))
+    assert [r["status"] for r in _rows(out)] == [s for p in preds for s in p.status]
+    assert all(r["status"] == "flagged: snr_difference derived from difference" for r in _rows(out))
+    np.testing.assert_allclose([float(r["p_real"]) for r in _rows(out)],
+                               np.concatenate([p.proba[:, 1] for p in preds]), rtol=1e-6)
+
+
 def test_a_damaged_labels_chunk_does_not_matter_without_evaluate(cluster, tiny_model_path: Path,
                                                                  tmp_path: Path) -> None:
     import h5py

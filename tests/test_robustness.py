@@ -238,7 +238,10 @@ CORPUS: dict[str, Case] = {
         "no permission to read",
         patch=_patch_h5_open(PermissionError(13, "Permission denied")),
     ),
-    "missing_channel": Case(_h5("three.h5", drop=("SNR_images",)), "missing dataset(s) ['SNR_images']"),
+    "missing_channel": Case(_h5("three.h5", drop=("sci_images",)), "missing dataset(s) ['sci_images']"),
+    "no_snr_no_difference": Case(
+        _h5("two.h5", drop=("diff_images", "SNR_images")), "missing dataset(s) ['diff_images', 'SNR_images']"
+    ),
     "unknown_layout": Case(
         _h5(
             "other.h5",
@@ -515,6 +518,22 @@ def test_nan_and_inf_pixels_flagged_or_failed(tmp_path: Path, tiny_model_path: P
     for r in rows[4:]:
         assert r["label"] == "" and r["p_bogus"] == "" and r["p_real"] == ""
     assert "flagged 3, failed 3" in stderr_of(result)
+
+
+def test_a_missing_snr_channel_is_derived_from_the_difference(tmp_path: Path, tiny_model_path: Path) -> None:
+    from stampclf.io._cutouts import DERIVED_SNR, derive_snr
+
+    x = make_stamps(9, seed=8)
+    x[4, 2] = np.nan  # no difference: nothing to derive from, the row fails
+    path = write_hits_h5(tmp_path / "no_snr.h5", stamps=x, drop=("SNR_images",), flatten=True)
+    _, rows = _classify_csv(tmp_path, tiny_model_path, path)
+    assert [r["status"] for r in rows] == [f"flagged: {DERIVED_SNR}"] * 4 + [
+        "failed: no finite pixel in channel 'difference', 'snr_difference'"] + [f"flagged: {DERIVED_SNR}"] * 4
+    full = x.copy()
+    full[:, 3] = [derive_snr(d) for d in x[:, 2]]
+    want = Classifier(tiny_model_path, device="cpu").classify(full).proba[:, 1]
+    got = np.array([float(r["p_real"]) if r["p_real"] else np.nan for r in rows])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_a_constant_channel_is_scored_and_flagged(tmp_path: Path, tiny_model_path: Path) -> None:

@@ -344,6 +344,8 @@ def test_training_and_export_errors_are_one_line(trained: dict[str, Path], tmp_p
 
 def test_training_data_is_read_like_classify_reads_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--set data=``: any layout classify accepts, labels as indices or names, unusable rows counted."""
+    from stampclf.io._cutouts import derive_snr
+    from stampclf.preprocess import prepare_stamps
     from train.data.hits import read_labelled_h5
 
     spec = get_spec("hits")
@@ -359,9 +361,14 @@ def test_training_data_is_read_like_classify_reads_it(tmp_path: Path, capsys: py
     np.testing.assert_allclose(x1, x2, rtol=0, atol=1e-6)
     assert (note1["layout"], note2["layout"]) == ("channels", "stacked") and note1["used"] == 24
     # the same preprocessing as the runtime's
-    from stampclf.preprocess import prepare_stamps
-
     np.testing.assert_array_equal(x1, prepare_stamps(stamps, spec.input, spec.preprocessing)[0])
+
+    no_snr = write_hits_h5(tmp_path / "no_snr.h5", stamps=stamps, labels=y, drop=("SNR_images",))
+    x4, _, note4 = read_labelled_h5(str(no_snr), spec)  # derived from the difference, as classify does
+    derived = stamps.copy()
+    derived[:, 3] = [derive_snr(d) for d in stamps[:, 2]]
+    assert note4["used"] == 24
+    np.testing.assert_array_equal(x4, prepare_stamps(derived, spec.input, spec.preprocessing)[0])
 
     bad = stamps.copy()
     bad[[3, 7]] = np.nan  # no finite pixel: classify fails these rows, so training leaves them out

@@ -28,6 +28,7 @@ __all__ = [
     "canonical_channel",
     "decode_fits",
     "derive_snr",
+    "derive_snr_rows",
     "cutouts_to_input",
     "classify_cutouts",
     "quiet_astropy",
@@ -184,9 +185,15 @@ def derive_snr(difference: np.ndarray) -> np.ndarray:
     finite pixels, falling back to the standard deviation when the MAD is 0):
     surveys do not ship a per-pixel noise map with their cut-outs.
     """
-    flat = np.asarray(difference, dtype=np.float32).reshape(1, -1)
+    return derive_snr_rows(np.asarray(difference)[None])[0]
+
+
+def derive_snr_rows(difference: np.ndarray) -> np.ndarray:
+    """`derive_snr` of each of ``(N, H, W)`` difference cut-outs (one noise figure per cut-out)."""
+    diff = np.asarray(difference, dtype=np.float32)
+    flat = diff.reshape(len(diff), -1)
     _, sigma = _robust_centre_scale(flat, np.isfinite(flat).all(axis=1))
-    return (np.asarray(difference, dtype=np.float32) / sigma[0]).astype(np.float32)
+    return (diff / sigma[:, None, None]).astype(np.float32)  # sigma > 0 always (1 where undefined)
 
 
 def _pad_to(arr: np.ndarray, height: int, width: int, before: tuple[int, int] | None = None) -> np.ndarray:

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputError, StampclfError, open_failure
-from ..preprocess import OK
+from ..preprocess import OK, merge_status
 from ._base import DUPLICATE_ID, InputBatch, duplicate_rows
+from ._cutouts import DERIVED_SNR, derive_snr_rows
 
 __all__ = ["HDF5Reader", "LAYOUTS"]
 
@@ -68,6 +69,9 @@ class HDF5Reader:
         self._fd: int | None = None  # own descriptor, for read-ahead hints only
         #: set by the caller (``--keep-going``): unreadable rows become failed rows, listed in `damaged`
         self.salvage = False
+        # (channel position, position of the difference channel) when the file has no
+        # snr_difference dataset and it is derived from the difference
+        self._derive: tuple[int, int] | None = None
         self.damaged: list[str] = []
         #: read the labels beside the rows; a caller with no use for them turns it off, so that
         #: a damaged labels chunk cannot fail rows it does not concern
@@ -143,8 +147,16 @@ class HDF5Reader:
             self._row_shape: tuple[int, ...] = (int(c), int(hh), int(ww))
         else:
             missing = [n for n in names if self._dataset(n) is None]
-            if missing:
+            derivable = (
+                len(missing) == 1 and "difference" in self.channels
+                and self.channels[names.index(missing[0])] == "snr_difference"
+                and self._dataset(names[self.channels.index("difference")]) is not None
+            )  # fmt: skip
+            if missing and not derivable:
                 raise InputError(f"{self.path}: missing dataset(s) {missing} for channels {self.channels}")
+            if derivable:  # as for alert packets: difference / its robust noise, and every row flagged
+                self._derive = (names.index(missing[0]), names.index(names[self.channels.index("difference")]))
+                names = [n for n in names if n != missing[0]]
             self._datasets = [self._dataset(n) for n in names]
             lengths = {n: d.shape[0] if d.ndim else 0 for n, d in zip(names, self._datasets, strict=True)}
             if len(set(lengths.values())) > 1:
@@ -165,7 +177,7 @@ class HDF5Reader:
             }
             if len(set(sizes.values())) > 1:
                 raise InputError(f"{self.path}: channel datasets disagree in stamp size: {sizes}")
-            self._row_shape = (len(names), *(int(v) for v in next(iter(sizes.values()))))
+            self._row_shape = (len(self.channels), *(int(v) for v in next(iter(sizes.values()))))
         for d in self._datasets:
             if d.dtype.kind not in "fiu":
                 raise InputError(f"{self.path}: dataset {d.name!r} has dtype {d.dtype}; expected numbers")
@@ -248,10 +260,11 @@ class HDF5Reader:
             for d in self._datasets:
                 self._reading = d.name
                 parts.append(_read_rows(d, start, stop))
-            stamps = np.stack(
-                [p.reshape(p.shape[0], math.isqrt(p.shape[1]), -1) if p.ndim == 2 else p for p in parts],
-                axis=1,
-            )
+            parts = [p.reshape(p.shape[0], math.isqrt(p.shape[1]), -1) if p.ndim == 2 else p for p in parts]
+            if self._derive is not None:
+                at, diff = self._derive
+                parts.insert(at, derive_snr_rows(parts[diff if diff < at else diff - 1]))
+            stamps = np.stack(parts, axis=1)
         return self._batch(start, stop, stamps)
 
     def _batch(self, start: int, stop: int, stamps: np.ndarray, failed: str | None = None) -> InputBatch:
@@ -274,6 +287,9 @@ class HDF5Reader:
             status = np.full(stop - start, f"failed: {failed}", dtype=object)
         elif self._dup is not None and self._dup[start:stop].any():
             status = np.where(self._dup[start:stop], DUPLICATE_ID, OK).astype(object)
+        if self._derive is not None and failed is None:
+            derived = np.full(stop - start, f"flagged: {DERIVED_SNR}", dtype=object)
+            status = derived if status is None else merge_status(status, derived)
         return InputBatch(ids=ids, stamps=stamps, labels=labels, status=status)
 
     def read_rows(self, start: int, stop: int) -> InputBatch:
