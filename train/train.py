@@ -190,8 +190,8 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     bs = int(recipe.get("batch_size", 256))
     workers = int(recipe.get("workers", 0))
     t_start = time.time()
-    given = options.get("data") or options.get("root")
-    print(f"[train] {spec.name}: loading data ({spec.dataset}{f': {given}' if given else ''})", flush=True)
+    given = "".join(f", {k}={options[k]}" for k in ("data", "root") if options.get(k))  # the user's own files
+    print(f"[train] {spec.name}: loading data ({spec.dataset}{given})", flush=True)
     data: DataBundle = load_dataset(spec, options, args.seed)
     print(f"[train] data: train {len(data.train)}, val {len(data.val)}, test {len(data.test)} "
           f"({time.time() - t_start:.0f} s)", flush=True)
