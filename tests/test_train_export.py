@@ -408,6 +408,7 @@ def _own_data(tmp_path: Path, **labels: object) -> list[str]:
     ("same data", "the train and val splits hold the same stamps and labels"),
     ("one class", "the training split has no 'bogus' stamp"),
     ("empty", "no stamps (0 rows)"),
+    ("fraction", "--set val_fraction applies to one data= file"),
 ])
 def test_own_data_that_cannot_give_a_held_out_figure_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, message: str
@@ -420,6 +421,8 @@ def test_own_data_that_cannot_give_a_held_out_figure_is_refused(
         files[2] = files[0]
     elif case == "same data":
         Path(files[1]).write_bytes(Path(files[0]).read_bytes())
+    elif case == "fraction":
+        extra = ["--set", "val_fraction=0.2"]
     elif case == "empty":
         write_hits_h5(files[1], stamps=np.zeros((0, 4, 21, 21), np.float32), labels=np.zeros(0, int), ids=None)
     rc = train_mod.main(["--model", "hits", "--epochs", "1", "--out", str(tmp_path / "run"), "--device", "cpu",
@@ -459,3 +462,26 @@ def test_missing_shared_data_error_gives_the_unpack_command(tmp_path: Path, caps
                          "--set", f"root={tmp_path / 'nowhere'}"])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "tar xzf ../shared/data/galaxy_zoo1/" in err, err
+
+
+def test_one_data_file_is_split_by_class_from_the_seed(tmp_path: Path) -> None:
+    from train.data.hits import _read_given_splits
+
+    y = np.r_[np.zeros(60, int), np.ones(40, int)]
+    x = make_stamps(100, seed=9)
+    x[:, 0, 0, 0] = np.arange(100)  # tells rows apart after preprocessing
+    path = str(write_hits_h5(tmp_path / "all.h5", stamps=x, labels=y))
+    spec = get_spec("hits")
+    a = _read_given_splits(path, spec, {}, seed=1)
+    assert {k: len(v[1]) for k, v in a.items()} == {"train": 70, "val": 15, "test": 15}
+    assert [int(v[1].sum()) for v in a.values()] == [28, 6, 6]  # 40 % real in every split
+    rows = [{tuple(r) for r in v[0][:, 0].reshape(len(v[0]), -1)} for v in a.values()]
+    assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])  # disjoint
+    b = _read_given_splits(path, spec, {}, seed=1)
+    c = _read_given_splits(path, spec, {"val_fraction": 0.3}, seed=2)
+    assert all(np.array_equal(a[k][0], b[k][0]) for k in a) and len(c["val"][1]) == 30
+    assert not np.array_equal(a["test"][0], _read_given_splits(path, spec, {}, seed=2)["test"][0])
+    assert a["val"][2]["split"] == {"seed": 1, "val_fraction": 0.15, "test_fraction": 0.15, "stratified": True,
+                                    "rows": 15}
+    rc = train_mod.main(["--model", "hits", "--epochs", "1", "--out", str(tmp_path / "run"), "--set", "val_fraction=0.2"])
+    assert rc == 2  # simulated splits are sized by n_val and n_test

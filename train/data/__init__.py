@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # annotations only: the numpy-only simulator must not pull to
     import torch
     from torch.utils.data import Dataset
 
-__all__ = ["DataBundle", "register_dataset", "load_dataset", "dataset_options", "array_sha256"]
+__all__ = ["DataBundle", "register_dataset", "load_dataset", "dataset_options", "array_sha256", "stratified_split"]
 
 
 @dataclass
@@ -87,3 +87,23 @@ def array_sha256(*arrays: np.ndarray) -> str:
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
+
+
+def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
+    """Indices of disjoint splits, each with about *fractions* of every class (the rest is the last split).
+
+    Deterministic for a seed: each class is shuffled by its own generator stream.
+    """
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))]
+        start = 0
+        for k, f in enumerate(fractions):
+            n = int(round(f * len(idx)))
+            if len(idx) >= len(fractions) + 1:
+                n = max(n, 1)  # every split sees every class that has enough examples
+            parts[k].append(idx[start : start + n])
+            start += n
+        parts[-1].append(idx[start:])
+    return [np.sort(np.concatenate(p)) for p in parts]

@@ -4,10 +4,11 @@ Options (``--set key=value``, defaults from the model's recipe)
 -----------------------------------------------------------------
 ``n_train``, ``n_val``, ``n_test``
     Simulated split sizes.
-``data=train.h5,val.h5,test.h5``
-    Read three labelled HDF5 files instead of simulating: any layout ``stampclf classify``
-    reads (HiTS per-channel datasets or a stacked ``stamps`` array), labels as class
-    indices or names; rows the runtime would fail are left out and counted.
+``data=train.h5,val.h5,test.h5`` | ``data=all.h5``
+    Read three labelled HDF5 files instead of simulating, or one that is split 70/15/15
+    (stratified by class, from the seed; ``val_fraction``, ``test_fraction``): any layout
+    ``stampclf classify`` reads (HiTS per-channel datasets or a stacked ``stamps`` array),
+    labels as class indices or names; rows the runtime would fail are left out and counted.
 ``sim_workers``
     Processes simulating shards (default: the CPUs this process may use). The data do
     not depend on it: shards have a fixed size and their own seeds.
@@ -44,7 +45,7 @@ from torch.utils.data import TensorDataset
 
 from stampclf.preprocess import prepare_stamps
 
-from . import DataBundle, array_sha256, register_dataset
+from . import DataBundle, array_sha256, register_dataset, stratified_split
 
 __all__ = [
     "CHANNEL_KEYS", "SHARD", "stack_channels", "to_tensors", "read_labelled_h5", "simulate_prepared", "HitsAugment",
@@ -248,23 +249,49 @@ def _real_sn(option: Any, spec: Any) -> tuple[dict[str, TensorDataset], dict[str
 
 
 #: the ``--set`` keys `load_hits` reads (see the module docstring)
-HITS_OPTIONS = ("n_train", "n_val", "n_test", "data", "sim_workers", "cache", "snr_derived", "real_sn")
+HITS_OPTIONS = ("n_train", "n_val", "n_test", "data", "val_fraction", "test_fraction", "sim_workers", "cache",
+                "snr_derived", "real_sn")
 #: the keys that shape simulated data only (refused with ``data=``, left out of the run's recipe)
 SIMULATION_OPTIONS = ("n_train", "n_val", "n_test", "sim_workers", "cache")
 
 
-def _read_given_splits(option: str, spec: Any) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
-    """The ``data=train.h5,val.h5,test.h5`` splits, checked the way a held-out figure needs."""
+def _split_one_file(path: str, spec: Any, recipe: dict[str, Any], seed: int
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
+    """``data=all.h5``: one file split into train/val/test, stratified by class, from the seed."""
+    x, y, note = read_labelled_h5(path, spec)
+    fractions = (float(recipe.get("val_fraction", 0.15)), float(recipe.get("test_fraction", 0.15)))
+    if not all(0 < f < 1 for f in fractions) or sum(fractions) >= 1:
+        raise ValueError(f"val_fraction and test_fraction must be in (0, 1) and leave rows to train on; got {fractions}")
+    val, test, train = stratified_split(y, fractions, seed)
+    split = {"seed": seed, "val_fraction": fractions[0], "test_fraction": fractions[1], "stratified": True}
+    return {k: (x[idx], y[idx], {**note, "split": {**split, "rows": int(len(idx))}})
+            for k, idx in (("train", train), ("val", val), ("test", test))}
+
+
+def _read_given_splits(option: str, spec: Any, recipe: dict[str, Any] | None = None,
+                       seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
+    """The ``data=`` splits (three files, or one split from the seed), checked the way a held-out figure needs."""
+    recipe = recipe or {}
     paths = [p.strip() for p in option.split(",")]
-    if len(paths) != 3 or not all(paths):
-        raise ValueError(f"data= needs three HDF5 files train,val,test; got {option!r}")
+    if len(paths) not in (1, 3) or not all(paths):
+        raise ValueError(f"data= needs one HDF5 file (split 70/15/15 from the seed) or three, train,val,test; "
+                         f"got {option!r}")
+    if len(paths) == 1:
+        return _check_splits(_split_one_file(paths[0], spec, recipe, seed), spec, paths * 3)
+    given = [k for k in ("val_fraction", "test_fraction") if k in recipe]
+    if given:
+        raise ValueError(f"--set {given[0]} applies to one data= file, not to three given splits")
     same = [(a, b) for a, b in ((0, 1), (0, 2), (1, 2)) if os.path.realpath(paths[a]) == os.path.realpath(paths[b])]
     names = ("train", "val", "test")
     if same:
         a, b = same[0]
         raise ValueError(f"data=: the {names[a]} and {names[b]} splits are one file, {paths[a]}; "
                          "a held-out split must be other data")
-    splits = {k: read_labelled_h5(p, spec) for k, p in zip(names, paths, strict=True)}
+    return _check_splits({k: read_labelled_h5(p, spec) for k, p in zip(names, paths, strict=True)}, spec, paths)
+
+
+def _check_splits(splits: dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]], spec: Any,
+                  paths: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
     digests = {k: array_sha256(x, y) for k, (x, y, _) in splits.items()}
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         if digests[a] == digests[b]:
@@ -284,7 +311,7 @@ def _read_given_splits(option: str, spec: Any) -> dict[str, tuple[np.ndarray, np
 
 @register_dataset("hits_sim", options=HITS_OPTIONS)
 def load_hits(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
-    """Simulated HiTS candidates (train/val/test from disjoint seeds) or ``data=train.h5,val.h5,test.h5``."""
+    """Simulated HiTS candidates (train/val/test from disjoint seeds) or labelled files (``data=``)."""
     recipe = {**spec.recipe, **options}
     extra: dict[str, TensorDataset] = {}
     ignored: tuple[str, ...] = ()
@@ -293,12 +320,15 @@ def load_hits(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
         if given:
             raise ValueError(f"--set {given[0]} does not apply with data= (the files give the splits)")
         ignored = SIMULATION_OPTIONS
-        splits = _read_given_splits(str(recipe["data"]), spec)
+        splits = _read_given_splits(str(recipe["data"]), spec, options, seed)
         prov: dict[str, Any] = {"source": "labelled HDF5 files", "files": {k: n for k, (_, _, n) in splits.items()}}
         # hash of the preprocessed model input (what the network saw), as for simulated data
         prov["sha256"] = {k: array_sha256(x, y) for k, (x, y, _) in splits.items()}
         train, val, test = (TensorDataset(torch.from_numpy(x), torch.from_numpy(y)) for x, y, _ in splits.values())
     else:
+        given = [k for k in ("val_fraction", "test_fraction") if k in options]
+        if given:
+            raise ValueError(f"--set {given[0]} applies to one data= file; simulated splits are sized by n_val, n_test")
         from .hits_sim import SIM_VERSION
 
         sizes = [int(recipe["n_train"]), int(recipe["n_val"]), int(recipe["n_test"])]

@@ -49,7 +49,7 @@ from torch.utils.data import TensorDataset
 from stampclf.io._images import IMAGE_SUFFIXES
 from stampclf.preprocess import IMAGE_DECODE_VERSION, image_to_uint8, open_image, scale_pixels
 
-from . import DataBundle, array_sha256, register_dataset
+from . import DataBundle, array_sha256, register_dataset, stratified_split
 
 __all__ = [
     "folder_per_class",
@@ -157,26 +157,6 @@ def folder_with_csv(
                 raise ValueError(f"{labels_csv}:{line}: label {raw!r} is not a known class") from None
             files.append(str(path))
     return files, np.asarray(labels, dtype=np.int64)
-
-
-def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
-    """Indices of disjoint splits, each with about *fractions* of every class (the rest is the last split).
-
-    Deterministic for a seed: each class is shuffled by its own generator stream.
-    """
-    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))]
-        start = 0
-        for k, f in enumerate(fractions):
-            n = int(round(f * len(idx)))
-            if len(idx) >= len(fractions) + 1:
-                n = max(n, 1)  # every split sees every class that has enough examples
-            parts[k].append(idx[start : start + n])
-            start += n
-        parts[-1].append(idx[start:])
-    return [np.sort(np.concatenate(p)) for p in parts]
 
 
 def _subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
