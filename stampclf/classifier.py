@@ -392,20 +392,41 @@ class Classifier:
             labels[failed] = ""
         return proba, labels
 
-    def classify(self, stamps: np.ndarray | Sequence[Any], ids: np.ndarray | None = None) -> Predictions:
-        """Classify in-memory rows: raw stamps ``(N, C, H, W)`` in the card's channel order.
+    def classify(
+        self, stamps: np.ndarray | Sequence[Any], ids: np.ndarray | None = None, *, preprocessed: bool = False
+    ) -> Predictions:
+        """Classify in-memory rows.
 
-        For image models: a list of Pillow images (resized, cropped and scaled as the
-        card says, like files), uint8 pixels already at the input size ``(N, C, H, W)``
-        or ``(N, H, W, C)`` (scaled as the card says), or float32 arrays taken as already
-        preprocessed. Rows whose id repeats an earlier row's are kept and flagged
-        ``duplicate id``.
+        Parameters
+        ----------
+        stamps
+            Stamp models: raw stamps ``(N, C, H, W)`` in the card's channel order
+            (``card.channels``), any linear pixel unit and numeric dtype; one stamp needs
+            the batch axis (``stamp[None]``). Image models: a list of Pillow images
+            (resized, cropped and scaled as the card says, like files) or uint8 pixels
+            already at the input size, ``(N, C, H, W)`` or ``(N, H, W, C)``.
+        ids
+            One id per row (default: row numbers); a repeated id is flagged ``duplicate id``.
+        preprocessed
+            *stamps* is model input already (float32 ``(N, *card.shape)``, preprocessed
+            as the card says): it goes to the model as it is.
+
+        Returns
+        -------
+        Predictions
+            One row per input row, in order, with the model's name and version.
         """
         if ids is not None:
             ids = _check_ids(ids, len(stamps) if hasattr(stamps, "__len__") else -1)
-        if self.card.kind != "stamp":
+        if preprocessed:
+            x = self._model_input(stamps)
+            status = np.full(len(x), OK, dtype=object)
+        elif self.card.kind != "stamp":
             x = self._image_input(stamps)
             status = np.full(len(x), OK, dtype=object)
+        elif isinstance(stamps, (list, tuple)) and any(hasattr(i, "getbands") for i in stamps):
+            raise InputError(f"model {self.name!r} classifies stamps {self.card.shape} in the channels "
+                             f"{self.card.channels}, not images")
         elif isinstance(stamps, np.ndarray) and stamps.ndim == 4 and len(stamps) > 2 * self.batch_size:
             x = None  # large array: preprocess batch by batch, overlapped with inference
             proba, labels, status = self._classify_in_batches(stamps)
@@ -422,7 +443,7 @@ class Classifier:
         return pred
 
     def _image_input(self, images: Any) -> np.ndarray:
-        """Model input from Pillow images, uint8 pixels at the input size, or already preprocessed floats."""
+        """Model input from Pillow images or uint8 pixels at the input size."""
         c, h, w = self.card.shape
         spec = self.card.preprocessing
         if hasattr(images, "getbands"):
@@ -438,9 +459,17 @@ class Classifier:
                     raise InputError(f"images[{k}]: preprocessing gives shape {a.shape}, model needs {(c, h, w)}")
                 arrays.append(a)
             return np.stack(arrays)
-        arr = np.asarray(images)
+        if isinstance(images, (list, tuple)) and any(hasattr(i, "getbands") for i in images):
+            raise InputError("images: a list that mixes Pillow images with other things; give one kind")
+        try:
+            arr = np.asarray(images)
+        except ValueError as exc:  # ragged lists
+            raise InputError(f"images: not an array of images ({exc})") from None
         if arr.ndim == 3 and arr.dtype == np.uint8:
-            raise InputError(f"images: one image of shape {arr.shape}; add a batch axis (N, ...) or pass a list")
+            raise InputError(
+                f"images: uint8 pixels of shape {arr.shape}; expected a batch (N, {h}, {w}, {c}) or (N, {c}, {h}, {w}): "
+                "one image needs a batch axis (image[None]); grey images can be given as Pillow images"
+            )
         if arr.ndim == 4 and arr.dtype == np.uint8:  # pixels: only the scaling is left to do
             if arr.shape[1:] == (h, w, c) and arr.shape[1:] != (c, h, w):
                 arr = arr.transpose(0, 3, 1, 2)
@@ -450,12 +479,24 @@ class Classifier:
                     f"(N, {h}, {w}, {c}); resize/crop first (stampclf.preprocess.image_to_uint8) or pass Pillow images"
                 )
             return scale_pixels(arr, spec)
-        if arr.dtype.kind not in "f":
+        if arr.dtype.kind in "US" or (arr.dtype == object and len(arr) and isinstance(arr.flat[0], (str, os.PathLike))):
+            raise InputError("images: file names given; classify files with classify_file(paths)")
+        if arr.dtype.kind == "f":  # 0-255 or 0-1? and scaled or not? guessing would give confident nonsense
             raise InputError(
-                f"images: dtype {arr.dtype}; give Pillow images, uint8 pixels or preprocessed float32 (N, {c}, {h}, {w})"
+                f"images: float pixels ({arr.dtype}, values {np.nanmin(arr):.3g} to {np.nanmax(arr):.3g}); give uint8 "
+                f"pixels (0-255) or Pillow images, or preprocessed=True if this is model input already "
+                f"(stampclf.preprocess.image_to_array)"
             )
-        if arr.ndim != 4 or arr.shape[1:] != (c, h, w):
-            raise InputError(f"images: expected preprocessed shape (N, {c}, {h}, {w}), got {arr.shape}")
+        raise InputError(f"images: dtype {arr.dtype}; give Pillow images or uint8 pixels (N, {h}, {w}, {c})")
+
+    def _model_input(self, x: Any) -> np.ndarray:
+        """*x* checked as model input: float ``(N, *card.shape)``."""
+        arr = np.asarray(x)
+        if arr.dtype.kind != "f" or arr.ndim != 4 or arr.shape[1:] != tuple(self.card.shape):
+            raise InputError(
+                f"preprocessed input: expected float32 of shape (N, {', '.join(map(str, self.card.shape))}), "
+                f"got {arr.dtype} {arr.shape}"
+            )
         return np.ascontiguousarray(arr, dtype=np.float32)
 
     def _classify_in_batches(self, stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -478,13 +519,21 @@ class Classifier:
         parts = [(proba, labels, status) for _, proba, labels, status in self._predict_stream(tagged)]
         return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
-    def predict_proba(self, stamps: np.ndarray) -> np.ndarray:
-        """Class probabilities ``(N, n_classes)``; rows that could not be scored are NaN."""
-        return self.classify(stamps).proba
+    def predict_proba(self, stamps: np.ndarray | Sequence[Any], *, preprocessed: bool = False) -> np.ndarray:
+        """Class probabilities ``(N, n_classes)`` in the order of ``classes``; NaN rows could not be scored.
 
-    def predict(self, stamps: np.ndarray) -> np.ndarray:
-        """Predicted class names; ``""`` for rows that could not be scored."""
-        return self.classify(stamps).labels
+        *stamps* and *preprocessed* as in `classify`.
+        """
+        return self.classify(stamps, preprocessed=preprocessed).proba
+
+    def predict(self, stamps: np.ndarray | Sequence[Any], *, preprocessed: bool = False) -> np.ndarray:
+        """Predicted class names; ``""`` for rows that could not be scored.
+
+        Two-class cards with a ``positive_class``: that class where its probability is
+        at least ``threshold``; other cards: the most probable class. *stamps* and
+        *preprocessed* as in `classify`.
+        """
+        return self.classify(stamps, preprocessed=preprocessed).labels
 
     def classify_file(
         self,

@@ -200,7 +200,8 @@ def prepare_stamps(
         raise InputError(f"{what}: not an array of stamps ({exc})") from None
     _check_numeric(stamps, what)
     if stamps.ndim != 4:
-        raise InputError(f"{what}: expected 4 axes (N, C, H, W), got shape {stamps.shape}")
+        hint = "; one stamp needs the batch axis: stamp[None]" if stamps.ndim == 3 else ""
+        raise InputError(f"{what}: expected 4 axes (N, C, H, W), got shape {stamps.shape}{hint}")
     n_ch = len(card_input["channels"])
     if stamps.shape[1] != n_ch:
         raise InputError(

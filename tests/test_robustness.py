@@ -1011,7 +1011,7 @@ def test_disk_full_is_one_line_naming_the_output(
 
 def test_failed_run_leaves_existing_output_untouched(tmp_path: Path, tiny_model_path: Path) -> None:
     good = write_hits_h5(tmp_path / "good.h5", 3)
-    bad = write_hits_h5(tmp_path / "bad.h5", 3, drop=("SNR_images",))
+    bad = write_hits_h5(tmp_path / "bad.h5", 3, drop=("sci_images",))
     out = tmp_path / "out.h5"
     out.write_bytes(b"yesterday")
     result = run_cli(

@@ -419,3 +419,21 @@ def test_output_to_dev_null_is_accepted_and_left_a_device(tmp_path: Path, tiny_m
     r = CliRunner().invoke(app, ["classify", str(path), "-m", str(tiny_model_path), "--device", "cpu", "-o", os.devnull])
     assert r.exit_code == 0, r.output
     assert stat.S_ISCHR(os.stat(os.devnull).st_mode)  # written to, never renamed over
+
+
+def test_in_memory_input_mistakes_get_a_hint(tiny_model_path: Path) -> None:
+    from PIL import Image
+
+    from stampclf import InputError
+    from stampclf.preprocess import prepare_stamps
+
+    clf = Classifier(tiny_model_path, device="cpu")
+    x = make_stamps(3, seed=1)
+    with pytest.raises(InputError, match=r"one stamp needs the batch axis: stamp\[None\]"):
+        clf.classify(x[0])
+    with pytest.raises(InputError, match="classifies stamps .* not images"):
+        clf.classify([Image.new("RGB", (21, 21))])
+    ready, _ = prepare_stamps(x, clf.card.input, clf.card.preprocessing)
+    np.testing.assert_array_equal(clf.classify(ready, preprocessed=True).proba, clf.classify(x).proba)
+    with pytest.raises(InputError, match=r"preprocessed input: expected float32 of shape \(N, 4, 21, 21\)"):
+        clf.predict_proba(ready[:, :3], preprocessed=True)
