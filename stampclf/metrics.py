@@ -21,10 +21,10 @@ def label_indices(labels: np.ndarray, classes: Sequence[str], what: str) -> np.n
         Naming *what* and the first label that is not one of *classes*.
     """
     k = len(classes)
-    if labels.dtype.kind == "f":
-        whole = np.isfinite(labels) & (labels == np.round(labels))
+    if labels.dtype.kind == "f":  # checked before the cast: 1e20 would wrap around
+        whole = np.isfinite(labels) & (labels == np.round(labels)) & (labels >= 0) & (labels < k)
         if not whole.all():
-            raise InputError(f"{what}: label {labels[~whole][0]} is not a class index 0..{k - 1}")
+            raise InputError(f"{what}: label {labels[~whole][0]:g} is not a class index 0..{k - 1}")
         labels = labels.astype(np.int64)  # labels stored as 0.0/1.0
     if labels.dtype.kind == "b":
         raise InputError(f"{what}: labels are booleans; store class indices 0..{k - 1} or names {list(classes)}")

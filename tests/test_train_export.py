@@ -363,6 +363,10 @@ def test_training_data_is_read_like_classify_reads_it(tmp_path: Path, capsys: py
     # the same preprocessing as the runtime's
     np.testing.assert_array_equal(x1, prepare_stamps(stamps, spec.input, spec.preprocessing)[0])
 
+    last = str(write_hits_h5(tmp_path / "last.h5", stamps=stamps, labels=y, layout="stacked", channels_last=True))
+    with pytest.raises(ValueError, match=r"channels-last data\? use --set data_channels_last=true"):
+        read_labelled_h5(last, spec)
+    np.testing.assert_array_equal(read_labelled_h5(last, spec, channels_last=True)[0], x1)
     no_snr = write_hits_h5(tmp_path / "no_snr.h5", stamps=stamps, labels=y, drop=("SNR_images",))
     x4, _, note4 = read_labelled_h5(str(no_snr), spec)  # derived from the difference, as classify does
     derived = stamps.copy()
@@ -372,9 +376,15 @@ def test_training_data_is_read_like_classify_reads_it(tmp_path: Path, capsys: py
 
     bad = stamps.copy()
     bad[[3, 7]] = np.nan  # no finite pixel: classify fails these rows, so training leaves them out
+    bad[10, :, :12], bad[11, :, :13] = np.nan, np.nan  # over the NaN budget, by different counts: one reason
     x3, y3, note3 = read_labelled_h5(str(write_hits_h5(tmp_path / "nan.h5", stamps=bad, labels=y)), spec)
-    assert len(x3) == len(y3) == 22 and note3["rows"] == 24 and sum(note3["left_out"].values()) == 2
-    assert "2 of 24 rows left out" in capsys.readouterr().out
+    assert len(x3) == len(y3) == 20 and note3["rows"] == 24
+    assert note3["left_out"] == {"more pixels not finite than the card allows": 4}
+    assert "4 of 24 rows left out" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"label 1e\+20 is not a class index 0..1"):
+        from stampclf.metrics import label_indices
+
+        label_indices(np.array([0.0, 1e20]), spec.classes, "f")
 
 
 @pytest.mark.parametrize(("labels", "message"), [

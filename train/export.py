@@ -58,9 +58,9 @@ EXPORTED = Path(__file__).resolve().parent.parent / "exported"
 #: (`NO_EFFECT_KEYS`), simulation processes (the data do not depend on them), the extra
 #: ``real_sn`` test split (evaluation only), and where the image data are read from
 SAME_MODEL_KEYS = (*NO_EFFECT_KEYS, "sim_workers", "real_sn", "root", "archive")
-#: PEP 440 versions the card accepts from ``--version`` (release, pre/post/dev, local part)
 #: a model name: also its file name (``<name>.onnx``) and what ``stampclf classify --model`` takes
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: PEP 440 versions the card accepts from ``--version`` (release, pre/post/dev, local part)
 VERSION_RE = re.compile(r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[a-z0-9]+([._-][a-z0-9]+)*)?", re.I)
 
 #: Largest accepted |p_onnx - p_torch|.
@@ -161,7 +161,9 @@ def recipe_differences(spec: ModelSpec, report: dict[str, Any]) -> list[str]:
     def relevant(recipe: dict[str, Any]) -> dict[str, Any]:
         return _plain({k: v for k, v in recipe.items() if k not in SAME_MODEL_KEYS})
 
-    registered = relevant({**spec.recipe, "epochs": spec.recipe.get("epochs", DEFAULT_EPOCHS)})
+    ignored = set(report.get("recipe_ignored", ()))  # registry keys the run's data had no use for
+    registered = {k: v for k, v in relevant({**spec.recipe, "epochs": spec.recipe.get("epochs", DEFAULT_EPOCHS)}).items()
+                  if k not in ignored}
     used = relevant(report.get("recipe", {}))
     missing = object()
     diffs = [k for k in sorted({*registered, *used}) if registered.get(k, missing) != used.get(k, missing)]

@@ -313,6 +313,7 @@ def finish(spec: ModelSpec, model: nn.Module, data: DataBundle, run: dict[str, A
         "seed": args.seed,
         "command": run["command"],
         "options": options,
+        **({"recipe_ignored": sorted(data.ignored)} if data.ignored else {}),
         "recipe": recipe,
         "device": run["device"],
         "best_epoch": run["best_epoch"],
@@ -551,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the report's command
     options = parse_options(args.options)
+    for key in ("data", "root"):  # the report must find the files again from any folder (--evaluate-only)
+        if isinstance(options.get(key), str):
+            options[key] = ",".join(os.path.abspath(p.strip()) if p.strip() else p for p in options[key].split(","))
     check_options(spec, options)
     try:
         (evaluate_only if args.evaluate_only else train)(spec, args, options)

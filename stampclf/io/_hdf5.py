@@ -21,6 +21,8 @@ LAYOUTS = ("auto", "channels", "stacked")
 _ID_NAMES = ("ID", "id", "ids", "candid")
 _LABEL_NAMES = ("labels", "label")
 _STACKED_NAME = "stamps"
+#: the options of `HDF5Reader` as ``stampclf classify`` spells them, for error messages
+CLI_HINTS = {"layout": "--layout {}", "channels_last": "--channels-last"}
 #: Largest read block (bytes of stamps); larger chunks are read batch by batch.
 MAX_BLOCK_BYTES = 64 * 2**20
 # what h5py raises on damaged files (truncated, corrupt metadata or chunks)
@@ -57,12 +59,16 @@ class HDF5Reader:
         ``temp_images``...) or ``"stacked"`` (``stamps`` of shape (N, C, H, W)).
     channels_last
         The stacked dataset is (N, H, W, C).
+    hints
+        How the caller spells the *layout* and *channels_last* options in error messages
+        (default: ``stampclf classify``'s flags, `CLI_HINTS`).
     """
 
     def __init__(
         self, path: str, card_input: dict[str, Any], layout: str = "auto", channels_last: bool = False,
-        duplicates: np.ndarray | None = None,
+        duplicates: np.ndarray | None = None, hints: dict[str, str] | None = None,
     ) -> None:
+        self._hints = hints or CLI_HINTS
         if layout not in LAYOUTS:
             raise InputError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
         self.path = str(path)
@@ -113,7 +119,8 @@ class HDF5Reader:
                 if per_channel:  # two sets of stamps: guessing would silently classify one of them
                     raise InputError(
                         f"{self.path}: both a {_STACKED_NAME!r} dataset and per-channel datasets "
-                        f"{per_channel}; choose one with --layout stacked or --layout channels"
+                        f"{per_channel}; choose one with {self._hints['layout'].format('stacked')} or "
+                        f"{self._hints['layout'].format('channels')}"
                     )
                 layout = "stacked"
             elif per_channel:
@@ -139,7 +146,8 @@ class HDF5Reader:
                 raise InputError(
                     f"{self.path}: dataset {_STACKED_NAME!r} has {n_ch} channel(s) (shape {ds.shape}) "
                     f"but the model needs {len(self.channels)}: {self.channels}"
-                    + ("" if channels_last or ds.shape[3] != len(self.channels) else " (channels-last data? use --channels-last)")
+                    + ("" if channels_last or ds.shape[3] != len(self.channels)
+                       else f" (channels-last data? use {self._hints['channels_last']})")
                 )
             self._datasets = [ds]
             self._channels_last = channels_last

@@ -9,6 +9,8 @@ Options (``--set key=value``, defaults from the model's recipe)
     (stratified by class, from the seed; ``val_fraction``, ``test_fraction``): any layout
     ``stampclf classify`` reads (HiTS per-channel datasets or a stacked ``stamps`` array),
     labels as class indices or names; rows the runtime would fail are left out and counted.
+    ``data_layout=channels|stacked`` and ``data_channels_last=true`` as ``stampclf
+    classify``'s ``--layout`` and ``--channels-last``.
 ``sim_workers``
     Processes simulating shards (default: the CPUs this process may use). The data do
     not depend on it: shards have a fixed size and their own seeds.
@@ -36,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +177,14 @@ class HitsAugment:
         return x, y
 
 
-def read_labelled_h5(path: str, spec: Any, batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+#: the reader's options as ``--set`` keys, for its error messages
+_TRAINING_HINTS = {"layout": "--set data_layout={}", "channels_last": "--set data_channels_last=true"}
+# "failed: 924 of 1764 pixels not finite" -> one reason, whatever the count
+_FAILED_COUNT = re.compile(r"^\d+ of \d+ pixels not finite$")
+
+
+def read_labelled_h5(path: str, spec: Any, batch_size: int = 8192, layout: str = "auto",
+                     channels_last: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Model input, class indices and a note on one labelled HDF5 file.
 
     The file is read by the runtime's own reader (any layout ``stampclf classify``
@@ -186,7 +196,7 @@ def read_labelled_h5(path: str, spec: Any, batch_size: int = 8192) -> tuple[np.n
     from stampclf.io import HDF5Reader
     from stampclf.metrics import label_indices
 
-    reader = HDF5Reader(path, spec.input)
+    reader = HDF5Reader(path, spec.input, str(layout), bool(channels_last), hints=_TRAINING_HINTS)
     try:
         if not reader.has_labels:
             why = getattr(reader, "why_no_labels", None) or "expected a 'labels' dataset, one class per stamp"
@@ -202,7 +212,8 @@ def read_labelled_h5(path: str, spec: Any, batch_size: int = 8192) -> tuple[np.n
             x[i : i + n], y[i : i + n] = xb, label_indices(batch.labels, spec.classes, path)
             for j in np.flatnonzero([str(s).startswith("failed") for s in status]):
                 keep[i + j] = False
-                reason = str(status[j]).removeprefix("failed: ")
+                reason = _FAILED_COUNT.sub("more pixels not finite than the card allows",
+                                           str(status[j]).removeprefix("failed: "))
                 reasons[reason] = reasons.get(reason, 0) + 1
             i += n
     finally:
@@ -249,8 +260,18 @@ def _real_sn(option: Any, spec: Any) -> tuple[dict[str, TensorDataset], dict[str
 
 
 #: the ``--set`` keys `load_hits` reads (see the module docstring)
-HITS_OPTIONS = ("n_train", "n_val", "n_test", "data", "val_fraction", "test_fraction", "sim_workers", "cache",
-                "snr_derived", "real_sn")
+HITS_OPTIONS = ("n_train", "n_val", "n_test", "data", "val_fraction", "test_fraction", "data_layout",
+                "data_channels_last", "sim_workers", "cache", "snr_derived", "real_sn")
+#: the keys that apply to data= files only
+FILE_OPTIONS = ("val_fraction", "test_fraction", "data_layout", "data_channels_last")
+
+
+def _reader_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``HDF5Reader``'s layout options from ``data_layout`` and ``data_channels_last``."""
+    last = options.get("data_channels_last", False)
+    if not isinstance(last, bool):
+        raise ValueError(f"--set data_channels_last={last}: expected true or false")
+    return {"layout": str(options.get("data_layout", "auto")), "channels_last": last}
 #: the keys that shape simulated data only (refused with ``data=``, left out of the run's recipe)
 SIMULATION_OPTIONS = ("n_train", "n_val", "n_test", "sim_workers", "cache")
 
@@ -258,7 +279,7 @@ SIMULATION_OPTIONS = ("n_train", "n_val", "n_test", "sim_workers", "cache")
 def _split_one_file(path: str, spec: Any, recipe: dict[str, Any], seed: int
                     ) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
     """``data=all.h5``: one file split into train/val/test, stratified by class, from the seed."""
-    x, y, note = read_labelled_h5(path, spec)
+    x, y, note = read_labelled_h5(path, spec, **_reader_options(recipe))
     fractions = (float(recipe.get("val_fraction", 0.15)), float(recipe.get("test_fraction", 0.15)))
     if not all(0 < f < 1 for f in fractions) or sum(fractions) >= 1:
         raise ValueError(f"val_fraction and test_fraction must be in (0, 1) and leave rows to train on; got {fractions}")
@@ -287,12 +308,15 @@ def _read_given_splits(option: str, spec: Any, recipe: dict[str, Any] | None = N
         a, b = same[0]
         raise ValueError(f"data=: the {names[a]} and {names[b]} splits are one file, {paths[a]}; "
                          "a held-out split must be other data")
-    return _check_splits({k: read_labelled_h5(p, spec) for k, p in zip(names, paths, strict=True)}, spec, paths)
+    read = {k: read_labelled_h5(p, spec, **_reader_options(recipe)) for k, p in zip(names, paths, strict=True)}
+    return _check_splits(read, spec, paths)
 
 
 def _check_splits(splits: dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]], spec: Any,
                   paths: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
     digests = {k: array_sha256(x, y) for k, (x, y, _) in splits.items()}
+    for k, (_, _, note) in splits.items():
+        note["sha256"] = digests[k]
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         if digests[a] == digests[b]:
             raise ValueError(f"data=: the {a} and {b} splits hold the same stamps and labels "
@@ -323,12 +347,12 @@ def load_hits(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
         splits = _read_given_splits(str(recipe["data"]), spec, options, seed)
         prov: dict[str, Any] = {"source": "labelled HDF5 files", "files": {k: n for k, (_, _, n) in splits.items()}}
         # hash of the preprocessed model input (what the network saw), as for simulated data
-        prov["sha256"] = {k: array_sha256(x, y) for k, (x, y, _) in splits.items()}
+        prov["sha256"] = {k: n.pop("sha256") for k, n in prov["files"].items()}
         train, val, test = (TensorDataset(torch.from_numpy(x), torch.from_numpy(y)) for x, y, _ in splits.values())
     else:
-        given = [k for k in ("val_fraction", "test_fraction") if k in options]
+        given = [k for k in FILE_OPTIONS if k in options]
         if given:
-            raise ValueError(f"--set {given[0]} applies to one data= file; simulated splits are sized by n_val, n_test")
+            raise ValueError(f"--set {given[0]} applies to data= files, not to simulated data")
         from .hits_sim import SIM_VERSION
 
         sizes = [int(recipe["n_train"]), int(recipe["n_val"]), int(recipe["n_test"])]
