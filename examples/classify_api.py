@@ -7,22 +7,21 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
-
 from stampclf import Classifier
 
 
 def main(path: str = "examples/hits_sample.h5") -> None:
     clf = Classifier("hits")  # shipped model; device="auto" uses CUDA when it really works
     print(clf, "- channels:", clf.card.channels)
-    n = correct = 0
-    for batch in clf.classify_file(path):  # streams in batches, input order
-        if batch.true_labels is not None:
-            pred = np.array([clf.classes.index(c) if c else -1 for c in batch.labels])
-            correct += int((pred == batch.true_labels).sum())
-        n += len(batch)
-        flagged = [s for s in batch.status if s != "ok"]
-    print(f"{n} stamps, accuracy {correct / n:.4f}; last batch non-ok statuses: {flagged[:3]}")
+    results = list(clf.classify_file(path))  # streams in batches, input order
+    n = sum(len(p) for p in results)
+    not_ok = [(str(i), s) for p in results for i, s in zip(p.ids, p.status, strict=True) if s != "ok"]
+    print(f"{n} stamps with {results[0].model} {results[0].model_version}; not ok: {len(not_ok)} {not_ok[:2]}")
+    if any(p.true_labels is not None for p in results):
+        m = clf.evaluate(results)  # the figures of stampclf classify --evaluate
+        print(f"accuracy {m['accuracy']:.4f}, ROC AUC {m['roc_auc']:.4f} ({m['unscored']} unscored)")
+    else:
+        print("no usable labels in", path, "(classify_file(..., labels='check') says why)")
 
 
 if __name__ == "__main__":

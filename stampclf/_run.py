@@ -10,7 +10,6 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import metrics as _metrics
 from ._errors import InputError, OutputError, StampclfError
 from .classifier import Classifier
 from .io import LAYOUTS, open_inputs, open_writer, run_attrs
@@ -205,7 +204,7 @@ def classify_files(
         bar.close()
     summary.seconds = time.perf_counter() - t0
     if evaluate and y_true:
-        summary.metrics = evaluate_predictions(clf, np.concatenate(y_true), np.concatenate(y_prob))
+        summary.metrics = clf._evaluate_arrays(np.concatenate(y_true), np.concatenate(y_prob))
     return summary
 
 
@@ -287,14 +286,3 @@ def finish(writer: Any, summary: RunSummary) -> None:
         summary.output = None
     else:
         writer.commit()
-
-
-def evaluate_predictions(clf: Classifier, y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
-    """Metrics of scored rows (failed rows are counted, not scored)."""
-    ok = np.isfinite(proba).all(axis=1)
-    pred = np.array([clf.classes.index(c) for c in clf._decide(proba[ok])], dtype=np.int64)
-    out = _metrics.summary(y_true[ok], proba[ok], pred, clf.classes, clf._positive)
-    out["unscored"] = int((~ok).sum())
-    if clf.card.is_binary:  # multiclass labels use no threshold
-        out["threshold"] = clf.threshold
-    return out

@@ -537,18 +537,88 @@ class Classifier:
 
     def classify_file(
         self,
-        path: str | os.PathLike[str] | list[str],
+        path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         batch_size: int | None = None,
         layout: str = "auto",
         channels_last: bool = False,
+        labels: str = "auto",
     ) -> Iterator[Predictions]:
-        """Stream predictions for a file (or image files/folders), batch by batch.
+        """Stream predictions for files, batch by batch, in input order.
 
         Reading and preprocessing run in a background thread, overlapped with inference.
+
+        Parameters
+        ----------
+        path
+            One path or a list: HDF5 stamp files, Avro alert files, FITS cut-outs, image
+            files or folders of images (searched recursively), as ``stampclf classify`` takes.
+        batch_size
+            Rows per inference call (default: ``self.batch_size``).
+        layout, channels_last
+            HDF5 layout: ``"auto"``, ``"channels"`` or ``"stacked"``; stacked stamps stored
+            ``(N, H, W, C)``.
+        labels
+            The input's labels as ``Predictions.true_labels`` (class indices): ``"auto"``
+            keeps them when all are this model's classes and leaves them out (None)
+            otherwise; ``"check"`` raises `InputError` saying why they cannot be used (as
+            ``--evaluate`` does); ``"skip"`` never reads them.
+
+        Yields
+        ------
+        Predictions
+            One per batch (a batch never spans two inputs); see `evaluate` for metrics.
         """
-        paths = [os.fspath(p) for p in path] if isinstance(path, list) else [os.fspath(path)]
+        if labels not in ("auto", "check", "skip"):
+            raise InputError(f"labels={labels!r}: choose 'auto', 'check' or 'skip'")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise InputError(f"batch_size={batch_size!r}: expected an integer of at least 1")
+        paths = [os.fspath(p) for p in path] if isinstance(path, (list, tuple)) else [os.fspath(path)]
         for _group, opener in open_inputs(paths, self.card, layout, channels_last):
-            yield from self._classify_reader(opener(), batch_size or self.batch_size)
+            reader = opener()
+            if labels == "check":
+                if not reader.has_labels:
+                    reader.close()
+                    why = getattr(reader, "why_no_labels", None) or "expected a 'labels' dataset, or images in class folders"
+                    raise InputError(f"{reader.path}: no labels ({why})")
+                try:
+                    self._check_labels(reader)
+                except InputError:
+                    reader.close()
+                    raise
+            yield from self._classify_reader(reader, batch_size or self.batch_size, labels)
+
+    def evaluate(self, predictions: Predictions | Iterable[Predictions]) -> dict[str, Any]:
+        """The figures ``stampclf classify --evaluate`` prints, of results with true labels.
+
+        Rows that failed are counted as ``unscored``, not scored; accuracy, precision,
+        recall, F1, ROC AUC, per-class figures and the confusion matrix are of
+        the rest (`stampclf.metrics.summary`; two-class cards: of ``positive_class`` at
+        ``threshold``, others: macro averages).
+
+        Raises
+        ------
+        InputError
+            When no result carries true labels (``classify_file(..., labels="check")`` says why).
+        """
+        preds = [predictions] if isinstance(predictions, Predictions) else list(predictions)
+        labelled = [p for p in preds if p.true_labels is not None]
+        if not labelled:
+            raise InputError("evaluate: no true labels in these results (classify_file(..., labels='check') says why)")
+        return self._evaluate_arrays(
+            np.concatenate([p.true_labels for p in labelled]), np.concatenate([p.proba for p in labelled])  # type: ignore[misc]
+        )
+
+    def _evaluate_arrays(self, y_true: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
+        """Metrics of scored rows (failed rows, NaN probabilities, are counted, not scored)."""
+        from . import metrics
+
+        ok = np.isfinite(proba).all(axis=1)
+        pred = np.array([self.classes.index(c) for c in self._decide(proba[ok])], dtype=np.int64)
+        out = metrics.summary(y_true[ok], proba[ok], pred, self.classes, self._positive)
+        out["unscored"] = int((~ok).sum())
+        if self.card.is_binary:  # multiclass labels use no threshold
+            out["threshold"] = self.threshold
+        return out
 
     def _classify_reader(self, reader: Any, batch_size: int, labels: str = "auto") -> Iterator[Predictions]:
         """Predictions of one open reader, with its labels as ``true_labels`` according to *labels*.

@@ -437,3 +437,25 @@ def test_in_memory_input_mistakes_get_a_hint(tiny_model_path: Path) -> None:
     np.testing.assert_array_equal(clf.classify(ready, preprocessed=True).proba, clf.classify(x).proba)
     with pytest.raises(InputError, match=r"preprocessed input: expected float32 of shape \(N, 4, 21, 21\)"):
         clf.predict_proba(ready[:, :3], preprocessed=True)
+
+
+def test_classify_file_labels_modes_and_evaluate(tiny_model_path: Path, tmp_path: Path) -> None:
+    from stampclf import InputError
+
+    good = write_hits_h5(tmp_path / "good.h5", 12, seed=3)
+    other = write_hits_h5(tmp_path / "other.h5", 12, seed=3, labels=np.full(12, 2))  # not this model's classes
+    clf = Classifier(tiny_model_path, device="cpu", batch_size=5)
+    assert all(p.true_labels is None for p in clf.classify_file(other))  # auto: left out
+    with pytest.raises(InputError, match="label 2 is not a class index 0..1"):
+        list(clf.classify_file(other, labels="check"))
+    with pytest.raises(InputError, match="no labels"):
+        list(clf.classify_file(write_hits_h5(tmp_path / "none.h5", 4, labels=None), labels="check"))
+    assert all(p.true_labels is None for p in clf.classify_file(good, labels="skip"))
+    with pytest.raises(InputError, match="batch_size=0"):
+        list(clf.classify_file(good, batch_size=0))
+    m = clf.evaluate(clf.classify_file(good, labels="check"))
+    out = tmp_path / "o.csv"
+    r = runner.invoke(app, ["classify", str(good), "-m", str(tiny_model_path), "-o", str(out), "--evaluate"])
+    assert r.exit_code == 0 and f"accuracy: {m['accuracy']:.4f}" in r.stderr and m["n"] == 12
+    with pytest.raises(InputError, match="no true labels"):
+        clf.evaluate(clf.classify_file(other))
