@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -333,6 +335,32 @@ def test_metrics_say_what_they_average() -> None:
     assert m["average"] == "macro" and m["per_class"]["c"]["recall"] == 0.5
     m = metrics.summary(y[:2], proba[:2, :2], np.array([0, 1]), ["bogus", "real"], positive=1)
     assert m["average"] == "class real"
+
+
+def test_macro_precision_counts_classes_predicted_but_absent() -> None:
+    from stampclf import metrics
+
+    y = np.array([0, 0, 1, 1])
+    pred = np.array([0, 2, 1, 1])  # class 2 is predicted once and never true: its precision is 0
+    m = metrics.summary(y, np.eye(3)[pred], pred, ["a", "b", "c"])
+    assert m["precision"] == pytest.approx((1 + 1 + 0) / 3)  # was (1 + 1) / 2, flattering
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda m: m.roc_auc(np.array([0, 1, 1]), np.array([0.1, np.nan, 0.8])), "1 of 3 scores are not finite"),
+    (lambda m: m.roc_auc(np.array([0, 1]), np.eye(2)), "must be 1-D and of one length"),
+    (lambda m: m.roc_auc(np.array(["real", "bogus"]), np.array([0.9, 0.1])), "label_indices"),
+    (lambda m: m.roc_auc(np.array([1, 2]), np.array([0.9, 0.1])), "must be 0/1 or booleans"),
+    (lambda m: m.confusion_matrix(np.array([0, 1]), np.array([0, -1]), 2), "holds -1, not a class index"),
+    (lambda m: m.threshold_at_fpr(np.array([0, 1]), np.array([0.2, 0.8]), 5), "1 % is 0.01"),
+    (lambda m: m.expected_calibration_error(np.array([0, 1]), np.array([0.2, 0.8])), "must be finite (N, K)"),
+    (lambda m: m.summary(np.array([0, 1]), np.eye(2), np.array([0, 1]), ["a", "b"], positive="b"), "class index"),
+])
+def test_metrics_refuse_what_they_would_get_wrong(call: Any, message: str) -> None:
+    from stampclf import InputError, metrics
+
+    with pytest.raises(InputError, match=re.escape(message)):
+        call(metrics)
 
 
 def test_a_model_that_shadows_a_shipped_name_is_said(
