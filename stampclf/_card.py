@@ -23,7 +23,7 @@ __all__ = [
     "CARD_KEY",
     "CARD_SCHEMA",
     "ModelCard",
-    "check_threshold",
+    "resolve_threshold",
     "graph_sha256",
     "read_card",
     "read_onnx_parts",
@@ -287,11 +287,40 @@ def read_card(path: str | Path, verify: bool = True) -> tuple[ModelCard, bytes]:
     return card, data
 
 
-def check_threshold(card: ModelCard | None, threshold: float | None) -> None:
-    """Refuse a threshold outside [0, 1] (NaN included), or for a *card* whose labels no threshold decides."""
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
+def resolve_threshold(card: ModelCard | None, threshold: float | str | None) -> float | None:
+    """The decision threshold *threshold* stands for; None stays None (the card's).
+
+    A number in [0, 1], or the name of one of the card's operating points (e.g.
+    ``"fpr_1pct"``: the threshold for 1 % false positives on the validation split).
+    Without a *card* a name is left for later (None).
+
+    Raises
+    ------
+    InputError
+        For anything else, NaN included, or a *card* whose labels no threshold decides.
+    """
+    if threshold is None:
+        return None
+    if isinstance(threshold, str):
+        try:
+            value = float(threshold)
+        except ValueError:
+            if card is None:
+                return None  # a name: resolved once the card is read
+            points = card.operating_points or {}
+            if threshold not in points or not isinstance(points[threshold], dict) or "threshold" not in points[threshold]:
+                raise InputError(
+                    f"threshold {threshold!r} is neither a number in [0, 1] nor an operating point of model "
+                    f"{card.name!r} ({', '.join(points) or 'it has none'})"
+                ) from None
+            value = float(points[threshold]["threshold"])
+    elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise InputError(f"threshold {threshold!r} is not a number in [0, 1]")
+    else:
+        value = float(threshold)
+    if not 0.0 <= value <= 1.0:
         raise InputError(f"threshold {threshold} is not a number in [0, 1]")
-    if threshold is not None and card is not None and not card.is_binary:
+    if card is not None and not card.is_binary:
         why = (
             "its card names no positive class, so its labels are the most probable class"
             if len(card.classes) == 2
@@ -301,3 +330,4 @@ def check_threshold(card: ModelCard | None, threshold: float | None) -> None:
             f"threshold {threshold}: model {card.name!r} takes no threshold ({why}); "
             "a threshold applies to binary models with a positive_class"
         )
+    return value

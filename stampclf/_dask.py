@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ._card import check_threshold, read_card
+from ._card import read_card, resolve_threshold
 from ._errors import InputError, StampclfError
 from ._registry import resolve_model
 from ._run import RunSummary, finish, first_failed, unreadable_images, unscored_input
@@ -318,7 +318,7 @@ def classify_dask(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     device: str = "cpu",
     threads: int = 1,
-    threshold: float | None = None,
+    threshold: float | str | None = None,
     layout: str = "auto",
     channels_last: bool = False,
     keep_going: bool = False,
@@ -361,7 +361,7 @@ def classify_dask(
         raise InputError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     t0 = time.perf_counter()
     card, sha, data = _load_model(client, model)
-    check_threshold(card, threshold)  # before any task: every worker would fail the same way
+    threshold = resolve_threshold(card, threshold)  # before any task: every worker would fail the same way
     # batch_size None: each worker's Classifier takes the card's default
     options = {
         "device": device, "threads": threads, "threshold": threshold, "batch_size": batch_size, "precision": precision,
@@ -482,7 +482,7 @@ def predict_dask(
     batch_size: int | None = None,
     device: str = "cpu",
     threads: int = 1,
-    threshold: float | None = None,
+    threshold: float | str | None = None,
     precision: str = "fp32",
 ) -> Predictions:
     """Classify a Dask array of raw stamps ``(N, C, H, W)`` on the cluster; results in memory.
@@ -492,7 +492,7 @@ def predict_dask(
     if not _is_dask_array(stamps):
         raise InputError(f"predict_dask: expected a dask array, got {type(stamps).__name__}")
     card, sha, data = _load_model(client, model)
-    check_threshold(card, threshold)  # before any task: every worker would fail the same way
+    threshold = resolve_threshold(card, threshold)  # before any task: every worker would fail the same way
     options = {
         "device": device, "threads": threads, "threshold": threshold, "batch_size": batch_size, "precision": precision,
     }  # fmt: skip

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._card import ModelCard, check_threshold, read_card
+from ._card import ModelCard, read_card, resolve_threshold
 from ._errors import DeviceError, InputError, ModelError
 from ._registry import resolve_model, shadowing_notice
 from ._session import PRECISIONS, BatchRunner, cpu_count, create_session, to_fp16
@@ -195,7 +195,9 @@ class Classifier:
         Rows per inference call; default: the card's ``input.default_batch_size`` (sized at
         export so that one batch's largest intermediate tensor stays under 256 MB), else 1024.
     threshold
-        Decision threshold on the positive class (binary models); default: the card's.
+        Decision threshold on the positive class (binary models): a number in [0, 1] or
+        the name of an operating point of the card (``card.operating_points``, e.g.
+        ``"fpr_1pct"``); default: the card's. Settable later (``clf.threshold = 0.9``).
     verify
         Check the weights against the card's sha256 when loading.
     precision
@@ -216,7 +218,7 @@ class Classifier:
         device: str = "auto",
         threads: int | None = None,
         batch_size: int | None = None,
-        threshold: float | None = None,
+        threshold: float | str | None = None,
         verify: bool = True,
         precision: str = "fp32",
         cuda_graph: bool = False,
@@ -225,11 +227,11 @@ class Classifier:
             raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if batch_size is not None and batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
-        check_threshold(None, threshold)  # the range, before the model is read
+        resolve_threshold(None, threshold)  # the range, before the model is read
         self.path = resolve_model(model)
         self.card: ModelCard
         self.card, data = read_card(self.path, verify=verify)
-        check_threshold(self.card, threshold)
+        resolve_threshold(self.card, threshold)
         self.precision = precision
         if device == "cpu":
             _gpu_only(precision, cuda_graph, "--device cpu")
@@ -257,7 +259,7 @@ class Classifier:
         if isinstance(hint, bool) or not isinstance(hint, int) or hint < 1:
             raise ModelError(f"{self.path}: card input.default_batch_size {hint!r} is not a positive integer")
         self.batch_size = batch_size or hint
-        self.threshold = self.card.threshold if threshold is None else float(threshold)
+        self.threshold = threshold  # type: ignore[assignment]  # the setter resolves names and checks
         self._input = self.session.get_inputs()[0].name
         self._output = self.session.get_outputs()[0].name
         self._check_graph()
@@ -436,6 +438,16 @@ class Classifier:
         if x is not None:
             proba, labels = self._predict_prepared(x, status)
         return self._provenance(Predictions(ids, labels, proba, status))
+
+    @property
+    def threshold(self) -> float:
+        """Decision threshold on the positive class (two-class cards with a ``positive_class``)."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float | str | None) -> None:
+        resolved = resolve_threshold(self.card, value)  # a name, a range or a multi-class card: checked
+        self._threshold = self.card.threshold if resolved is None else resolved
 
     def _provenance(self, pred: Predictions) -> Predictions:
         """*pred* with this model's classes, name and version."""

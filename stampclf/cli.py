@@ -98,7 +98,9 @@ def classify(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: all allowed).")] = None,
     threshold: Annotated[
-        Optional[float], typer.Option("--threshold", help="Decision threshold in [0, 1] (default: the card's).")
+        Optional[str],
+        typer.Option("--threshold", help="Decision threshold in [0, 1], or an operating point of the card, e.g. "
+                     "fpr_1pct (stampclf info lists them; default: the card's threshold)."),
     ] = None,
     layout: Annotated[str, typer.Option("--layout", help="HDF5 layout: auto, channels or stacked.")] = "auto",
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Stacked stamps are (N, H, W, C).")] = False,
@@ -154,10 +156,10 @@ def classify(
 
 def _classify_on_dask(
     scheduler: str, files: list[str], output: Optional[str], model: str, batch_size: Optional[int], device: str,
-    threads: Optional[int], threshold: Optional[float], layout: str, channels_last: bool, keep_going: bool,
+    threads: Optional[int], threshold: Optional[str], layout: str, channels_last: bool, keep_going: bool,
     evaluate: bool, quiet: bool, precision: str,
 ) -> int:  # fmt: skip
-    from ._card import check_threshold, read_card
+    from ._card import read_card, resolve_threshold
     from ._dask import classify_dask, connect
     from ._registry import resolve_model
     from ._session import PRECISIONS
@@ -167,7 +169,7 @@ def _classify_on_dask(
     if precision not in PRECISIONS:  # before a cluster starts, not on every worker
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     card, _ = read_card(resolve_model(model), verify=False)  # a bad model fails before a cluster starts
-    check_threshold(card, threshold)
+    threshold = resolve_threshold(card, threshold)
     with connect(scheduler) as client:
         s = classify_dask(
             client, files, model, output, batch_size=batch_size, device=device, threads=threads or 1,

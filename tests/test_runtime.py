@@ -487,3 +487,27 @@ def test_classify_file_labels_modes_and_evaluate(tiny_model_path: Path, tmp_path
     assert r.exit_code == 0 and f"accuracy: {m['accuracy']:.4f}" in r.stderr and m["n"] == 12
     with pytest.raises(InputError, match="no true labels"):
         clf.evaluate(clf.classify_file(other))
+
+
+def test_threshold_by_operating_point_name_and_checked_when_set(tiny_model_path: Path, tmp_path: Path) -> None:
+    from stampclf import InputError
+
+    card = card_dict(operating_points={"fpr_1pct": {"threshold": 0.8, "val_fpr": 0.01, "val_tpr": 0.9}})
+    model = write_model(tmp_path / "op.onnx", card)
+    clf = Classifier(model, device="cpu", threshold="fpr_1pct")
+    assert clf.threshold == 0.8
+    clf.threshold = "0.25"
+    assert clf.threshold == 0.25
+    for bad, message in (("high", r"neither a number in \[0, 1\] nor an operating point"), (1.5, r"not a number in \[0, 1\]"),
+                         (True, "not a number")):
+        with pytest.raises(InputError, match=message):
+            clf.threshold = bad
+    assert clf.threshold == 0.25  # a refused value changes nothing
+    clf.threshold = None
+    assert clf.threshold == clf.card.threshold
+    out = tmp_path / "o.h5"
+    r = runner.invoke(app, ["classify", str(write_hits_h5(tmp_path / "s.h5", 4)), "-m", str(model), "-o", str(out),
+                            "--threshold", "fpr_1pct"])
+    assert r.exit_code == 0, r.output
+    with h5py.File(out) as f:
+        assert float(f.attrs["threshold"]) == 0.8
