@@ -225,8 +225,11 @@ class Classifier:
     ) -> None:
         if precision not in PRECISIONS:
             raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if batch_size is not None and batch_size < 1:
-            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        for name, value in (("batch_size", batch_size), ("threads", threads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+                raise InputError(f"{name}={value!r}: expected an integer of at least 1")
+        if not isinstance(model, (str, os.PathLike)):
+            raise InputError(f"model={model!r}: give a shipped model's name or the path of an .onnx file")
         resolve_threshold(None, threshold)  # the range, before the model is read
         self.path = resolve_model(model)
         self.card: ModelCard
@@ -438,6 +441,17 @@ class Classifier:
         if x is not None:
             proba, labels = self._predict_prepared(x, status)
         return self._provenance(Predictions(ids, labels, proba, status))
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per inference call (files are streamed in batches of this many rows)."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InputError(f"batch_size={value!r}: expected an integer of at least 1")
+        self._batch_size = int(value)
 
     @property
     def threshold(self) -> float:

@@ -511,3 +511,17 @@ def test_threshold_by_operating_point_name_and_checked_when_set(tiny_model_path:
     assert r.exit_code == 0, r.output
     with h5py.File(out) as f:
         assert float(f.attrs["threshold"]) == 0.8
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": 1.5}, {"batch_size": 0}, {"threads": "2"}, {"threads": True}])
+def test_classifier_options_are_checked_at_once(tiny_model_path: Path, kwargs: dict[str, Any]) -> None:
+    from stampclf import InputError
+
+    name = next(iter(kwargs))
+    with pytest.raises(InputError, match=f"{name}=.*expected an integer of at least 1"):
+        Classifier(tiny_model_path, device="cpu", **kwargs)
+    clf = Classifier(tiny_model_path, device="cpu")
+    with pytest.raises(InputError, match="batch_size=0"):
+        clf.batch_size = 0
+    with pytest.raises(InputError, match="give a shipped model's name"):
+        Classifier(None)  # type: ignore[arg-type]
