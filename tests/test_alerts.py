@@ -503,6 +503,18 @@ def test_classify_cutouts_equals_reader(tmp_path: Path, clf: Classifier) -> None
     assert pred.status[1].endswith("duplicate id")  # as in every other reader
     with pytest.raises(InputError, match=r"ids: shape \(2,\) for 3 stamps"):
         classify_cutouts(clf, blobs, ids=[1, 2], nominal=63)
+    aliased = {"sci": blobs["science"], "reference": blobs["template"], "diff": blobs["difference"]}
+    np.testing.assert_array_equal(classify_cutouts(clf, aliased, nominal=63).proba[:2], pred.proba)
+    for bad, message in (
+        ({**blobs, "foo": blobs["science"]}, "unknown kind 'foo'"),
+        ({**blobs, "ref": blobs["template"]}, "two keys for the template cut-outs"),
+        ({k: v[0] for k, v in blobs.items()}, "must hold one cut-out per row"),
+        ({**blobs, "science": blobs["science"][:2]}, "different numbers of rows"),
+    ):
+        with pytest.raises(InputError, match=message):
+            classify_cutouts(clf, bad)
+    with pytest.raises(InputError, match="expected FITS bytes, got str"):
+        decode_fits("cutout.fits")  # type: ignore[arg-type]
 
 
 @pytest.mark.slow

@@ -166,6 +166,8 @@ def decode_fits(data: bytes | bytearray | memoryview, what: str = "cut-out") -> 
     InputError
         Naming *what* when the bytes are not a readable FITS image.
     """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InputError(f"{what}: expected FITS bytes, got {type(data).__name__} (a file? read its bytes first)")
     data = bytes(data)
     if data[:2] == _GZIP_MAGIC:
         try:
@@ -359,6 +361,27 @@ def card_channels(card: Any) -> list[str]:
     return out
 
 
+def _canonical_cutouts(cutouts: Mapping[str, Sequence[Any]]) -> dict[str, Sequence[Any]]:
+    """A caller's ``{kind: [blob per row]}`` with its keys as cut-out kinds (aliases understood), checked."""
+    if not isinstance(cutouts, Mapping):
+        raise InputError(f"cut-outs: expected a mapping {{kind: [blob per row]}}, got {type(cutouts).__name__}")
+    out: dict[str, Sequence[Any]] = {}
+    for key, blobs in cutouts.items():
+        kind = canonical_channel(str(key))
+        if kind is None:
+            raise InputError(f"cut-outs: unknown kind {key!r}; use {', '.join(sorted(set(CHANNEL_ALIASES.values())))} "
+                             f"or an alias ({', '.join(k for k in CHANNEL_ALIASES if k not in CHANNEL_ALIASES.values())})")
+        if kind in out:
+            raise InputError(f"cut-outs: two keys for the {kind} cut-outs (one is {key!r})")
+        if isinstance(blobs, (bytes, bytearray, memoryview, str)) or (isinstance(blobs, np.ndarray) and blobs.ndim < 3):
+            raise InputError(f"cut-outs: {key!r} must hold one cut-out per row (a list), got one {type(blobs).__name__}")
+        out[kind] = blobs
+    lengths = {k: len(v) for k, v in out.items()}
+    if len(set(lengths.values())) > 1:
+        raise InputError(f"cut-outs: the kinds have different numbers of rows: {lengths}")
+    return out
+
+
 def classify_cutouts(
     clf: Any,
     cutouts: Mapping[str, Sequence[Any]],
@@ -377,7 +400,7 @@ def classify_cutouts(
     """
     from ..classifier import Predictions, _check_ids, _flag_duplicate_ids
 
-    x, status = cutouts_to_input(cutouts, clf.card, "cut-outs", nominal, positions)
+    x, status = cutouts_to_input(_canonical_cutouts(cutouts), clf.card, "cut-outs", nominal, positions)
     ids, status = _flag_duplicate_ids(None if ids is None else _check_ids(ids, len(status)), status)
     proba, labels = clf._predict_prepared(x, status)
     return clf._provenance(Predictions(ids, labels, proba, status))
