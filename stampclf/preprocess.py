@@ -241,7 +241,9 @@ def prepare_stamps(
         x = np.where(bad, np.float32(fill), x)
         for i in np.flatnonzero(per_row):
             if frac[i] > max_frac:
-                status[i] = f"failed: {int(per_row[i])} of {x[0].size} pixels not finite"
+                # a small stamp's padding counts as not finite: say that it was padded
+                padded = "".join(f"{r} (padding is not finite): " for r in reasons[i] if r.startswith("resized"))
+                status[i] = f"failed: {padded}{int(per_row[i])} of {x[0].size} pixels not finite"
                 reasons[i] = []
             elif empty[i].any():
                 names = ", ".join(repr(card_input["channels"][c]) for c in np.flatnonzero(empty[i]))

@@ -601,7 +601,7 @@ def test_centre_crop_equals_cropping_by_hand(tiny_model_path: Path) -> None:
 def test_too_small_stamps_fail_when_padding_exceeds_nan_budget(tiny_model_path: Path) -> None:
     clf = Classifier(tiny_model_path, device="cpu")
     pred = clf.classify(make_stamps(2, size=(13, 13)))  # 272 of 441 pixels padded: over 0.5
-    assert all(s.startswith("failed: ") for s in pred.status)
+    assert list(pred.status) == ["failed: resized 13x13->21x21 (padding is not finite): 1088 of 1764 pixels not finite"] * 2
     assert np.isnan(pred.proba).all() and list(pred.labels) == ["", ""]
 
 

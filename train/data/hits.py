@@ -180,7 +180,7 @@ class HitsAugment:
 #: the reader's options as ``--set`` keys, for its error messages
 _TRAINING_HINTS = {"layout": "--set data_layout={}", "channels_last": "--set data_channels_last=true"}
 # "failed: 924 of 1764 pixels not finite" -> one reason, whatever the count
-_FAILED_COUNT = re.compile(r"^\d+ of \d+ pixels not finite$")
+_FAILED_COUNT = re.compile(r"\d+ of \d+ pixels not finite$")
 
 
 def read_labelled_h5(path: str, spec: Any, batch_size: int = 8192, layout: str = "auto",
