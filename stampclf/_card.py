@@ -42,7 +42,13 @@ _METADATA_FIELD = 14  # ModelProto.metadata_props
 class ModelCard:
     """Everything about a model that the runtime and its users need.
 
-    Attributes mirror the JSON keys; see ``docs/model-card.md`` for their meaning.
+    Attributes mirror the JSON keys: ``name``, ``version``, ``task``, ``description``,
+    ``input`` (channels, height, width, dataset names, default batch size),
+    ``preprocessing``, ``classes``, ``positive_class``, ``threshold``,
+    ``operating_points`` (e.g. ``fpr_1pct``: threshold and validation rates),
+    ``calibration``, ``metrics`` (test figures), ``training`` (command, seed, data
+    provenance), ``report``, ``versions``, ``date``, ``weights_sha256``. The format is
+    described in the repository's ``docs/model-card.md``.
     """
 
     name: str
@@ -259,7 +265,7 @@ def read_card(path: str | Path, verify: bool = True) -> tuple[ModelCard, bytes]:
     Parameters
     ----------
     path
-        ONNX file.
+        ONNX file, or the name of a shipped model (as ``stampclf info`` takes).
     verify
         Check that the card's ``weights_sha256`` matches the graph in the file.
 
@@ -268,6 +274,10 @@ def read_card(path: str | Path, verify: bool = True) -> tuple[ModelCard, bytes]:
     card, model_bytes
         The card and the whole file, ready to hand to ONNX Runtime.
     """
+    if not Path(path).exists() and isinstance(path, str):
+        from ._registry import resolve_model  # a name: "hits"
+
+        path = resolve_model(path)
     path = Path(path)
     try:
         data = path.read_bytes()

@@ -162,23 +162,6 @@ class _Ready:
         return self.value
 
 
-def _join(preds: list[Predictions]) -> Predictions:
-    if len(preds) == 1:
-        return preds[0]
-    truth = [p.true_labels for p in preds]
-    keys = preds[0].extra.keys() if preds[0].extra else ()
-    return Predictions(
-        np.concatenate([p.ids for p in preds]),
-        np.concatenate([p.labels for p in preds]),
-        np.concatenate([p.proba for p in preds]),
-        np.concatenate([p.status for p in preds]),
-        None if any(t is None for t in truth) else np.concatenate(truth),  # type: ignore[arg-type]
-        preds[0].file if isinstance(preds[0].file, str) else np.concatenate([p.file for p in preds]),
-        {k: np.concatenate([p.extra[k] for p in preds]) for k in keys} if keys else None,  # type: ignore[index]
-        preds[0].classes, preds[0].model, preds[0].model_version,
-    )
-
-
 def _empty(clf: Classifier, file: str) -> Predictions:
     return clf._provenance(Predictions(
         np.empty(0, object), np.empty(0, object), np.empty((0, len(clf.classes)), np.float32), np.empty(0, object),
@@ -210,7 +193,7 @@ def _score_unit(data: bytes, sha: str, options: dict[str, Any], settings: dict[s
                 raise InputError(f"{unit.paths[0]}: inputs grouped differently on the worker")
             reader = opener()
         preds = list(clf._classify_reader(reader, batch, "skip"))  # no --evaluate on Dask
-        result = _join(preds) if preds else _empty(clf, getattr(reader, "path", unit.paths[0]))
+        result = Predictions.concat(preds) if preds else _empty(clf, getattr(reader, "path", unit.paths[0]))
         damaged = getattr(getattr(reader, "_reader", None), "damaged", None)
         return ("salvaged", result, list(damaged)) if damaged else result
     except StampclfError as exc:
@@ -501,7 +484,7 @@ def predict_dask(
         return Predictions(np.empty(0, int), np.empty(0, object), np.empty((0, len(card.classes)), np.float32),
                            np.empty(0, object), file="dask-array", classes=tuple(card.classes), model=card.name,
                            model_version=card.version)  # fmt: skip
-    return _join(preds)
+    return Predictions.concat(preds)
 
 
 def connect(address: str) -> Any:

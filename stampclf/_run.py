@@ -19,7 +19,23 @@ __all__ = ["RunSummary", "classify_files", "Progress"]
 
 @dataclass
 class RunSummary:
-    """What a run did: rows by status, files that failed, metrics when labelled."""
+    """What a run did.
+
+    Attributes
+    ----------
+    rows, flagged, failed
+        Output rows, and how many of them are flagged or failed.
+    seconds
+        Wall time of the run.
+    files
+        Inputs that were classified.
+    file_errors
+        One line per input that failed or had rows it could not read (``--keep-going``).
+    metrics
+        The ``--evaluate`` figures (`Classifier.evaluate`), or None.
+    output
+        The output file, or None (stdout, or nothing written).
+    """
 
     rows: int = 0
     flagged: int = 0

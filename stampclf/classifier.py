@@ -27,7 +27,7 @@ __all__ = ["Classifier", "Predictions"]
 DEFAULT_BATCH_SIZE = 1024
 
 
-@dataclass
+@dataclass(eq=False)  # fields are arrays: `==` would be ambiguous; compare them with numpy
 class Predictions:
     """Results for a batch of rows, in input order.
 
@@ -65,6 +65,51 @@ class Predictions:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def __getitem__(self, index: int | slice | np.ndarray | Sequence[int]) -> Predictions:
+        """The rows *index* selects (an integer, a slice, indices or a boolean mask), as `Predictions`."""
+        if isinstance(index, (int, np.integer)):
+            index = [int(index)]
+        elif not isinstance(index, slice):
+            index = np.asarray(index)
+        return Predictions(
+            self.ids[index], self.labels[index], self.proba[index], self.status[index],
+            None if self.true_labels is None else self.true_labels[index],
+            self.file if isinstance(self.file, str) else np.asarray(self.file)[index],
+            None if self.extra is None else {k: v[index] for k, v in self.extra.items()},
+            self.classes, self.model, self.model_version,
+        )  # fmt: skip
+
+    @classmethod
+    def concat(cls, parts: Iterable[Predictions]) -> Predictions:
+        """One `Predictions` of several in order, e.g. all batches of ``classify_file``.
+
+        ``true_labels`` are kept when every part has them; ``file`` becomes one name per
+        row when the parts come from several files.
+        """
+        parts = list(parts)
+        if not parts:
+            raise InputError("Predictions.concat: no results to join")
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        truth = [p.true_labels for p in parts]
+        files = [p.file for p in parts]
+        same_file = all(isinstance(f, str) for f in files) and len(set(files)) == 1  # type: ignore[arg-type]
+        keys = first.extra.keys() if first.extra else ()
+        return cls(
+            np.concatenate([p.ids for p in parts]),
+            np.concatenate([p.labels for p in parts]),
+            np.concatenate([p.proba for p in parts]),
+            np.concatenate([p.status for p in parts]),
+            None if any(t is None for t in truth) else np.concatenate(truth),  # type: ignore[arg-type]
+            first.file if same_file else np.concatenate(
+                [np.full(len(p), p.file, dtype=object) if isinstance(p.file, str) else np.asarray(p.file, dtype=object)
+                 for p in parts]
+            ),
+            {k: np.concatenate([p.extra[k] for p in parts]) for k in keys} if keys else None,  # type: ignore[index]
+            first.classes, first.model, first.model_version,
+        )  # fmt: skip
 
     def to_dict(self) -> dict[str, np.ndarray]:
         """The rows as named columns, in the order of ``stampclf classify``'s output.
@@ -205,6 +250,21 @@ class Classifier:
         for GPUs, and only where an accuracy check accepted it).
     cuda_graph
         On CUDA, capture and replay a CUDA graph of the fixed-shape batch.
+
+    Attributes
+    ----------
+    card
+        The model card (`stampclf.ModelCard`): classes, channels, input size,
+        preprocessing, threshold, operating points, metrics, provenance.
+    name, version, classes
+        From the card; every result carries them (`Predictions.model`, ...).
+    path
+        The ONNX file.
+    device, threads, batch_size, threshold, precision
+        What the session runs with (``batch_size`` and ``threshold`` can be set).
+    notice
+        One line worth telling the user (e.g. a name that resolved to other weights
+        than the shipped model's), or None.
 
     Examples
     --------

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 distributed = pytest.importorskip("distributed")
 da = pytest.importorskip("dask.array")
 
-from stampclf import Classifier, InputError, classify_files  # noqa: E402
+from stampclf import Classifier, InputError, Predictions, classify_files  # noqa: E402
 from stampclf import _dask as sdask  # noqa: E402
 from stampclf.cli import app  # noqa: E402
 
@@ -269,7 +269,7 @@ def test_dask_array_blocks_are_computed_as_units_are_submitted(cluster, tiny_mod
         assert len(set(_BLOCKS_MADE)) <= k + 1 + window
         preds.append(pred)
     assert sorted(_BLOCKS_MADE) == list(range(10))  # each block once
-    got = sdask._join(preds)
+    got = Predictions.concat(preds)
     want = Classifier(tiny_model_path, device="cpu", threads=1, batch_size=BATCH).classify(x)
     assert got.ids.tolist() == list(range(40)) and got.labels.tolist() == want.labels.tolist()
     np.testing.assert_array_equal(got.proba, want.proba)

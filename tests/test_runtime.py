@@ -525,3 +525,19 @@ def test_classifier_options_are_checked_at_once(tiny_model_path: Path, kwargs: d
         clf.batch_size = 0
     with pytest.raises(InputError, match="give a shipped model's name"):
         Classifier(None)  # type: ignore[arg-type]
+
+
+def test_predictions_join_and_slice(tiny_model_path: Path, tmp_path: Path) -> None:
+    from stampclf import Predictions
+
+    a, b = write_hits_h5(tmp_path / "a.h5", 7, seed=1), write_hits_h5(tmp_path / "b.h5", 4, seed=2)
+    clf = Classifier(tiny_model_path, device="cpu", batch_size=3)
+    parts = list(clf.classify_file([a, b]))
+    whole = Predictions.concat(parts)
+    assert len(whole) == 11 and whole.file.tolist() == [str(a)] * 7 + [str(b)] * 4
+    assert whole.true_labels is not None and whole.model == "tiny"
+    np.testing.assert_array_equal(whole.proba, np.concatenate([p.proba for p in parts]))
+    assert whole[2:4].ids.tolist() == whole.ids[2:4].tolist() and len(whole[whole.labels == "real"]) == int(
+        (whole.labels == "real").sum())
+    assert whole[0].to_dict()["model"].tolist() == ["tiny"]
+    assert whole != Predictions.concat(parts)  # identity, not an ambiguous array comparison
