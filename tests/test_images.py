@@ -58,11 +58,12 @@ def test_image_models_registered() -> None:
 def test_image_model_forward(name: str) -> None:
     spec = get_spec(name)
     torch.manual_seed(0)
-    model = create_model(name).eval()
+    k = len(spec.classes) or 4  # image-folder takes its classes from the data
+    model = create_model(name, k).eval()
     x = torch.randn(3, len(spec.input["channels"]), spec.input["height"], spec.input["width"])
     with torch.no_grad():
         out = model(x)
-    assert out.shape == (3, len(spec.classes))
+    assert out.shape == (3, k)
     assert torch.isfinite(out).all()
     # the card's preprocessing produces exactly the model's input shape
     img = PIL_Image.new("RGB", (123, 77), (10, 20, 30))
@@ -331,9 +332,39 @@ def test_your_own_images_train_export_and_classify(
     from stampclf import Classifier, classify_files
 
     clf = Classifier(out / "my-shapes.onnx", device="cpu")
-    assert clf.classes == ["dark", "light"] and clf.version == "0.1.0"  # the registered recipe: its version
+    assert clf.classes == ["dark", "light"] and clf.version.startswith("0.1.0+local.")  # your images: your data
     s = classify_files(clf, [str(root)], str(tmp_path / "o.csv"), evaluate=True, progress=False)
     assert s.rows == 40 and s.metrics is not None and s.metrics["roc_auc"] >= 0.95  # two epochs: it ranks
+
+
+def test_image_folder_model_takes_its_classes_from_the_folders(tmp_path: Path) -> None:
+    """``--model image-folder --set root=FOLDER``: your own images, no code."""
+    pytest.importorskip("onnx")
+    from train import export as export_mod
+    from train import train as train_mod
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(1)
+    for label, level in (("red", (200, 30, 30)), ("green", (30, 200, 30)), ("blue", (30, 30, 200))):
+        (root / label).mkdir(parents=True)
+        for i in range(10):
+            PIL_Image.fromarray(np.clip(rng.normal(level, 20, (24, 24, 3)), 0, 255).astype(np.uint8)).save(
+                root / label / f"{i}.png")
+    (root / ".ipynb_checkpoints").mkdir()  # hidden folders are no class
+    run = tmp_path / "run"
+    assert train_mod.main(["--model", "image-folder", "--out", str(run), "--threads", "1", "--epochs", "1",
+                           "--set", f"root={root}", "--set", "batch_size=8"]) == 0  # fmt: skip
+    assert json.loads((run / "report.json").read_text())["data"]["classes"] == ["blue", "green", "red"]
+    assert export_mod.main(["--checkpoint", str(run / "checkpoint.pt"), "--name", "colours", "--out",
+                            str(tmp_path / "m")]) == 0  # fmt: skip
+    from stampclf import Classifier
+
+    clf = Classifier(tmp_path / "m" / "colours.onnx", device="cpu")
+    assert clf.classes == ["blue", "green", "red"] and clf.name == "colours" and "+local." in clf.version
+    assert clf.card.training["architecture"] == "image-folder"
+    assert len(clf.evaluate(clf.classify_file(str(root), labels="check"))["per_class"]) == 3
+
+
 def test_transparent_pixels_show_the_cards_background() -> None:
     from stampclf.preprocess import image_to_uint8
 

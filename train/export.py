@@ -47,7 +47,7 @@ import torch.nn as nn
 
 import stampclf
 from stampclf._card import CARD_KEY, ModelCard, graph_sha256, read_card, read_onnx_parts
-from train.registry import ModelSpec, create_model, get_spec, list_models
+from train.registry import ModelSpec, create_model, get_spec, list_models, with_classes
 from train.train import DEFAULT_EPOCHS, NO_EFFECT_KEYS, reproduce_command
 
 __all__ = ["export", "main", "Deployable", "TOLERANCE", "EXPORTED", "card_version", "recipe_differences"]
@@ -84,7 +84,7 @@ class Deployable(nn.Module):
 def load_trained(spec: ModelSpec, checkpoint: Path) -> Deployable:
     """Build the registered model and load a checkpoint written by ``train.py``."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    net = create_model(spec.name)
+    net = create_model(spec.name, len(spec.classes))
     try:
         net.load_state_dict(state["state_dict"])
     except RuntimeError as exc:  # torch lists every mismatched tensor: one line is enough here
@@ -158,8 +158,11 @@ def recipe_differences(spec: ModelSpec, report: dict[str, Any]) -> list[str]:
     Compares the run's recipe (registry recipe, ``--set`` options and epochs, as train.py
     records it) with the registry's, ignoring `SAME_MODEL_KEYS`; also the seed (0).
     """
+    # the root of the shared data sets is where they were unpacked; your own images' root is the data
+    same = tuple(k for k in SAME_MODEL_KEYS if not (k == "root" and spec.dataset == "image_folder"))
+
     def relevant(recipe: dict[str, Any]) -> dict[str, Any]:
-        return _plain({k: v for k, v in recipe.items() if k not in SAME_MODEL_KEYS})
+        return _plain({k: v for k, v in recipe.items() if k not in same})
 
     ignored = set(report.get("recipe_ignored", ()))  # registry keys the run's data had no use for
     registered = {k: v for k, v in relevant({**spec.recipe, "epochs": spec.recipe.get("epochs", DEFAULT_EPOCHS)}).items()
@@ -358,6 +361,7 @@ def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path |
     if raw_report.get("model", spec.name) != spec.name:
         raise ValueError(f"{report_path}: the run of model {raw_report['model']!r}, not {spec.name!r}; "
                          f"give --model {raw_report['model']} or that model's checkpoint")
+    spec = with_classes(spec, raw_report.get("data", {}).get("classes"))  # image-folder: from the run
     report = shipped_report(raw_report)
     model = load_trained(spec, checkpoint)
     shape = (len(spec.input["channels"]), int(spec.input["height"]), int(spec.input["width"]))

@@ -7,13 +7,13 @@ training recipe. Tests parametrize over `list_models()`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch.nn as nn
 
-__all__ = ["ModelSpec", "register_model", "create_model", "get_spec", "list_models"]
+__all__ = ["ModelSpec", "register_model", "create_model", "get_spec", "list_models", "with_classes"]
 
 
 @dataclass(frozen=True)
@@ -25,11 +25,13 @@ class ModelSpec:
     name
         Registry and shipped-file name (``exported/<name>.onnx``).
     builder
-        Returns a fresh, untrained ``nn.Module`` mapping ``(N, C, H, W)`` to logits.
+        Returns a fresh, untrained ``nn.Module`` mapping ``(N, C, H, W)`` to logits; a
+        model whose classes come from the data takes their number.
     task
         e.g. ``"real-bogus"``, ``"image-classification"``.
     classes
-        Class names in logit order.
+        Class names in logit order; empty for a model that takes them from its training
+        data (e.g. ``image-folder``: the folder names), see `with_classes`.
     input
         The card's ``input`` section (channels, height, width, kind, ...).
     preprocessing
@@ -47,7 +49,7 @@ class ModelSpec:
     """
 
     name: str
-    builder: Callable[[], nn.Module]
+    builder: Callable[..., nn.Module]
     task: str
     classes: tuple[str, ...]
     input: dict[str, Any]
@@ -62,7 +64,7 @@ class ModelSpec:
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, **spec: Any) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
+def register_model(name: str, **spec: Any) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register a builder under *name* with its `ModelSpec` fields.
 
     Raises
@@ -71,7 +73,7 @@ def register_model(name: str, **spec: Any) -> Callable[[Callable[[], nn.Module]]
         If *name* is already registered.
     """
 
-    def wrap(builder: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
         _REGISTRY[name] = ModelSpec(name=name, builder=builder, **spec)
@@ -98,6 +100,27 @@ def get_spec(name: str) -> ModelSpec:
     return _REGISTRY[name]
 
 
-def create_model(name: str) -> nn.Module:
-    """A fresh, untrained instance of model *name*."""
-    return get_spec(name).builder()
+def create_model(name: str, n_classes: int | None = None) -> nn.Module:
+    """A fresh, untrained instance of model *name*.
+
+    *n_classes*: for a model that takes its classes from the data (required there);
+    a registered model with its own classes checks that it matches.
+    """
+    spec = get_spec(name)
+    if spec.classes:
+        if n_classes is not None and n_classes != len(spec.classes):
+            raise ValueError(f"model {name!r} has {len(spec.classes)} classes, not {n_classes}")
+        return spec.builder()
+    if n_classes is None or n_classes < 2:
+        raise ValueError(f"model {name!r} takes its classes from the data: give their number (at least 2)")
+    return spec.builder(n_classes)
+
+
+def with_classes(spec: ModelSpec, classes: Sequence[str] | None) -> ModelSpec:
+    """*spec* with the classes its training data named, for a model registered without classes."""
+    if spec.classes:
+        return spec
+    if not classes or len(classes) < 2:
+        raise ValueError(f"model {spec.name!r} takes its classes from the data, which name {list(classes or [])}; "
+                         "it needs at least two")
+    return replace(spec, classes=tuple(str(c) for c in classes))

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from stampclf import metrics as M
 from train.data import DataBundle, dataset_options, load_dataset
-from train.registry import ModelSpec, create_model, get_spec, list_models
+from train.registry import ModelSpec, create_model, get_spec, list_models, with_classes
 
 __all__ = ["train", "main", "predict_logits", "fit_temperature", "reproduce_command", "check_options",
            "valid_keys", "NO_EFFECT_KEYS", "TRAIN_KEYS", "DEFAULT_EPOCHS"]
@@ -196,7 +196,8 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     print(f"[train] data: train {len(data.train)}, val {len(data.val)}, test {len(data.test)} "
           f"({time.time() - t_start:.0f} s)", flush=True)
 
-    model = create_model(spec.name).to(device)
+    spec = with_classes(spec, data.provenance.get("classes"))  # image-folder: the folder names
+    model = create_model(spec.name, len(spec.classes)).to(device)
     _init_from_data(model, data.train, int(recipe.get("init_from_data", 0)), device, gen_seed=args.seed)
     # NHWC is ~1.4x faster for convolutions on CPU (oneDNN); the weights and the result are the same
     memory_format = torch.channels_last if recipe.get("channels_last") else torch.contiguous_format
@@ -349,7 +350,8 @@ def evaluate_only(spec: ModelSpec, args: argparse.Namespace, options: dict[str, 
     args.seed = old["seed"]
     options = {**old.get("options", {}), **options}
     data = load_dataset(spec, options, args.seed)
-    model = create_model(spec.name).to(args.device)
+    spec = with_classes(spec, data.provenance.get("classes"))
+    model = create_model(spec.name, len(spec.classes)).to(args.device)
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict(state)
     run = {k: old[k] for k in ("history", "best_epoch", "command", "recipe", "device", "train_seconds")}

@@ -100,8 +100,9 @@ def folder_per_class(root: str | Path, classes: tuple[str, ...] | None = None) -
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: image folder does not exist")
-    names = list(classes) if classes else sorted(d.name for d in root.iterdir() if d.is_dir())
-    others = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in names)
+    folders = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]  # not .ipynb_checkpoints
+    names = list(classes) if classes else sorted(d.name for d in folders)
+    others = sorted(d.name for d in folders if d.name not in names)
     loose = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
     if others or loose:  # a misspelt class folder would otherwise vanish from training unnoticed
         print(f"[data] note: {root}: not used: "
@@ -359,6 +360,7 @@ def _bundle(name: str, spec: Any, recipe: dict[str, Any], root: Path, source: st
         if a.shape[1:] != shape:
             raise ValueError(f"{name}: preprocessing gives images of shape {a.shape[1:]}, model input is {shape}")
     prov = _provenance(name, root, recipe, source, splits, arrays)
+    prov["classes"] = list(recipe.get("_classes") or spec.classes)
 
     def tensors(k: str) -> TensorDataset:
         x = scale_pixels(arrays[k], spec.preprocessing)  # the runtime's arithmetic, bit for bit
@@ -404,7 +406,8 @@ def _pokemon_types_splits(spec: Any, recipe: dict[str, Any], seed: int) -> tuple
 
 def _image_folder_splits(spec: Any, recipe: dict[str, Any], seed: int) -> tuple[Path, _Splits]:
     root = _root("image_folder", recipe)
-    files, labels, _ = folder_per_class(root, spec.classes)
+    files, labels, names = folder_per_class(root, spec.classes or None)
+    recipe["_classes"] = names  # a model without classes of its own takes these (train.registry.with_classes)
     return root, _split_three(files, labels, recipe, seed)
 
 
