@@ -117,7 +117,7 @@ def create_session(
                 return SessionInfo(sess, "cuda", None, n_threads, model, source)
             reason = "the CUDA execution provider failed to load (CUDA/cuDNN libraries missing?)"
         if device == "cuda":
-            raise DeviceError(f"--device cuda: CUDA cannot be used: {reason}")
+            raise DeviceError(f"device cuda: CUDA cannot be used: {reason}")
         if _gpu_present():  # a GPU it could not use is worth a line; a CPU node is what auto expects
             notice = f"device auto: {reason}; running on CPU"
     sess = _make(ort, model, opts, [_CPU], source)

@@ -199,9 +199,9 @@ def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, d
 def _gpu_only(precision: str, cuda_graph: bool, where: str) -> None:
     """Refuse the GPU-only options on a CPU (fp16 is slower there and less accurate)."""
     if precision == "fp16":
-        raise DeviceError(f"--precision fp16 is for GPUs (on a CPU it is slower than fp32); {where}")
+        raise DeviceError(f"precision fp16 is for GPUs (on a CPU it is slower than fp32); {where}")
     if cuda_graph:
-        raise DeviceError(f"--cuda-graph needs a GPU; {where}")
+        raise DeviceError(f"CUDA graphs need a GPU; {where}")
 
 
 def _check_ids(ids: Any, n: int) -> np.ndarray:
@@ -297,12 +297,12 @@ class Classifier:
         resolve_threshold(self.card, threshold)
         self.precision = precision
         if device == "cpu":
-            _gpu_only(precision, cuda_graph, "--device cpu")
+            _gpu_only(precision, cuda_graph, "device cpu")
         if precision == "fp16":
             data = to_fp16(data, source=str(self.path))
         info = create_session(data, device, threads, source=str(self.path), cuda_graph=cuda_graph)
         if info.device == "cpu":
-            _gpu_only(precision, cuda_graph, f"--device {device} runs on the CPU here")
+            _gpu_only(precision, cuda_graph, f"device {device} runs on the CPU here")
         self._cuda_graph = cuda_graph
         self._info = info
         # Preprocessing threads for file streams: on CPU the inference threads own the
@@ -312,7 +312,7 @@ class Classifier:
         self.session = info.session
         self.device = info.device
         over = (
-            f"--threads {threads} is more than the {cpu_count()} CPU(s) this process may use (slower, not faster)"
+            f"{threads} threads are more than the {cpu_count()} CPU(s) this process may use (slower, not faster)"
             if threads and info.device == "cpu" and threads > cpu_count() else None
         )
         # shadowing: a model name that resolved to other weights than the shipped model of that name

@@ -247,7 +247,7 @@ def test_evaluate_names_the_bad_label(tmp_path: Path, tiny_model_path: Path, lab
     [
         (["--threshold", "nan"], "threshold nan is not a number in [0, 1]"),
         (["--threshold", "1.5"], "threshold 1.5 is not a number in [0, 1]"),
-        (["--precision", "fp16", "--device", "cpu"], "--precision fp16 is for GPUs"),
+        (["--precision", "fp16", "--device", "cpu"], "precision fp16 is for GPUs"),
     ],
     ids=["nan", "above_one", "fp16_cpu"],
 )
