@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ._errors import InputError, ModelError, open_failure
 
@@ -324,7 +327,7 @@ def resolve_threshold(card: ModelCard | None, threshold: float | str | None) -> 
                     f"{card.name!r} ({', '.join(points) or 'it has none'})"
                 ) from None
             value = float(points[threshold]["threshold"])
-    elif isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+    elif isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, numbers.Real):  # numpy's too
         raise InputError(f"threshold {threshold!r} is not a number in [0, 1]")
     else:
         value = float(threshold)

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from ._errors import InputError, OutputError, StampclfError
-from .classifier import Classifier
+from .classifier import Classifier, _positive_int
 from .io import LAYOUTS, open_inputs, open_writer, run_attrs
 
 __all__ = ["RunSummary", "classify_files", "Progress"]
@@ -147,6 +147,7 @@ def classify_files(
         raise InputError("no input files given")
     if layout not in LAYOUTS:
         raise InputError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    batch_size = clf.batch_size if batch_size is None else _positive_int("batch_size", batch_size)
     _check_output(output, paths)
     summary = RunSummary(output=output)
     groups = open_inputs(paths, clf.card, layout, channels_last, keep_going)
@@ -178,7 +179,7 @@ def classify_files(
                         labels = "skip"
                 elif evaluate:  # say so now, not after classifying it
                     _require_labels(reader)
-                for pred in clf._classify_reader(reader, batch_size or clf.batch_size, labels):
+                for pred in clf._classify_reader(reader, batch_size, labels):
                     if getattr(opener, "images", False):
                         summary.file_errors.extend(unreadable_images(pred.status))
                     writer.write(pred.ids, pred.labels, pred.proba, pred.status, pred.file, pred.extra)

@@ -72,6 +72,8 @@ class Predictions:
             index = [int(index)]
         elif not isinstance(index, slice):
             index = np.asarray(index)
+            if index.size == 0:
+                index = index.astype(np.intp)  # [] is float64 to numpy
         return Predictions(
             self.ids[index], self.labels[index], self.proba[index], self.status[index],
             None if self.true_labels is None else self.true_labels[index],
@@ -96,7 +98,11 @@ class Predictions:
         truth = [p.true_labels for p in parts]
         files = [p.file for p in parts]
         same_file = all(isinstance(f, str) for f in files) and len(set(files)) == 1  # type: ignore[arg-type]
-        keys = first.extra.keys() if first.extra else ()
+        keys = list(dict.fromkeys(k for p in parts for k in (p.extra or {})))  # every part's, in order
+
+        def extra(p: Predictions, k: str) -> np.ndarray:  # a column a part lacks is empty there, as in the files
+            return p.extra[k] if p.extra and k in p.extra else np.full(len(p), "", dtype=object)
+
         return cls(
             np.concatenate([p.ids for p in parts]),
             np.concatenate([p.labels for p in parts]),
@@ -107,7 +113,7 @@ class Predictions:
                 [np.full(len(p), p.file, dtype=object) if isinstance(p.file, str) else np.asarray(p.file, dtype=object)
                  for p in parts]
             ),
-            {k: np.concatenate([p.extra[k] for p in parts]) for k in keys} if keys else None,  # type: ignore[index]
+            {k: np.concatenate([extra(p, k) for p in parts]) for k in keys} if keys else None,
             first.classes, first.model, first.model_version,
         )  # fmt: skip
 
@@ -204,6 +210,13 @@ def _gpu_only(precision: str, cuda_graph: bool, where: str) -> None:
         raise DeviceError(f"CUDA graphs need a GPU; {where}")
 
 
+def _positive_int(name: str, value: Any) -> int:
+    """*value* as an int of at least 1 (numpy integers too); `InputError` naming *name* otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name}={value!r}: expected an integer of at least 1")
+    return int(value)
+
+
 def _check_ids(ids: Any, n: int) -> np.ndarray:
     """*ids* as an array, refused unless there is one per row."""
     ids = np.asarray(ids)
@@ -286,8 +299,8 @@ class Classifier:
         if precision not in PRECISIONS:
             raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         for name, value in (("batch_size", batch_size), ("threads", threads)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-                raise InputError(f"{name}={value!r}: expected an integer of at least 1")
+            if value is not None:
+                _positive_int(name, value)
         if not isinstance(model, (str, os.PathLike)):
             raise InputError(f"model={model!r}: give a shipped model's name or the path of an .onnx file")
         resolve_threshold(None, threshold)  # the range, before the model is read
@@ -509,9 +522,7 @@ class Classifier:
 
     @batch_size.setter
     def batch_size(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise InputError(f"batch_size={value!r}: expected an integer of at least 1")
-        self._batch_size = int(value)
+        self._batch_size = _positive_int("batch_size", value)
 
     @property
     def threshold(self) -> float:
@@ -567,6 +578,8 @@ class Classifier:
             return scale_pixels(arr, spec)
         if arr.dtype.kind in "US" or (arr.dtype == object and len(arr) and isinstance(arr.flat[0], (str, os.PathLike))):
             raise InputError("images: file names given; classify files with classify_file(paths)")
+        if arr.size == 0:
+            raise InputError(f"images: none given (shape {arr.shape})")
         if arr.dtype.kind == "f":  # 0-255 or 0-1? and scaled or not? guessing would give confident nonsense
             raise InputError(
                 f"images: float pixels ({arr.dtype}, values {np.nanmin(arr):.3g} to {np.nanmax(arr):.3g}); give uint8 "
@@ -649,16 +662,22 @@ class Classifier:
             otherwise; ``"check"`` raises `InputError` saying why they cannot be used (as
             ``--evaluate`` does); ``"skip"`` never reads them.
 
-        Yields
-        ------
-        Predictions
-            One per batch (a batch never spans two inputs); see `evaluate` for metrics.
+        Returns
+        -------
+        Iterator[Predictions]
+            One per batch (a batch never spans two inputs), read as it is consumed; the
+            arguments are checked at once. See `evaluate` for metrics, `Predictions.concat`
+            for one result.
         """
-        if labels not in ("auto", "check", "skip"):
+        if labels not in ("auto", "check", "skip"):  # checked now, not when the first batch is asked for
             raise InputError(f"labels={labels!r}: choose 'auto', 'check' or 'skip'")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise InputError(f"batch_size={batch_size!r}: expected an integer of at least 1")
+        size = self.batch_size if batch_size is None else _positive_int("batch_size", batch_size)
         paths = [os.fspath(p) for p in path] if isinstance(path, (list, tuple)) else [os.fspath(path)]
+        return self._classify_paths(paths, size, layout, channels_last, labels)
+
+    def _classify_paths(
+        self, paths: list[str], batch_size: int, layout: str, channels_last: bool, labels: str
+    ) -> Iterator[Predictions]:
         for _group, opener in open_inputs(paths, self.card, layout, channels_last):
             reader = opener()
             if labels == "check":
@@ -671,7 +690,7 @@ class Classifier:
                 except InputError:
                     reader.close()
                     raise
-            yield from self._classify_reader(reader, batch_size or self.batch_size, labels)
+            yield from self._classify_reader(reader, batch_size, labels)
 
     def evaluate(self, predictions: Predictions | Iterable[Predictions]) -> dict[str, Any]:
         """The figures ``stampclf classify --evaluate`` prints, of results with true labels.
@@ -688,8 +707,13 @@ class Classifier:
         """
         preds = [predictions] if isinstance(predictions, Predictions) else list(predictions)
         labelled = [p for p in preds if p.true_labels is not None]
-        if not labelled:
-            raise InputError("evaluate: no true labels in these results (classify_file(..., labels='check') says why)")
+        if not preds:
+            raise InputError("evaluate: no results")
+        if len(labelled) < len(preds):  # figures of part of the rows would pass for figures of all of them
+            first = next(p for p in preds if p.true_labels is None)
+            where = first.file if isinstance(first.file, str) else first.file[0] if len(first.file) else "?"
+            raise InputError(f"evaluate: results of {where} have no true labels "
+                             "(classify_file(..., labels='check') says why)")
         return self._evaluate_arrays(
             np.concatenate([p.true_labels for p in labelled]), np.concatenate([p.proba for p in labelled])  # type: ignore[misc]
         )

@@ -98,6 +98,8 @@ def threshold_at_fpr(y_true: np.ndarray, score: np.ndarray, fpr_target: float) -
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
     """Counts ``[true, predicted]`` of class indices ``0..n_classes-1``."""
     t, p = np.asarray(y_true), np.asarray(y_pred)
+    t, p = (v.astype(np.int64) if v.dtype.kind == "f" and np.isfinite(v).all() and (v == np.round(v)).all() else v
+            for v in (t, p))  # labels stored as 0.0/1.0
     for name, v in (("y_true", t), ("y_pred", p)):
         if v.dtype.kind not in "iu" and not (v.dtype.kind == "b" and n_classes == 2):
             raise InputError(f"confusion_matrix: {name} must be class indices, got {v.dtype} "

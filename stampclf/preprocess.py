@@ -242,7 +242,8 @@ def prepare_stamps(
         for i in np.flatnonzero(per_row):
             if frac[i] > max_frac:
                 # a small stamp's padding counts as not finite: say that it was padded
-                padded = "".join(f"{r} (padding is not finite): " for r in reasons[i] if r.startswith("resized"))
+                padded = "".join(f"{r} (padding is not finite): " for r in reasons[i] if r.startswith("resized")
+                                 and (stamps.shape[2] < height or stamps.shape[3] < width))
                 status[i] = f"failed: {padded}{int(per_row[i])} of {x[0].size} pixels not finite"
                 reasons[i] = []
             elif empty[i].any():

@@ -503,6 +503,8 @@ def test_classify_cutouts_equals_reader(tmp_path: Path, clf: Classifier) -> None
     assert pred.status[1].endswith("duplicate id")  # as in every other reader
     with pytest.raises(InputError, match=r"ids: shape \(2,\) for 3 stamps"):
         classify_cutouts(clf, blobs, ids=[1, 2], nominal=63)
+    as_arrays = {k: np.array(v, dtype=object) for k, v in blobs.items()}  # e.g. a pandas column's to_numpy()
+    assert len(classify_cutouts(clf, as_arrays, nominal=63)) == 3
     aliased = {"sci": blobs["science"], "reference": blobs["template"], "diff": blobs["difference"]}
     np.testing.assert_array_equal(classify_cutouts(clf, aliased, nominal=63).proba[:2], pred.proba)
     for bad, message in (

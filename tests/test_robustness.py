@@ -605,6 +605,13 @@ def test_too_small_stamps_fail_when_padding_exceeds_nan_budget(tiny_model_path: 
     assert np.isnan(pred.proba).all() and list(pred.labels) == ["", ""]
 
 
+def test_a_cropped_stamp_that_fails_is_not_said_to_be_padded(tiny_model_path: Path) -> None:
+    x = make_stamps(1, size=(25, 25))
+    x[0, :, :, :15] = np.nan
+    [status] = Classifier(tiny_model_path, device="cpu").classify(x).status
+    assert status.startswith("failed: ") and "padding" not in status, status
+
+
 def test_empty_file_gives_header_only(tmp_path: Path, tiny_model_path: Path) -> None:
     h5 = write_hits_h5(tmp_path / "empty.h5", stamps=np.zeros((0, 4, 21, 21), "f4"))
     out = tmp_path / "out.csv"

@@ -160,6 +160,8 @@ def test_image_api_takes_pillow_images_and_uint8_pixels(tmp_path: Path, tiny_ima
         clf.classify(pixels.astype(np.float32))
     with pytest.raises(InputError, match="classify_file"):
         clf.classify([str(f) for f in files])
+    with pytest.raises(InputError, match=r"images: none given"):
+        clf.predict(np.zeros((0, 3, 8, 8), np.float32))
     np.testing.assert_array_equal(clf.classify([_opened(f) for f in files]).proba, want)
     np.testing.assert_array_equal(clf.classify(pixels).proba, want)
     np.testing.assert_array_equal(clf.classify(pixels.transpose(0, 3, 1, 2)).proba, want)

@@ -541,3 +541,33 @@ def test_predictions_join_and_slice(tiny_model_path: Path, tmp_path: Path) -> No
         (whole.labels == "real").sum())
     assert whole[0].to_dict()["model"].tolist() == ["tiny"]
     assert whole != Predictions.concat(parts)  # identity, not an ambiguous array comparison
+
+
+def test_numpy_scalars_and_empty_inputs_are_ordinary_values(tiny_model_path: Path, tmp_path: Path) -> None:
+    from stampclf import InputError, Predictions, metrics
+
+    clf = Classifier(tiny_model_path, device="cpu", threshold=np.float32(0.25), batch_size=np.int64(4))
+    assert clf.threshold == 0.25 and clf.batch_size == 4
+    clf.threshold = np.int64(1)
+    path = write_hits_h5(tmp_path / "a.h5", 6)
+    assert [len(p) for p in clf.classify_file(path, batch_size=np.int64(4))] == [4, 2]
+    whole = Predictions.concat(clf.classify_file(path))
+    assert len(whole[[]]) == 0 and len(whole[np.array([], bool)]) == 0
+    y = np.array([0.0, 1.0, 1.0, 0.0])  # labels stored as floats
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]])
+    assert metrics.summary(y, p, p.argmax(1), ["bogus", "real"], 1)["accuracy"] == 0.75
+    with pytest.raises(InputError, match="evaluate: no results"):
+        clf.evaluate([])
+    unlabelled = write_hits_h5(tmp_path / "u.h5", 3, labels=None)
+    with pytest.raises(InputError, match="u.h5 have no true labels"):  # not figures of half the rows
+        clf.evaluate(clf.classify_file([path, unlabelled]))
+
+
+def test_concat_keeps_every_parts_extra_columns(tiny_model_path: Path) -> None:
+    from stampclf import Predictions
+
+    clf = Classifier(tiny_model_path, device="cpu")
+    a, b = clf.classify(make_stamps(2)), clf.classify(make_stamps(3))
+    b.extra = {"object_id": np.array(["x", "y", "z"], dtype=object)}
+    for parts, want in (([a, b], ["", "", "x", "y", "z"]), ([b, a], ["x", "y", "z", "", ""])):
+        assert Predictions.concat(parts).extra["object_id"].tolist() == want  # type: ignore[index]

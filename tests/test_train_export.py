@@ -494,5 +494,7 @@ def test_one_data_file_is_split_by_class_from_the_seed(tmp_path: Path) -> None:
     assert not np.array_equal(a["test"][0], _read_given_splits(path, spec, {}, seed=2)["test"][0])
     assert a["val"][2]["split"] == {"seed": 1, "val_fraction": 0.15, "test_fraction": 0.15, "stratified": True,
                                     "rows": 15}
+
+def test_file_options_are_refused_for_simulated_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = train_mod.main(["--model", "hits", "--epochs", "1", "--out", str(tmp_path / "run"), "--set", "val_fraction=0.2"])
-    assert rc == 2  # simulated splits are sized by n_val and n_test
+    assert rc == 2 and "applies to data= files, not to simulated data" in capsys.readouterr().err

@@ -373,7 +373,8 @@ def _canonical_cutouts(cutouts: Mapping[str, Sequence[Any]]) -> dict[str, Sequen
                              f"or an alias ({', '.join(k for k in CHANNEL_ALIASES if k not in CHANNEL_ALIASES.values())})")
         if kind in out:
             raise InputError(f"cut-outs: two keys for the {kind} cut-outs (one is {key!r})")
-        if isinstance(blobs, (bytes, bytearray, memoryview, str)) or (isinstance(blobs, np.ndarray) and blobs.ndim < 3):
+        single_array = isinstance(blobs, np.ndarray) and (blobs.ndim in (0, 2) or (blobs.ndim == 1 and blobs.dtype != object))
+        if isinstance(blobs, (bytes, bytearray, memoryview, str)) or single_array:
             raise InputError(f"cut-outs: {key!r} must hold one cut-out per row (a list), got one {type(blobs).__name__}")
         out[kind] = blobs
     lengths = {k: len(v) for k, v in out.items()}
