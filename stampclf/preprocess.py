@@ -30,7 +30,7 @@ __all__ = [
 OK = "ok"
 #: Version of what `image_to_uint8` returns for a given file and spec; training's decoded-image
 #: cache is keyed by it, so a change here (bump it) never reuses pixels decoded the old way.
-IMAGE_DECODE_VERSION = 2
+IMAGE_DECODE_VERSION = 3
 
 _MAD_TO_SIGMA = 1.4826  # sigma of a Gaussian from its median absolute deviation
 
@@ -294,14 +294,16 @@ def image_to_uint8(img: Any, spec: dict[str, Any]) -> np.ndarray:
     """
     from PIL import Image
 
-    if img.mode.startswith("I;16"):
+    wide_int = img.mode == "I" and int(np.asarray(img).max(initial=0)) > 255  # 16-bit PNG as 'I' (older Pillow)
+    if img.mode.startswith("I;16") or wide_int:
         # 16-bit pixels: Pillow's convert() would clip everything above 255 to white
         wide = np.asarray(img, dtype=np.int64)
         img = Image.fromarray(np.clip(wide * 255 // 65535, 0, 255).astype(np.uint8), "L")
     elif img.mode == "F":  # float pixels: 0..1 scaled to 0..255 (convert() would truncate them to 0 and 1)
         f = np.nan_to_num(np.asarray(img, dtype=np.float64))
         img = Image.fromarray(np.clip(f * 255.0 if f.max(initial=0.0) <= 1.0 else f, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
+        # (P, L and RGB carry transparency as a palette entry or a key colour: tRNS)
         # transparent pixels show the card's background colour (the artwork's own white for the
         # Pokemon models), not whatever colour they happen to store (convert() drops alpha)
         colour = spec.get("pad_color", 0)

@@ -377,6 +377,12 @@ def test_transparent_pixels_show_the_cards_background() -> None:
     assert image_to_uint8(img, {"mode": "L", "pad_color": [255]})[0, 3, 3] == 255  # one grey level
     flt = PIL_Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), "F")  # float TIFF pixels in 0..1
     assert image_to_uint8(flt, {"mode": "L"})[0, 0].tolist() == [0, 127, 255]
+    key = PIL_Image.fromarray(np.array([[[200, 10, 10], [0, 0, 0]]], np.uint8))  # RGB with a tRNS key colour
+    key.info["transparency"] = (0, 0, 0)
+    assert image_to_uint8(key, {"mode": "RGB", "pad_color": [255, 255, 255]})[:, 0].T.tolist() == [
+        [200, 10, 10], [255, 255, 255]]
+    wide = PIL_Image.fromarray(np.array([[0, 32768, 65535]], np.int32), "I")  # 16-bit PNG as older Pillow opens it
+    assert image_to_uint8(wide, {"mode": "L"})[0, 0].tolist() == [0, 127, 255]
 
 
 # --- end to end ------------------------------------------------------------------------
