@@ -275,3 +275,26 @@ def test_keep_going_evaluate_classifies_a_file_without_usable_labels(tmp_path: P
     with open(out) as fh:
         assert len(fh.readlines()) == 1 + 6 + 4 + 3  # every row written
     assert re.search(r"\bn: 6\b", r.stderr)  # the metrics: the labelled file only
+
+
+def test_image_folders_are_read_as_training_reads_them(tmp_path: Path, tiny_image_model_path: Path) -> None:
+    """Hidden files and folders skipped; a nested folder's images belong to their class folder."""
+    root = tmp_path / "root"
+    for name in ("cat/a.png", "cat/sub/b.png", "dog/c.png", ".ipynb_checkpoints/x.png", "cat/.cache/y.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(root / name)
+    (root / "cat" / "._a.png").write_bytes(b"\x00\x05macOS resource fork")  # not an image
+    out = tmp_path / "o.csv"
+    r = _cli("classify", root, "-m", tiny_image_model_path, "--device", "cpu", "--evaluate", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    assert "3 rows" in r.stderr and "support" in r.stderr
+    clf = Classifier(tiny_image_model_path, device="cpu")
+    [pred] = list(clf.classify_file(str(root), labels="check"))
+    assert [clf.classes[i] for i in pred.true_labels] == ["cat", "cat", "dog"]  # type: ignore[union-attr]
+    [pred] = list(clf.classify_file(str(root / "cat"), labels="check"))  # a class folder given alone
+    assert [clf.classes[i] for i in pred.true_labels] == ["cat", "cat"]  # type: ignore[union-attr]
+    pytest.importorskip("torch")
+    from train.data.images import folder_per_class
+
+    files, labels, names = folder_per_class(root, ("cat", "dog"))
+    assert [Path(f).relative_to(root).as_posix() for f in files] == ["cat/a.png", "cat/sub/b.png", "dog/c.png"]

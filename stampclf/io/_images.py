@@ -14,27 +14,56 @@ from .._errors import InputError
 from ..preprocess import OK, load_image
 from ._base import DUPLICATE_ID, InputBatch, duplicate_rows
 
-__all__ = ["ImageReader", "IMAGE_SUFFIXES", "expand_image_paths"]
+__all__ = ["ImageReader", "IMAGE_SUFFIXES", "expand_image_paths", "image_files"]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
 
-def expand_image_paths(paths: list[str]) -> list[str]:
-    """Files as given, folders expanded recursively to their image files (sorted)."""
-    out: list[str] = []
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files under *folder*, recursively, sorted; hidden files and folders are skipped.
+
+    Hidden: a name that starts with a dot (``.ipynb_checkpoints/``, macOS ``._x.jpg``).
+    Training (``train/data/images.py``) lists class folders with the same function.
+    """
+    folder = Path(folder)
+    return sorted(
+        f for f in folder.rglob("*")
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+    )  # fmt: skip
+
+
+def _expand(paths: list[str]) -> list[tuple[str, str | None]]:
+    """``(file, folder it was found in, or None for a file given as such)``, in input order."""
+    out: list[tuple[str, str | None]] = []
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(
-                str(f) for f in Path(p).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-            )
+            found = image_files(p)
             if not found:
                 raise InputError(f"{p}: folder contains no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            out.extend(found)
+            out.extend((str(f), p) for f in found)
         elif not os.path.exists(p):
             raise InputError(f"{p}: file does not exist")
         else:
-            out.append(str(p))
+            out.append((str(p), None))
     return out
+
+
+def expand_image_paths(paths: list[str]) -> list[str]:
+    """Files as given, folders expanded recursively to their image files (sorted; hidden ones skipped)."""
+    return [f for f, _ in _expand(paths)]
+
+
+def _class_of(file: str, folder: str | None, classes: set[str]) -> str:
+    """The class folder of *file*: under a folder given, the outermost one named after a class
+    (``root/dog/sub/x.jpg`` is a dog, as in training); a file given alone: its own folder."""
+    parent = Path(file).parent
+    if folder is None:
+        return parent.name
+    top = Path(folder)
+    names = [*reversed(parent.relative_to(top).parts), top.name]  # innermost first, the folder given last
+    named = [n for n in names if n in classes]
+    return named[-1] if named else parent.name
 
 
 def _decode_threads() -> int:
@@ -56,12 +85,14 @@ class ImageReader:
         self, paths: list[str], spec: dict[str, Any], shape: tuple[int, int, int], threads: int | None = None,
         classes: list[str] | tuple[str, ...] | None = None, duplicates: np.ndarray | None = None,
     ) -> None:
-        self.files = expand_image_paths(paths)
+        found = _expand(paths)
+        self.files = [f for f, _ in found]
         self.path = self.files[0] if len(self.files) == 1 else f"{len(self.files)} images"
         self.n_rows: int | None = len(self.files)
         # the training layout, a folder per class: the folder names are the true labels, but
         # only when every image has one (a partial set of labels would bias the metrics)
-        parents = [Path(f).parent.name for f in self.files]
+        known = set(classes or ())
+        parents = [_class_of(f, folder, known) for f, folder in found]
         self._labels = np.array(parents, dtype=object) if classes and set(parents) <= set(classes) else None
         self.has_labels = self._labels is not None
         self.why_no_labels: str | None = None

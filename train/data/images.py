@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from stampclf.io._images import IMAGE_SUFFIXES
+from stampclf.io._images import IMAGE_SUFFIXES, image_files
 from stampclf.preprocess import IMAGE_DECODE_VERSION, image_to_uint8, open_image, scale_pixels
 
 from . import DataBundle, array_sha256, register_dataset, stratified_split
@@ -88,7 +88,7 @@ DEFAULT_ROOTS: dict[str, tuple[str, str, str]] = {
 
 # --- file lists ------------------------------------------------------------------------
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return image_files(folder)  # the runtime's listing: hidden files and folders skipped
 
 
 def folder_per_class(root: str | Path, classes: tuple[str, ...] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
@@ -103,7 +103,8 @@ def folder_per_class(root: str | Path, classes: tuple[str, ...] | None = None) -
     folders = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]  # not .ipynb_checkpoints
     names = list(classes) if classes else sorted(d.name for d in folders)
     others = sorted(d.name for d in folders if d.name not in names)
-    loose = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    loose = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+             and not f.name.startswith(".")]
     if others or loose:  # a misspelt class folder would otherwise vanish from training unnoticed
         print(f"[data] note: {root}: not used: "
               + "; ".join(x for x in (f"folders that are no class: {', '.join(others)}" if others else "",
