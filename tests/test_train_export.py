@@ -380,7 +380,7 @@ def test_training_data_is_read_like_classify_reads_it(tmp_path: Path, capsys: py
     bad[10, :, :12], bad[11, :, :13] = np.nan, np.nan  # over the NaN budget, by different counts: one reason
     x3, y3, note3 = read_labelled_h5(str(write_hits_h5(tmp_path / "nan.h5", stamps=bad, labels=y)), spec)
     assert len(x3) == len(y3) == 20 and note3["rows"] == 24
-    assert note3["left_out"] == {"more pixels not finite than the card allows": 4}
+    assert note3["left_out"] == {"K of M pixels not finite (over the card's nan_policy.max_bad_fraction)": 4}
     assert "4 of 24 rows left out" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"label 1e\+20 is not a class index 0..1"):
         from stampclf.metrics import label_indices
@@ -498,3 +498,49 @@ def test_one_data_file_is_split_by_class_from_the_seed(tmp_path: Path) -> None:
 def test_file_options_are_refused_for_simulated_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = train_mod.main(["--model", "hits", "--epochs", "1", "--out", str(tmp_path / "run"), "--set", "val_fraction=0.2"])
     assert rc == 2 and "applies to data= files, not to simulated data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--set", "data="], "--set data= is empty"),
+    (["--set", "root="], "--set root= is empty"),
+    (["--set", "batch_size=0"], "--set batch_size=0: expected an integer of at least 1"),
+    (["--set", "snr_derived=abc"], "--set snr_derived=abc: expected a number"),
+])
+def test_bad_set_values_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                            message: str) -> None:
+    model = "image-folder" if "root=" in argv[1] else "hits"
+    try:
+        rc = train_mod.main(["--model", model, "--epochs", "1", "--out", str(tmp_path / "run"), *argv])
+    except SystemExit as exc:  # check_options exits with the line itself
+        rc, err = 2, str(exc.code)
+    else:
+        err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err, err
+
+
+def test_image_folder_run_report_is_strict_json_and_bad_augment_is_named(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from train.data.images import write_split
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(2)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+    base = ["--model", "image-folder", "--epochs", "1", "--set", f"root={root}", "--set", "batch_size=4"]
+    assert train_mod.main([*base, "--out", str(tmp_path / "x"), "--set", 'augment={"hflp": 0.5}']) == 2
+    assert "--set augment: unknown key 'hflp'" in capsys.readouterr().err
+    assert train_mod.main([*base, "--out", str(tmp_path / "run")]) == 0
+    json.loads((tmp_path / "run" / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"JSON has {c}"))
+    n = write_split(get_spec("image-folder"), "test", tmp_path / "split", {"root": str(root)})  # classes: the folders
+    assert n == 2 and sorted(p.name for p in (tmp_path / "split").iterdir()) == ["a", "b"]
+    assert export_mod.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--name", "",
+                            "--out", str(tmp_path / "m")]) == 2
+
+
+def test_report_json_has_no_nan() -> None:
+    safe = train_mod._json_safe({"roc_auc": float("nan"), "x": [np.float32(1.5), np.int64(2)], "inf": np.inf})
+    assert json.dumps(safe, allow_nan=False) == '{"roc_auc": null, "x": [1.5, 2], "inf": null}'

@@ -349,7 +349,7 @@ def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path |
     name and file name (default: the registry's). Raises `FileExistsError` where *out_dir*
     is the repository's `EXPORTED` folder and the model file exists, unless *force*.
     """
-    name = name or spec.name
+    name = spec.name if name is None else name  # "" is refused below, not taken for the default
     if not NAME_RE.fullmatch(name) or name.lower().endswith(".onnx"):
         raise ValueError(f"--name {name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
     final = out_dir / f"{name}.onnx"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import os
 import platform
 import random
@@ -190,8 +191,8 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     bs = int(recipe.get("batch_size", 256))
     workers = int(recipe.get("workers", 0))
     t_start = time.time()
-    given = "".join(f", {k}={options[k]}" for k in ("data", "root") if options.get(k))  # the user's own files
-    print(f"[train] {spec.name}: loading data ({spec.dataset}{given})", flush=True)
+    given = ", ".join(f"{k}={options[k]}" for k in ("data", "root") if options.get(k))  # the user's own files
+    print(f"[train] {spec.name}: loading data ({given or spec.dataset})", flush=True)
     data: DataBundle = load_dataset(spec, options, args.seed)
     print(f"[train] data: train {len(data.train)}, val {len(data.val)}, test {len(data.test)} "
           f"({time.time() - t_start:.0f} s)", flush=True)
@@ -328,11 +329,12 @@ def finish(spec: ModelSpec, model: nn.Module, data: DataBundle, run: dict[str, A
         "data": data.provenance,
         "train_seconds": run["train_seconds"] + (time.time() - t_start if "evaluated_from" not in run else 0.0),
         **({"evaluated_from": run["evaluated_from"]} if "evaluated_from" in run else {}),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        # the training date (a re-evaluation keeps the weights', and says when in evaluated_from)
+        "date": run.get("date") or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
     }
     report["figures"] = write_figures(out, spec, history, test_m, tproba, ty)
-    (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=float))
+    (out / "report.json").write_text(json.dumps(_json_safe(report), indent=2, sort_keys=True, allow_nan=False, default=float))
     print("[train] test: " + ", ".join(f"{k} {test_m[k]:.4f}" for k in ("accuracy", "precision", "recall", "f1", "roc_auc")), flush=True)
     print(f"[train] wrote {out}/checkpoint.pt, report.json and figures", flush=True)
     return report
@@ -355,7 +357,9 @@ def evaluate_only(spec: ModelSpec, args: argparse.Namespace, options: dict[str, 
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict(state)
     run = {k: old[k] for k in ("history", "best_epoch", "command", "recipe", "device", "train_seconds")}
-    run["evaluated_from"] = (f"weights of the run of {old['date']} ({old['command']}), re-evaluated with "
+    run["date"] = old["date"]
+    run["evaluated_from"] = (f"weights of the run of {old['date']} ({old['command']}), re-evaluated "
+                             f"{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')} with "
                              f"{reproduce_command(_argv(args))}; history figures are from that run")
     return finish(spec, model, data, run, out, args, options)
 
@@ -412,7 +416,8 @@ def write_figures(out: Path, spec: ModelSpec, history: dict[str, list[float]], t
     if spec.positive_class:
         ax.set_xscale("symlog", linthresh=1e-3)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{spec.name}: test ROC")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # no curve when the test split lacks a class
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "roc.png", dpi=90)
@@ -433,6 +438,21 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[k] = v
     return out
+
+
+def _json_safe(value: Any) -> Any:
+    """*value* for strict JSON: NaN and infinities (an undefined ROC AUC) become null, numpy scalars numbers."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    return value
 
 
 def _check_out(out: Path) -> None:
@@ -480,6 +500,10 @@ NO_EFFECT_KEYS = ("cache", "decode_threads")
 #: recipe keys the training loop reads (valid ``--set`` keys for every model; see the module docstring)
 TRAIN_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "pct_start", "label_smoothing",
               "class_weights", "channels_last", "init_from_data", "ema", "workers")
+#: ``--set`` keys whose value must be a positive integer / a number
+POSITIVE_INT_KEYS = ("epochs", "batch_size", "n_train", "n_val", "n_test", "limit", "sim_workers", "decode_threads")
+NUMBER_KEYS = ("lr", "momentum", "weight_decay", "pct_start", "label_smoothing", "ema", "snr_derived",
+               "val_fraction", "test_fraction")
 #: epochs of a recipe that names none
 DEFAULT_EPOCHS = 10
 
@@ -509,6 +533,11 @@ def check_options(spec: ModelSpec, options: dict[str, Any]) -> None:
             listing = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in groups.items() if keys)
             raise SystemExit(f"train: error: unknown --set key {key!r} for model {spec.name}{hint}; "
                              f"valid keys: {listing}")
+    for key, value in options.items():  # a bad value fails now, named, not deep in the loop
+        if key in POSITIVE_INT_KEYS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SystemExit(f"train: error: --set {key}={value}: expected an integer of at least 1")
+        if key in NUMBER_KEYS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise SystemExit(f"train: error: --set {key}={value}: expected a number")
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
@@ -555,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the report's command
     options = parse_options(args.options)
     for key in ("data", "root"):  # the report must find the files again from any folder (--evaluate-only)
+        if key in options and not str(options[key]).strip():  # e.g. --set data=$UNSET: not the default data
+            print(f"train: error: --set {key}= is empty; give the file(s) or folder", file=sys.stderr)
+            return 2
         if isinstance(options.get(key), str):
             options[key] = ",".join(os.path.abspath(p.strip()) if p.strip() else p for p in options[key].split(","))
     check_options(spec, options)

@@ -148,6 +148,8 @@ class HDF5Reader:
                     f"but the model needs {len(self.channels)}: {self.channels}"
                     + ("" if channels_last or ds.shape[3] != len(self.channels)
                        else f" (channels-last data? use {self._hints['channels_last']})")
+                    + (" (channels-first data? leave out the channels-last option)"
+                       if channels_last and ds.shape[1] == len(self.channels) else "")
                 )
             self._datasets = [ds]
             self._channels_last = channels_last

@@ -181,6 +181,7 @@ class HitsAugment:
 _TRAINING_HINTS = {"layout": "--set data_layout={}", "channels_last": "--set data_channels_last=true"}
 # "failed: 924 of 1764 pixels not finite" -> one reason, whatever the count
 _FAILED_COUNT = re.compile(r"\d+ of \d+ pixels not finite$")
+_OVER_BUDGET = "K of M pixels not finite (over the card's nan_policy.max_bad_fraction)"
 
 
 def read_labelled_h5(path: str, spec: Any, batch_size: int = 8192, layout: str = "auto",
@@ -212,7 +213,7 @@ def read_labelled_h5(path: str, spec: Any, batch_size: int = 8192, layout: str =
             x[i : i + n], y[i : i + n] = xb, label_indices(batch.labels, spec.classes, path)
             for j in np.flatnonzero([str(s).startswith("failed") for s in status]):
                 keep[i + j] = False
-                reason = _FAILED_COUNT.sub("more pixels not finite than the card allows",
+                reason = _FAILED_COUNT.sub(_OVER_BUDGET,
                                            str(status[j]).removeprefix("failed: "))
                 reasons[reason] = reasons.get(reason, 0) + 1
             i += n
@@ -370,8 +371,8 @@ def load_hits(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
             "sha256": {name: array_sha256(x, y) for name, (x, y, _) in zip(("train", "val", "test"), prepared, strict=True)},
         }
         train, val, test = (TensorDataset(torch.from_numpy(x), torch.from_numpy(y)) for x, y, _ in prepared)
-        extra, note = _real_sn(recipe.get("real_sn"), spec)
-        prov.update(note)
+    extra, note = _real_sn(recipe.get("real_sn"), spec)  # the real HiTS supernovae: a check for any hits model
+    prov.update(note)
     prov["augmentation"] = {"rot90_and_mirror": True, "snr_derived": float(recipe.get("snr_derived", 0.0))}
     return DataBundle(
         train=train, val=val, test=test, provenance=prov,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -384,7 +385,15 @@ def _split_three(files: list[str], labels: np.ndarray, recipe: dict[str, Any], s
 
 
 def _augment_from(recipe: dict[str, Any], base: dict[str, Any]) -> ImageAugment:
-    a = {**base, **recipe.get("augment", {})}
+    given = recipe.get("augment", {})
+    known = list(inspect.signature(ImageAugment).parameters)
+    if not isinstance(given, dict):
+        raise ValueError(f"--set augment={given}: expected a JSON object such as '{{\"hflip\": 0.5}}' with keys "
+                         f"{', '.join(known)}")
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        raise ValueError(f"--set augment: unknown key {unknown[0]!r}; the keys are {', '.join(known)}")
+    a = {**base, **given}
     a["swap"] = tuple(tuple(p) for p in a.get("swap", ()))
     return ImageAugment(**a)
 
@@ -501,7 +510,10 @@ def write_split(spec: Any, split: str, out: str | Path, options: dict[str, Any] 
     Returns the number of images. Refuses an ``out`` that exists and is not empty, so that
     a second split or seed is never mixed into the first.
     """
-    splits = split_files(spec, options, seed)
+    recipe = _recipe(spec, options or {}, seed)
+    splits = _IMAGE_SETS[spec.dataset].splits(spec, recipe, seed)[1] if spec.dataset in _IMAGE_SETS else split_files(
+        spec, options, seed)
+    classes = spec.classes or recipe.get("_classes") or ()  # image-folder: the folder names
     if split not in splits:
         raise ValueError(f"split {split!r} is not one of {', '.join(splits)}")
     out = Path(out)
@@ -511,7 +523,7 @@ def write_split(spec: Any, split: str, out: str | Path, options: dict[str, Any] 
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
     files, labels = splits[split]
     for f, y in zip(files, labels, strict=True):
-        d = out / spec.classes[int(y)]
+        d = out / classes[int(y)]
         d.mkdir(parents=True, exist_ok=True)
         (d / Path(f).name).symlink_to(Path(f).resolve())  # a repeated name raises FileExistsError
     return len(files)
