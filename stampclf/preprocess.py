@@ -30,7 +30,7 @@ __all__ = [
 OK = "ok"
 #: Version of what `image_to_uint8` returns for a given file and spec; training's decoded-image
 #: cache is keyed by it, so a change here (bump it) never reuses pixels decoded the old way.
-IMAGE_DECODE_VERSION = 3
+IMAGE_DECODE_VERSION = 4
 
 _MAD_TO_SIGMA = 1.4826  # sigma of a Gaussian from its median absolute deviation
 
@@ -294,8 +294,8 @@ def image_to_uint8(img: Any, spec: dict[str, Any]) -> np.ndarray:
     """
     from PIL import Image
 
-    wide_int = img.mode == "I" and int(np.asarray(img).max(initial=0)) > 255  # 16-bit PNG as 'I' (older Pillow)
-    if img.mode.startswith("I;16") or wide_int:
+    # a PNG is 8 or 16 bits deep: in mode 'I' (older Pillow opens 16-bit PNGs so) it holds 16-bit pixels
+    if img.mode.startswith("I;16") or (img.mode == "I" and getattr(img, "format", None) == "PNG"):
         # 16-bit pixels: Pillow's convert() would clip everything above 255 to white
         wide = np.asarray(img, dtype=np.int64)
         img = Image.fromarray(np.clip(wide * 255 // 65535, 0, 255).astype(np.uint8), "L")

@@ -381,8 +381,12 @@ def test_transparent_pixels_show_the_cards_background() -> None:
     key.info["transparency"] = (0, 0, 0)
     assert image_to_uint8(key, {"mode": "RGB", "pad_color": [255, 255, 255]})[:, 0].T.tolist() == [
         [200, 10, 10], [255, 255, 255]]
-    wide = PIL_Image.fromarray(np.array([[0, 32768, 65535]], np.int32), "I")  # 16-bit PNG as older Pillow opens it
-    assert image_to_uint8(wide, {"mode": "L"})[0, 0].tolist() == [0, 127, 255]
+    for values, want in (([0, 32768, 65535], [0, 127, 255]), ([0, 100, 255], [0, 0, 0])):
+        wide = PIL_Image.fromarray(np.array([values], np.int32), "I")
+        wide.format = "PNG"  # a 16-bit PNG as older Pillow opens it: scaled by its depth, not by its values
+        assert image_to_uint8(wide, {"mode": "L"})[0, 0].tolist() == want
+    other = PIL_Image.fromarray(np.array([[0, 100, 255]], np.int32), "I")  # e.g. a 32-bit TIFF: as before
+    assert image_to_uint8(other, {"mode": "L"})[0, 0].tolist() == [0, 100, 255]
 
 
 # --- end to end ------------------------------------------------------------------------

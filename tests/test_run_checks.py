@@ -293,6 +293,12 @@ def test_image_folders_are_read_as_training_reads_them(tmp_path: Path, tiny_imag
     assert [clf.classes[i] for i in pred.true_labels] == ["cat", "cat", "dog"]  # type: ignore[union-attr]
     [pred] = list(clf.classify_file(str(root / "cat"), labels="check"))  # a class folder given alone
     assert [clf.classes[i] for i in pred.true_labels] == ["cat", "cat"]  # type: ignore[union-attr]
+    named = tmp_path / "frog"  # a folder named after a class that holds class folders: they win
+    (named / "cat").mkdir(parents=True)
+    (named / "dog").symlink_to(root / "dog", target_is_directory=True)  # followed, as training follows it
+    Image.new("RGB", (8, 8)).save(named / "cat" / "z.png")
+    [pred] = list(clf.classify_file(str(named), labels="check"))
+    assert [clf.classes[i] for i in pred.true_labels] == ["cat", "dog"]  # type: ignore[union-attr]
     pytest.importorskip("torch")
     from train.data.images import folder_per_class
 

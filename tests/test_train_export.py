@@ -501,8 +501,9 @@ def test_file_options_are_refused_for_simulated_data(tmp_path: Path, capsys: pyt
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--set", "data="], "--set data= is empty"),
-    (["--set", "root="], "--set root= is empty"),
+    (["--set", "data="], "--set data= names no file or folder"),
+    (["--set", "data=null"], "--set data= names no file or folder"),
+    (["--set", "root="], "--set root= names no file or folder"),
     (["--set", "batch_size=0"], "--set batch_size=0: expected an integer of at least 1"),
     (["--set", "snr_derived=abc"], "--set snr_derived=abc: expected a number"),
 ])
@@ -526,17 +527,21 @@ def test_image_folder_run_report_is_strict_json_and_bad_augment_is_named(tmp_pat
 
     root = tmp_path / "imgs"
     rng = np.random.default_rng(2)
-    for label in ("a", "b"):
+    for label, n in (("a", 8), ("b", 2)):  # two b images: none left for the test split, whose ROC AUC is undefined
         (root / label).mkdir(parents=True)
-        for i in range(6):
+        for i in range(n):
             Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
     base = ["--model", "image-folder", "--epochs", "1", "--set", f"root={root}", "--set", "batch_size=4"]
     assert train_mod.main([*base, "--out", str(tmp_path / "x"), "--set", 'augment={"hflp": 0.5}']) == 2
     assert "--set augment: unknown key 'hflp'" in capsys.readouterr().err
     assert train_mod.main([*base, "--out", str(tmp_path / "run")]) == 0
-    json.loads((tmp_path / "run" / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"JSON has {c}"))
-    n = write_split(get_spec("image-folder"), "test", tmp_path / "split", {"root": str(root)})  # classes: the folders
-    assert n == 2 and sorted(p.name for p in (tmp_path / "split").iterdir()) == ["a", "b"]
+    report = json.loads((tmp_path / "run" / "report.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"report.json holds {c}"))
+    assert report["metrics"]["test"]["roc_auc"] is None  # NaN, written as null
+    (root / "a" / "2019").mkdir()
+    (root / "a" / "2019" / "0.png").write_bytes((root / "a" / "0.png").read_bytes())  # a name twice, nested
+    n = write_split(get_spec("image-folder"), "train", tmp_path / "split", {"root": str(root)})  # classes: the folders
+    assert n == 9 and sorted(p.name for p in (tmp_path / "split").iterdir()) == ["a", "b"]
     assert export_mod.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--name", "",
                             "--out", str(tmp_path / "m")]) == 2
 

@@ -501,7 +501,9 @@ NO_EFFECT_KEYS = ("cache", "decode_threads")
 TRAIN_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "pct_start", "label_smoothing",
               "class_weights", "channels_last", "init_from_data", "ema", "workers")
 #: ``--set`` keys whose value must be a positive integer / a number
-POSITIVE_INT_KEYS = ("epochs", "batch_size", "n_train", "n_val", "n_test", "limit", "sim_workers", "decode_threads")
+POSITIVE_INT_KEYS = ("epochs", "batch_size", "n_train", "n_val", "n_test", "decode_threads")
+#: ... at least 0 (0: off, no limit, or automatic)
+COUNT_KEYS = ("limit", "sim_workers", "init_from_data", "workers")
 NUMBER_KEYS = ("lr", "momentum", "weight_decay", "pct_start", "label_smoothing", "ema", "snr_derived",
                "val_fraction", "test_fraction")
 #: epochs of a recipe that names none
@@ -534,10 +536,12 @@ def check_options(spec: ModelSpec, options: dict[str, Any]) -> None:
             raise SystemExit(f"train: error: unknown --set key {key!r} for model {spec.name}{hint}; "
                              f"valid keys: {listing}")
     for key, value in options.items():  # a bad value fails now, named, not deep in the loop
-        if key in POSITIVE_INT_KEYS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise SystemExit(f"train: error: --set {key}={value}: expected an integer of at least 1")
-        if key in NUMBER_KEYS and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise SystemExit(f"train: error: --set {key}={value}: expected a number")
+        shown = value if isinstance(value, str) else json.dumps(value)  # as typed
+        least = 1 if key in POSITIVE_INT_KEYS else 0 if key in COUNT_KEYS else None
+        if least is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise SystemExit(f"train: error: --set {key}={shown}: expected an integer of at least {least}")
+        if key in NUMBER_KEYS and (not isinstance(value, (int, float)) or (isinstance(value, bool) and key != "ema")):
+            raise SystemExit(f"train: error: --set {key}={shown}: expected a number")
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
@@ -584,8 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the report's command
     options = parse_options(args.options)
     for key in ("data", "root"):  # the report must find the files again from any folder (--evaluate-only)
-        if key in options and not str(options[key]).strip():  # e.g. --set data=$UNSET: not the default data
-            print(f"train: error: --set {key}= is empty; give the file(s) or folder", file=sys.stderr)
+        if key in options and (not isinstance(options[key], str) or not options[key].strip()):
+            # e.g. --set data=$UNSET or data=null: not a reason to train on the default data
+            print(f"train: error: --set {key}= names no file or folder ({options[key]!r})", file=sys.stderr)
             return 2
         if isinstance(options.get(key), str):
             options[key] = ",".join(os.path.abspath(p.strip()) if p.strip() else p for p in options[key].split(","))

@@ -20,17 +20,24 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".t
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """The image files under *folder*, recursively, sorted; hidden files and folders are skipped.
+    """The image files under *folder*, recursively (symbolic links followed), sorted by path.
 
-    Hidden: a name that starts with a dot (``.ipynb_checkpoints/``, macOS ``._x.jpg``).
-    Training (``train/data/images.py``) lists class folders with the same function.
+    Hidden files and folders (a name that starts with a dot: ``.ipynb_checkpoints/``, macOS
+    ``._x.jpg``) are skipped without being walked. Training (``train/data/images.py``)
+    lists class folders with the same function.
     """
-    folder = Path(folder)
-    return sorted(
-        f for f in folder.rglob("*")
-        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in f.relative_to(folder).parts)
-    )  # fmt: skip
+    out: list[str] = []
+    seen: set[str] = set()  # real paths of the folders walked: a link back up is no loop
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        out.extend(os.path.join(here, f) for f in files
+                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES)
+    return [Path(f) for f in sorted(out)]
 
 
 def _expand(paths: list[str]) -> list[tuple[str, str | None]]:
@@ -54,16 +61,23 @@ def expand_image_paths(paths: list[str]) -> list[str]:
     return [f for f, _ in _expand(paths)]
 
 
-def _class_of(file: str, folder: str | None, classes: set[str]) -> str:
-    """The class folder of *file*: under a folder given, the outermost one named after a class
-    (``root/dog/sub/x.jpg`` is a dog, as in training); a file given alone: its own folder."""
-    parent = Path(file).parent
-    if folder is None:
-        return parent.name
-    top = Path(folder)
-    names = [*reversed(parent.relative_to(top).parts), top.name]  # innermost first, the folder given last
-    named = [n for n in names if n in classes]
-    return named[-1] if named else parent.name
+def _classes_of(found: list[tuple[str, str | None]], classes: set[str]) -> list[str]:
+    """The class folder of each image: under a folder given, the outermost folder below it that is
+    named after a class (``root/dog/sub/x.jpg`` is a dog, as in training), else the folder given
+    itself (``root/dog`` given alone); a file given alone: its own folder. Worked out once per folder."""
+    memo: dict[tuple[str, str | None], str] = {}
+    out = []
+    for file, folder in found:
+        parent = os.path.dirname(file)
+        key = (parent, folder)
+        if key not in memo:
+            if folder is None:
+                memo[key] = os.path.basename(os.path.abspath(parent))
+            else:
+                below = [n for n in Path(os.path.relpath(parent, folder)).parts if n in classes]
+                memo[key] = below[0] if below else os.path.basename(os.path.abspath(folder))
+        out.append(memo[key])
+    return out
 
 
 def _decode_threads() -> int:
@@ -91,8 +105,7 @@ class ImageReader:
         self.n_rows: int | None = len(self.files)
         # the training layout, a folder per class: the folder names are the true labels, but
         # only when every image has one (a partial set of labels would bias the metrics)
-        known = set(classes or ())
-        parents = [_class_of(f, folder, known) for f, folder in found]
+        parents = _classes_of(found, set(classes or ()))
         self._labels = np.array(parents, dtype=object) if classes and set(parents) <= set(classes) else None
         self.has_labels = self._labels is not None
         self.why_no_labels: str | None = None

@@ -510,9 +510,10 @@ def write_split(spec: Any, split: str, out: str | Path, options: dict[str, Any] 
     Returns the number of images. Refuses an ``out`` that exists and is not empty, so that
     a second split or seed is never mixed into the first.
     """
+    if spec.dataset not in _IMAGE_SETS:
+        split_files(spec, options, seed)  # its message
     recipe = _recipe(spec, options or {}, seed)
-    splits = _IMAGE_SETS[spec.dataset].splits(spec, recipe, seed)[1] if spec.dataset in _IMAGE_SETS else split_files(
-        spec, options, seed)
+    root, splits = _IMAGE_SETS[spec.dataset].splits(spec, recipe, seed)
     classes = spec.classes or recipe.get("_classes") or ()  # image-folder: the folder names
     if split not in splits:
         raise ValueError(f"split {split!r} is not one of {', '.join(splits)}")
@@ -523,9 +524,14 @@ def write_split(spec: Any, split: str, out: str | Path, options: dict[str, Any] 
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
     files, labels = splits[split]
     for f, y in zip(files, labels, strict=True):
-        d = out / classes[int(y)]
-        d.mkdir(parents=True, exist_ok=True)
-        (d / Path(f).name).symlink_to(Path(f).resolve())  # a repeated name raises FileExistsError
+        name = classes[int(y)]
+        try:  # a folder-per-class layout keeps its sub-folders (cat/2019/0.jpg and cat/2020/0.jpg)
+            rel = Path(f).relative_to(Path(root) / name)
+        except ValueError:  # files named in a CSV: one flat folder per class
+            rel = Path(Path(f).name)
+        link = out / name / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(f).resolve())  # a repeated name raises FileExistsError
     return len(files)
 
 
