@@ -97,6 +97,25 @@ def _count_rows(groups: list[tuple[list[str], Any]]) -> int | None:
     return total
 
 
+def read_path_list(source: str) -> list[str]:
+    """Input paths listed in *source*, one per line (``-``: standard input).
+
+    Blank lines and lines starting with ``#`` are skipped; surrounding spaces are
+    stripped. For more inputs than a command line holds (``find night/ -name '*.avro'``).
+    """
+    if source == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        try:
+            with open(source, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+        except FileNotFoundError:
+            raise InputError(f"--files-from {source}: file does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"--files-from {source}: cannot read the list ({exc})") from None
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
 def _check_output(output: str | None, paths: list[str]) -> None:
     """Refuse an output path that is one of the inputs (the rename would replace it)."""
     if output in (None, "-") or not os.path.exists(output):

@@ -85,9 +85,9 @@ def _root(
 @app.command()
 def classify(
     files: Annotated[
-        list[str],
+        Optional[list[str]],
         typer.Argument(help="HDF5 stamp files, Avro alerts, FITS cut-outs, image files or folders of images."),
-    ],
+    ] = None,
     output: Annotated[
         Optional[str], typer.Option("--output", "-o", help="Output .csv or .h5 (default: CSV on stdout).")
     ] = None,
@@ -117,16 +117,24 @@ def classify(
         Optional[str],
         typer.Option("--scheduler", help="Run on a Dask cluster: scheduler address, or local[:N] (docs/scale-out.md)."),
     ] = None,
+    files_from: Annotated[
+        Optional[str],
+        typer.Option("--files-from", help="Also read input paths from this file, one per line ('-': standard "
+                     "input; blank lines and lines starting with # skipped): more files than a command line holds."),
+    ] = None,
 ) -> None:
     """Classify stamps, images, Avro alerts or FITS cut-outs; one output row per input row, in input order."""
 
     def run() -> int:
-        from ._run import classify_files
+        from ._run import classify_files, read_path_list
         from .classifier import Classifier
 
+        paths = [*(files or []), *(read_path_list(files_from) if files_from is not None else [])]
+        if not paths:
+            raise InputError("no input files given (as arguments or with --files-from); see stampclf classify --help")
         if scheduler:
             return _classify_on_dask(
-                scheduler, files, output, model, batch_size, device, threads, threshold, layout, channels_last,
+                scheduler, paths, output, model, batch_size, device, threads, threshold, layout, channels_last,
                 keep_going, evaluate, quiet, precision,
             )  # fmt: skip
         clf = Classifier(
@@ -135,9 +143,9 @@ def classify(
         if clf.notice and not quiet:
             typer.echo(f"stampclf: {clf.notice}", err=True)
         s = classify_files(
-            clf, files, output, batch_size, layout, channels_last, keep_going, evaluate, False if quiet else progress
+            clf, paths, output, batch_size, layout, channels_last, keep_going, evaluate, False if quiet else progress
         )
-        code = _report(s, f"with {clf.name} v{clf.version} on {clf.device}", output, quiet, len(files))
+        code = _report(s, f"with {clf.name} v{clf.version} on {clf.device}", output, quiet, len(paths))
         if s.metrics is not None:
             _print_metrics(s.metrics)
         return code

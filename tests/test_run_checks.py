@@ -213,7 +213,7 @@ def test_output_folder_is_refused_whatever_its_name(tmp_path: Path, tiny_model_p
     ("args", "phrase"),
     [
         (["classify", "x.h5", "-b", "0"], "Invalid value for '--batch-size' / '-b'"),
-        (["classify"], "Missing argument 'files'"),
+        (["classify"], "no input files given (as arguments or with --files-from)"),
         (["classify", "x.h5", "--nope"], "No such option: --nope"),
         (["nosuch"], "No such command 'nosuch'"),
     ],

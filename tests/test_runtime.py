@@ -571,3 +571,20 @@ def test_concat_keeps_every_parts_extra_columns(tiny_model_path: Path) -> None:
     b.extra = {"object_id": np.array(["x", "y", "z"], dtype=object)}
     for parts, want in (([a, b], ["", "", "x", "y", "z"]), ([b, a], ["x", "y", "z", "", ""])):
         assert Predictions.concat(parts).extra["object_id"].tolist() == want  # type: ignore[index]
+
+
+def test_files_from_a_list_or_stdin(tiny_model_path: Path, tmp_path: Path) -> None:
+    a, b = write_hits_h5(tmp_path / "a.h5", 3, seed=1), write_hits_h5(tmp_path / "b.h5", 2, seed=2)
+    listing = tmp_path / "inputs.txt"
+    listing.write_text(f"# tonight\n{b}\n\n")
+    out = tmp_path / "o.csv"
+    r = runner.invoke(app, ["classify", str(a), "--files-from", str(listing), "-m", str(tiny_model_path), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert [row["file"] for row in _rows(out.read_text())] == [str(a)] * 3 + [str(b)] * 2  # arguments first
+    r = runner.invoke(app, ["classify", "--files-from", "-", "-m", str(tiny_model_path), "-o", str(out)],
+                      input=f"{a}\n")
+    assert r.exit_code == 0 and len(_rows(out.read_text())) == 3
+    r = runner.invoke(app, ["classify", "--files-from", str(tmp_path / "none.txt"), "-m", str(tiny_model_path)])
+    assert r.exit_code == 2 and "--files-from" in r.stderr and "does not exist" in r.stderr
+    r = runner.invoke(app, ["classify", "-m", str(tiny_model_path)])
+    assert r.exit_code == 2 and "no input files given" in r.stderr
