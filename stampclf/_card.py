@@ -27,6 +27,7 @@ __all__ = [
     "CARD_SCHEMA",
     "ModelCard",
     "resolve_threshold",
+    "valid_class_name",
     "graph_sha256",
     "read_card",
     "read_onnx_parts",
@@ -141,8 +142,8 @@ class ModelCard:
             raise bad(f"classes {self.classes!r} (need a list of at least two names)")
         if len(set(self.classes)) != len(self.classes):
             raise bad(f"duplicate class names in {self.classes!r}")
-        for c in self.classes:  # names become output columns p_<class> (and HDF5 dataset names)
-            if not isinstance(c, str) or not c or "/" in c or c != c.strip():
+        for c in self.classes:
+            if not valid_class_name(c):
                 raise bad(f"class name {c!r} (need a non-empty string without '/' or surrounding spaces)")
         inp = self.input
         if not isinstance(inp, dict):
@@ -298,6 +299,11 @@ def read_card(path: str | Path, verify: bool = True) -> tuple[ModelCard, bytes]:
                 f"{card.weights_sha256[:12]}… (file modified or corrupt)"
             )
     return card, data
+
+
+def valid_class_name(name: Any) -> bool:
+    """A class name a card can hold: it becomes an output column ``p_<class>`` and an HDF5 dataset name."""
+    return isinstance(name, str) and bool(name) and "/" not in name and name == name.strip()
 
 
 def resolve_threshold(card: ModelCard | None, threshold: float | str | None) -> float | None:

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from ._errors import InputError, OutputError, StampclfError
-from .classifier import Classifier, _positive_int
+from .classifier import _NO_LABELS, Classifier, _positive_int, _why_no_labels
 from .io import LAYOUTS, open_inputs, open_writer, run_attrs
 
 __all__ = ["RunSummary", "classify_files", "Progress"]
@@ -244,12 +244,9 @@ def classify_files(
     return summary
 
 
-_NO_LABELS = "expected a 'labels' dataset in HDF5, or images in folders named after the model's classes"
-
-
 def _no_labels(reader: Any) -> str:
     """The ``--evaluate`` error line of a reader without (usable) labels."""
-    return f"--evaluate: no labels in {reader.path} ({getattr(reader, 'why_no_labels', None) or _NO_LABELS})"
+    return f"--evaluate: {_why_no_labels(reader)}"
 
 
 def _require_labels(reader: Any) -> None:

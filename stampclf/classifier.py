@@ -77,7 +77,7 @@ class Predictions:
         return Predictions(
             self.ids[index], self.labels[index], self.proba[index], self.status[index],
             None if self.true_labels is None else self.true_labels[index],
-            self.file if isinstance(self.file, str) else np.asarray(self.file)[index],
+            self.file if isinstance(self.file, str) else self._files()[index],
             None if self.extra is None else {k: v[index] for k, v in self.extra.items()},
             self.classes, self.model, self.model_version,
         )  # fmt: skip
@@ -109,13 +109,14 @@ class Predictions:
             np.concatenate([p.proba for p in parts]),
             np.concatenate([p.status for p in parts]),
             None if any(t is None for t in truth) else np.concatenate(truth),  # type: ignore[arg-type]
-            first.file if same_file else np.concatenate(
-                [np.full(len(p), p.file, dtype=object) if isinstance(p.file, str) else np.asarray(p.file, dtype=object)
-                 for p in parts]
-            ),
+            first.file if same_file else np.concatenate([p._files() for p in parts]),
             {k: np.concatenate([extra(p, k) for p in parts]) for k in keys} if keys else None,
             first.classes, first.model, first.model_version,
         )  # fmt: skip
+
+    def _files(self) -> np.ndarray:
+        """The input of each row (``file`` is one name for all rows, or one per row)."""
+        return np.full(len(self), self.file, dtype=object) if isinstance(self.file, str) else np.asarray(self.file, object)
 
     def to_dict(self) -> dict[str, np.ndarray]:
         """The rows as named columns, in the order of ``stampclf classify``'s output.
@@ -129,7 +130,7 @@ class Predictions:
         cols["status"] = self.status
         cols["model"] = np.full(n, self.model, dtype=object)
         cols["model_version"] = np.full(n, self.model_version, dtype=object)
-        cols["file"] = np.full(n, self.file, dtype=object) if isinstance(self.file, str) else np.asarray(self.file)
+        cols["file"] = self._files()
         cols.update(self.extra or {})
         return cols
 
@@ -208,6 +209,14 @@ def _gpu_only(precision: str, cuda_graph: bool, where: str) -> None:
         raise DeviceError(f"precision fp16 is for GPUs (on a CPU it is slower than fp32); {where}")
     if cuda_graph:
         raise DeviceError(f"CUDA graphs need a GPU; {where}")
+
+
+_NO_LABELS = "expected a 'labels' dataset in HDF5, or images in folders named after the model's classes"
+
+
+def _why_no_labels(reader: Any) -> str:
+    """``no labels in <input> (<why>)``, for a reader without usable labels."""
+    return f"no labels in {reader.path} ({getattr(reader, 'why_no_labels', None) or _NO_LABELS})"
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -683,8 +692,7 @@ class Classifier:
             if labels == "check":
                 if not reader.has_labels:
                     reader.close()
-                    why = getattr(reader, "why_no_labels", None) or "expected a 'labels' dataset, or images in class folders"
-                    raise InputError(f"{reader.path}: no labels ({why})")
+                    raise InputError(_why_no_labels(reader))
                 try:
                     self._check_labels(reader)
                 except InputError:

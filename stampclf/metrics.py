@@ -9,8 +9,10 @@ import numpy as np
 
 from ._errors import InputError
 
-__all__ = ["label_indices", "roc_auc", "roc_curve", "confusion_matrix", "summary", "threshold_at_fpr", "expected_calibration_error"]
-
+__all__ = [
+    "label_indices", "roc_auc", "roc_curve", "confusion_matrix", "summary", "threshold_at_fpr",
+    "expected_calibration_error",
+]
 
 
 def label_indices(labels: np.ndarray, classes: Sequence[str], what: str) -> np.ndarray:
@@ -42,12 +44,14 @@ def label_indices(labels: np.ndarray, classes: Sequence[str], what: str) -> np.n
     return np.array([lookup[v] for v in names], dtype=np.int64)
 
 
+_NAMES_HINT = "(class names? stampclf.metrics.label_indices turns them into indices)"
+
+
 def _binary(y_true: Any, score: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     """*y_true* as booleans and *score* as float64, both 1-D and finite; `InputError` naming the problem."""
     y, s = np.asarray(y_true), np.asarray(score)
     if y.dtype.kind not in "biuf" or s.dtype.kind not in "biuf":
-        raise InputError(f"{what}: y_true and score must be numbers, got {y.dtype} and {s.dtype} "
-                         "(class names? stampclf.metrics.label_indices turns them into indices)")
+        raise InputError(f"{what}: y_true and score must be numbers, got {y.dtype} and {s.dtype} {_NAMES_HINT}")
     if y.ndim != 1 or s.ndim != 1 or len(y) != len(s):
         raise InputError(f"{what}: y_true and score must be 1-D and of one length, got shapes {y.shape} and {s.shape} "
                          "(for a class of a (N, K) proba: y_true == k and proba[:, k])")
@@ -102,8 +106,7 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
             for v in (t, p))  # labels stored as 0.0/1.0
     for name, v in (("y_true", t), ("y_pred", p)):
         if v.dtype.kind not in "iu" and not (v.dtype.kind == "b" and n_classes == 2):
-            raise InputError(f"confusion_matrix: {name} must be class indices, got {v.dtype} "
-                             "(class names? stampclf.metrics.label_indices turns them into indices)")
+            raise InputError(f"confusion_matrix: {name} must be class indices, got {v.dtype} {_NAMES_HINT}")
         out = (v < 0) | (v >= n_classes)
         if out.any():
             raise InputError(f"confusion_matrix: {name} holds {v[out][0]}, not a class index 0..{n_classes - 1} "

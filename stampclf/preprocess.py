@@ -213,6 +213,7 @@ def prepare_stamps(
     # float64 values beyond float32 range become inf here and are then handled by the NaN policy
     with np.errstate(over="ignore", invalid="ignore"):
         x = stamps.astype(np.float32, copy=False)
+    padded = ""  # a small stamp's padding counts as not finite: a row that fails for it says so
     if x.shape[2:] != (height, width):
         if spec.get("size_policy", "strict") != "crop_or_pad":
             raise InputError(
@@ -221,6 +222,8 @@ def prepare_stamps(
         if n and x.shape[2] * x.shape[3] == 0:
             raise InputError(f"{what}: stamps are empty ({x.shape[2]}x{x.shape[3]} pixels)")
         note = f"resized {x.shape[2]}x{x.shape[3]}->{height}x{width}"
+        if x.shape[2] < height or x.shape[3] < width:
+            padded = f"{note} (padding is not finite): "
         x = fit_size(x, height, width)
         for r in reasons:
             r.append(note)
@@ -241,9 +244,6 @@ def prepare_stamps(
         x = np.where(bad, np.float32(fill), x)
         for i in np.flatnonzero(per_row):
             if frac[i] > max_frac:
-                # a small stamp's padding counts as not finite: say that it was padded
-                padded = "".join(f"{r} (padding is not finite): " for r in reasons[i] if r.startswith("resized")
-                                 and (stamps.shape[2] < height or stamps.shape[3] < width))
                 status[i] = f"failed: {padded}{int(per_row[i])} of {x[0].size} pixels not finite"
                 reasons[i] = []
             elif empty[i].any():

@@ -102,15 +102,21 @@ def test_keep_going_matches_single_process(cluster, inputs, tiny_model_path: Pat
     assert _rows(out) == _rows(ref)
 
 
-def test_keep_going_counts_no_rows_of_an_input_that_fails_late(cluster, inputs, tiny_model_path: Path,
-                                                               tmp_path: Path) -> None:
+def _chunked_file(path: Path, **columns: np.ndarray) -> Path:
+    """40 stamps in gzip chunks of 10 rows and 1-D *columns* chunked alike (damage_chunk needs compressed chunks)."""
     import h5py
 
-    _, client = cluster
-    bad = tmp_path / "late.h5"
-    with h5py.File(bad, "w") as f:
+    with h5py.File(path, "w") as f:
         f.create_dataset("stamps", data=make_stamps(40, seed=5), chunks=(10, 4, 21, 21), compression="gzip")
-        f.create_dataset("id", data=np.arange(40), chunks=(10,), compression="gzip")
+        for name, values in columns.items():
+            f.create_dataset(name, data=values, chunks=(10,), compression="gzip")
+    return path
+
+
+def test_keep_going_counts_no_rows_of_an_input_that_fails_late(cluster, inputs, tiny_model_path: Path,
+                                                               tmp_path: Path) -> None:
+    _, client = cluster
+    bad = _chunked_file(tmp_path / "late.h5", id=np.arange(40))
     # ids of rows 30-39 unreadable: the first three units score, then it fails, and not
     # even failed rows can stand for them (salvage needs the ids)
     damage_chunk(bad, "id", 3, nbytes=30)
@@ -123,12 +129,8 @@ def test_keep_going_counts_no_rows_of_an_input_that_fails_late(cluster, inputs, 
 
 def test_keep_going_salvages_a_damaged_chunk_as_locally(cluster, inputs, tiny_model_path: Path,
                                                         tmp_path: Path) -> None:
-    import h5py
-
     _, client = cluster
-    bad = tmp_path / "damaged.h5"
-    with h5py.File(bad, "w") as f:
-        f.create_dataset("stamps", data=make_stamps(40, seed=5), chunks=(10, 4, 21, 21), compression="gzip")
+    bad = _chunked_file(tmp_path / "damaged.h5")
     damage_chunk(bad, "stamps", 2)  # rows 20-29 unreadable
     paths = [inputs[0], str(bad)]
     ref, out = tmp_path / "ref.csv", tmp_path / "dask.csv"
@@ -385,13 +387,8 @@ def test_a_missing_snr_channel_is_derived_as_locally(cluster, tiny_model_path: P
 
 def test_a_damaged_labels_chunk_does_not_matter_without_evaluate(cluster, tiny_model_path: Path,
                                                                  tmp_path: Path) -> None:
-    import h5py
-
     _, client = cluster
-    bad = tmp_path / "labels.h5"
-    with h5py.File(bad, "w") as f:
-        f.create_dataset("stamps", data=make_stamps(40, seed=5), chunks=(10, 4, 21, 21), compression="gzip")
-        f.create_dataset("labels", data=np.arange(40) % 2, chunks=(10,), compression="gzip")
+    bad = _chunked_file(tmp_path / "labels.h5", labels=np.arange(40) % 2)
     damage_chunk(bad, "labels", 3, nbytes=30)
     out = tmp_path / "o.csv"
     s = sdask.classify_dask(client, [str(bad)], tiny_model_path, str(out), batch_size=BATCH, chunk_rows=10)

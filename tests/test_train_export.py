@@ -547,5 +547,5 @@ def test_image_folder_run_report_is_strict_json_and_bad_augment_is_named(tmp_pat
 
 
 def test_report_json_has_no_nan() -> None:
-    safe = train_mod._json_safe({"roc_auc": float("nan"), "x": [np.float32(1.5), np.int64(2)], "inf": np.inf})
+    safe = train_mod.json_safe({"roc_auc": float("nan"), "x": [np.float32(1.5), np.int64(2)], "inf": np.inf})
     assert json.dumps(safe, allow_nan=False) == '{"roc_auc": null, "x": [1.5, 2], "inf": null}'

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import re
@@ -48,7 +47,7 @@ import torch.nn as nn
 import stampclf
 from stampclf._card import CARD_KEY, ModelCard, graph_sha256, read_card, read_onnx_parts
 from train.registry import ModelSpec, create_model, get_spec, list_models, with_classes
-from train.train import DEFAULT_EPOCHS, NO_EFFECT_KEYS, reproduce_command
+from train.train import DEFAULT_EPOCHS, NO_EFFECT_KEYS, json_safe, reproduce_command
 
 __all__ = ["export", "main", "Deployable", "TOLERANCE", "EXPORTED", "card_version", "recipe_differences"]
 
@@ -265,9 +264,7 @@ def _strip(m: Any) -> Any:
         return {k: _strip(v) for k, v in m.items() if k != "confusion_matrix"}
     if isinstance(m, list):
         return [_strip(v) for v in m]
-    if isinstance(m, float) and not math.isfinite(m):
-        return None
-    return m
+    return json_safe(m)
 
 
 def attach_card(model_bytes: bytes, card: ModelCard) -> bytes:

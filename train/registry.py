@@ -13,6 +13,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from stampclf._card import valid_class_name
+
 __all__ = ["ModelSpec", "register_model", "create_model", "get_spec", "list_models", "with_classes"]
 
 
@@ -123,7 +125,7 @@ def with_classes(spec: ModelSpec, classes: Sequence[str] | None) -> ModelSpec:
     if not classes or len(classes) < 2:
         raise ValueError(f"model {spec.name!r} takes its classes from the data, which name {list(classes or [])}; "
                          "it needs at least two")
-    bad = [c for c in classes if not str(c) or "/" in str(c) or str(c) != str(c).strip()]
+    bad = [c for c in classes if not valid_class_name(str(c))]
     if bad:  # the card would refuse them at export, after the training
         raise ValueError(f"class name {bad[0]!r} (a folder name?) cannot be a model's class: no surrounding spaces")
     return replace(spec, classes=tuple(str(c) for c in classes))

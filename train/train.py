@@ -53,7 +53,7 @@ from stampclf import metrics as M
 from train.data import DataBundle, dataset_options, load_dataset
 from train.registry import ModelSpec, create_model, get_spec, list_models, with_classes
 
-__all__ = ["train", "main", "predict_logits", "fit_temperature", "reproduce_command", "check_options",
+__all__ = ["train", "main", "predict_logits", "fit_temperature", "reproduce_command", "check_options", "json_safe",
            "valid_keys", "NO_EFFECT_KEYS", "TRAIN_KEYS", "DEFAULT_EPOCHS"]
 
 
@@ -197,8 +197,7 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     print(f"[train] data: train {len(data.train)}, val {len(data.val)}, test {len(data.test)} "
           f"({time.time() - t_start:.0f} s)", flush=True)
 
-    spec = with_classes(spec, data.provenance.get("classes"))  # image-folder: the folder names
-    model = create_model(spec.name, len(spec.classes)).to(device)
+    spec, model = _model_for(spec, data, device)
     _init_from_data(model, data.train, int(recipe.get("init_from_data", 0)), device, gen_seed=args.seed)
     # NHWC is ~1.4x faster for convolutions on CPU (oneDNN); the weights and the result are the same
     memory_format = torch.channels_last if recipe.get("channels_last") else torch.contiguous_format
@@ -330,11 +329,11 @@ def finish(spec: ModelSpec, model: nn.Module, data: DataBundle, run: dict[str, A
         "train_seconds": run["train_seconds"] + (time.time() - t_start if "evaluated_from" not in run else 0.0),
         **({"evaluated_from": run["evaluated_from"]} if "evaluated_from" in run else {}),
         # the training date (a re-evaluation keeps the weights', and says when in evaluated_from)
-        "date": run.get("date") or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": run.get("date") or _utc_now(),
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
     }
     report["figures"] = write_figures(out, spec, history, test_m, tproba, ty)
-    (out / "report.json").write_text(json.dumps(_json_safe(report), indent=2, sort_keys=True, allow_nan=False, default=float))
+    (out / "report.json").write_text(json.dumps(json_safe(report), indent=2, sort_keys=True, allow_nan=False, default=float))
     print("[train] test: " + ", ".join(f"{k} {test_m[k]:.4f}" for k in ("accuracy", "precision", "recall", "f1", "roc_auc")), flush=True)
     print(f"[train] wrote {out}/checkpoint.pt, report.json and figures", flush=True)
     return report
@@ -352,14 +351,13 @@ def evaluate_only(spec: ModelSpec, args: argparse.Namespace, options: dict[str, 
     args.seed = old["seed"]
     options = {**old.get("options", {}), **options}
     data = load_dataset(spec, options, args.seed)
-    spec = with_classes(spec, data.provenance.get("classes"))
-    model = create_model(spec.name, len(spec.classes)).to(args.device)
+    spec, model = _model_for(spec, data, args.device)
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict(state)
     run = {k: old[k] for k in ("history", "best_epoch", "command", "recipe", "device", "train_seconds")}
     run["date"] = old["date"]
     run["evaluated_from"] = (f"weights of the run of {old['date']} ({old['command']}), re-evaluated "
-                             f"{datetime.now(timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')} with "
+                             f"{_utc_now()} with "
                              f"{reproduce_command(_argv(args))}; history figures are from that run")
     return finish(spec, model, data, run, out, args, options)
 
@@ -440,18 +438,28 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _json_safe(value: Any) -> Any:
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _model_for(spec: ModelSpec, data: DataBundle, device: str) -> tuple[ModelSpec, nn.Module]:
+    """*spec* with its classes (image-folder: the folder names the data found) and a fresh model for it."""
+    spec = with_classes(spec, data.provenance.get("classes"))
+    return spec, create_model(spec.name, len(spec.classes)).to(device)
+
+
+def json_safe(value: Any) -> Any:
     """*value* for strict JSON: NaN and infinities (an undefined ROC AUC) become null, numpy scalars numbers."""
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, (np.floating, float)):
         return float(value) if math.isfinite(value) else None
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
+        return json_safe(value.tolist())
     return value
 
 

@@ -157,15 +157,12 @@ class HDF5Reader:
             self._row_shape: tuple[int, ...] = (int(c), int(hh), int(ww))
         else:
             missing = [n for n in names if self._dataset(n) is None]
-            derivable = (
-                len(missing) == 1 and "difference" in self.channels
-                and self.channels[names.index(missing[0])] == "snr_difference"
-                and self._dataset(names[self.channels.index("difference")]) is not None
-            )  # fmt: skip
-            if missing and not derivable:
+            at = names.index(missing[0]) if len(missing) == 1 else -1
+            diff = self.channels.index("difference") if "difference" in self.channels else -1
+            if missing and not (at >= 0 and diff >= 0 and self.channels[at] == "snr_difference"):
                 raise InputError(f"{self.path}: missing dataset(s) {missing} for channels {self.channels}")
-            if derivable:  # as for alert packets: difference / its robust noise, and every row flagged
-                self._derive = (names.index(missing[0]), names.index(names[self.channels.index("difference")]))
+            if missing:  # as for alert packets: difference / its robust noise, and every row flagged
+                self._derive = (at, diff)
                 names = [n for n in names if n != missing[0]]
             self._datasets = [self._dataset(n) for n in names]
             lengths = {n: d.shape[0] if d.ndim else 0 for n, d in zip(names, self._datasets, strict=True)}

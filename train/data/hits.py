@@ -299,7 +299,7 @@ def _read_given_splits(option: str, spec: Any, recipe: dict[str, Any] | None = N
         raise ValueError(f"data= needs one HDF5 file (split 70/15/15 from the seed) or three, train,val,test; "
                          f"got {option!r}")
     if len(paths) == 1:
-        return _check_splits(_split_one_file(paths[0], spec, recipe, seed), spec, paths * 3)
+        return _check_splits(_split_one_file(paths[0], spec, recipe, seed), spec, paths[0])
     given = [k for k in ("val_fraction", "test_fraction") if k in recipe]
     if given:
         raise ValueError(f"--set {given[0]} applies to one data= file, not to three given splits")
@@ -310,11 +310,11 @@ def _read_given_splits(option: str, spec: Any, recipe: dict[str, Any] | None = N
         raise ValueError(f"data=: the {names[a]} and {names[b]} splits are one file, {paths[a]}; "
                          "a held-out split must be other data")
     read = {k: read_labelled_h5(p, spec, **_reader_options(recipe)) for k, p in zip(names, paths, strict=True)}
-    return _check_splits(read, spec, paths)
+    return _check_splits(read, spec, paths[0])
 
 
 def _check_splits(splits: dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]], spec: Any,
-                  paths: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
+                  train_path: str) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
     digests = {k: array_sha256(x, y) for k, (x, y, _) in splits.items()}
     for k, (_, _, note) in splits.items():
         note["sha256"] = digests[k]
@@ -325,7 +325,7 @@ def _check_splits(splits: dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]
     present = np.unique(splits["train"][1])
     if len(present) < len(spec.classes):
         missing = [c for i, c in enumerate(spec.classes) if i not in present]
-        raise ValueError(f"{paths[0]}: the training split has no {', '.join(map(repr, missing))} stamp; "
+        raise ValueError(f"{train_path}: the training split has no {', '.join(map(repr, missing))} stamp; "
                          f"it needs every class of {list(spec.classes)}")
     for k in ("val", "test"):
         if len(np.unique(splits[k][1])) < len(spec.classes):

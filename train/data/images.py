@@ -497,10 +497,14 @@ def split_files(spec: Any, options: dict[str, Any] | None = None, seed: int = 0)
     dict
         ``{"train" | "val" | "test": (files, labels)}``, exactly what training uses.
     """
+    return _image_set(spec).splits(spec, _recipe(spec, options or {}, seed), seed)[1]
+
+
+def _image_set(spec: Any) -> _ImageSet:
     if spec.dataset not in _IMAGE_SETS:
         raise ValueError(f"model {spec.name!r} has dataset {spec.dataset!r}, not an image data set; "
                          f"image data sets: {', '.join(sorted(_IMAGE_SETS))}")
-    return _IMAGE_SETS[spec.dataset].splits(spec, _recipe(spec, options or {}, seed), seed)[1]
+    return _IMAGE_SETS[spec.dataset]
 
 
 def write_split(spec: Any, split: str, out: str | Path, options: dict[str, Any] | None = None,
@@ -510,10 +514,8 @@ def write_split(spec: Any, split: str, out: str | Path, options: dict[str, Any] 
     Returns the number of images. Refuses an ``out`` that exists and is not empty, so that
     a second split or seed is never mixed into the first.
     """
-    if spec.dataset not in _IMAGE_SETS:
-        split_files(spec, options, seed)  # its message
     recipe = _recipe(spec, options or {}, seed)
-    root, splits = _IMAGE_SETS[spec.dataset].splits(spec, recipe, seed)
+    root, splits = _image_set(spec).splits(spec, recipe, seed)
     classes = spec.classes or recipe.get("_classes") or ()  # image-folder: the folder names
     if split not in splits:
         raise ValueError(f"split {split!r} is not one of {', '.join(splits)}")
