@@ -11,9 +11,13 @@ Figures
 - model only, input from host memory (`Classifier` path: copy in, run, copy out).
 - fp16 (converted on load): the same rates, and its accuracy on the model's test
   data next to fp32's; accepted only when within 0.1 points.
-- classify in memory: CPU preprocessing (one thread, and a pool) + GPU inference.
-- end to end: ``stampclf classify FILE.h5 -o OUT.csv --device cuda`` on an
-  ``--n-file`` HiTS-layout file, next to the rate at which h5py alone reads the
+- normalisation on the GPU (``prep="device"``: the ``stampclf/_graphs`` graph chained
+  to the model): raw stamps on the GPU, stamps/s; and its agreement with numpy
+  preprocessing (statuses equal, max probability difference) on stamps with masks.
+- classify in memory: preprocessing on the host (numpy, one thread and a pool) and on
+  the device, + GPU inference.
+- end to end: ``stampclf classify FILE.h5 -o OUT.csv --device cuda --prep host|device``
+  on an ``--n-file`` HiTS-layout file, next to the rate at which h5py alone reads the
   same file (the disk/page-cache floor). Target: end to end limited by the disk.
 
     python benchmarks/gpu_bench.py --model hits --out $OUT [--n-file 1000000] [--quick]
@@ -147,10 +151,35 @@ def main() -> None:
     record(out, "best fp32 input on GPU / 1,000,000 target (ratio)", rate / 1e6)
     record(out, "best setting", f"batch {bs}, CUDA graph {graph}")
 
+    # 1b. normalisation graph + model, raw stamps on the GPU; agreement with numpy
+    try:
+        dev = Classifier(ARGS.model, device=ARGS.device, batch_size=bs, prep="device")
+        dev.classify(raw[:bs])
+        runner = dev._runner
+        runner._raw_dev.update_inplace(np.ascontiguousarray(raw[:bs], dtype=np.float32))
+        runs, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < secs:
+            runner.run_bound(raw=True)
+            runs += 1
+        runner._y_dev.numpy()
+        record(out, f"prep on device + model, raw input on GPU, batch {bs}: stamps/s",
+               runs * bs / (time.perf_counter() - t0))  # fmt: skip
+        host = Classifier(ARGS.model, device=ARGS.device, batch_size=bs, prep="host")
+        masked = raw[: 4 * bs].copy()
+        masked[::7, :, :4, :] = np.nan  # masked rows, as at CCD edges
+        masked[1::11, 0] = 0.0  # missing templates
+        a, b = host.classify(masked), dev.classify(masked)
+        record(out, "prep device vs host: statuses equal", bool((a.status == b.status).all()))
+        record(out, "prep device vs host: max |p difference|", float(np.nanmax(np.abs(a.proba - b.proba))))
+        record(out, "prep device vs host: labels equal (fraction)", float((a.labels == b.labels).mean()))
+        del dev, host
+    except Exception as exc:  # noqa: BLE001 - record and go on
+        record(out, "prep on device", f"failed: {exc.__class__.__name__}: {str(exc)[:300]}")
+
     # 2. model only, host input (the Classifier path)
     n_host = min(len(x) * 4, 262_144)
     xh = np.concatenate([x] * (n_host // len(x) + 1))[:n_host]
-    clf = Classifier(ARGS.model, device=ARGS.device, batch_size=bs, cuda_graph=graph)
+    clf = Classifier(ARGS.model, device=ARGS.device, batch_size=bs, cuda_graph=graph, prep="host")
     record(out, f"fp32 input from host memory, batch {bs}: stamps/s", host_rate(clf, xh))
 
     # 3. fp16: speed and accuracy against fp32 on the test data
@@ -190,6 +219,13 @@ def main() -> None:
         list(pool.map(lambda s: prepare_stamps(raw[s : s + bs], clf.card.input, clf.card.preprocessing),
                       range(0, n_mem, bs)))  # fmt: skip
     record(out, f"preprocessing alone, {workers} threads: stamps/s", n_mem / (time.perf_counter() - t0))
+    dev = Classifier(ARGS.model, device=ARGS.device, batch_size=bs, prep="device")
+    dev.classify(raw[:bs])
+    t0 = time.perf_counter()
+    for s in range(0, n_mem, bs):
+        dev.classify(raw[s : s + bs])
+    record(out, "classify in memory, prep on device: stamps/s", n_mem / (time.perf_counter() - t0))
+    del dev
 
     # 5. end to end, next to reading the same file with h5py alone
     if ARGS.n_file:
@@ -211,15 +247,19 @@ def main() -> None:
         read_rate = ARGS.n_file / (time.perf_counter() - t0)
         record(out, "h5py reading the file alone: stamps/s", read_rate)
         csv = work / "gpu_e2e.csv"
-        cmd = [*_common.stampclf_cmd(), "classify", str(path), "-o", str(csv), "-q", "--no-progress",
-               "--device", ARGS.device, "-m", str(clf.path), "-b", str(bs)]  # fmt: skip
-        wall, rss, err = _common.run_measured(cmd)
-        e2e = ARGS.n_file / wall
-        record(out, f"end-to-end stampclf classify --device {ARGS.device} -b {bs}: stamps/s", e2e)
-        record(out, "end-to-end wall time, s (start-up included)", wall)
-        record(out, "end-to-end peak RSS, MiB", rss / 2**20)
-        record(out, "end-to-end / h5py read rate (ratio)", e2e / read_rate)
-        record(out, "end-to-end / best input-on-GPU rate (ratio)", e2e / best[0])
+        for prep in ("host", "device"):
+            cmd = [*_common.stampclf_cmd(), "classify", str(path), "-o", str(csv), "-q", "--no-progress",
+                   "--device", ARGS.device, "-m", str(clf.path), "-b", str(bs), "--prep", prep]  # fmt: skip
+            wall, rss, err = _common.run_measured(cmd)
+            e2e = ARGS.n_file / wall
+            tag = f"end-to-end --prep {prep}"
+            record(out, f"{tag}, stampclf classify --device {ARGS.device} -b {bs}: stamps/s", e2e)
+            record(out, f"{tag}: wall time, s (start-up included)", wall)
+            record(out, f"{tag}: peak RSS, MiB", rss / 2**20)
+            record(out, f"{tag} / h5py read rate (ratio)", e2e / read_rate)
+            record(out, f"{tag} / best input-on-GPU rate (ratio)", e2e / best[0])
+            if err:
+                record(out, f"{tag}: stderr", err[-300:])
         os.unlink(path)
         os.unlink(csv)
     record(out, "done", True)

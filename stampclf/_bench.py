@@ -100,16 +100,19 @@ def time_file(clf: Classifier, path: str, output: str) -> tuple[float, int]:
     return time.perf_counter() - t0, s.rows
 
 
-def _time_device_resident(clf: Classifier, n: int) -> float | None:
-    """CUDA only: seconds for *n* rows with the input already on the GPU (no host copies)."""
+def _time_device_resident(clf: Classifier, n: int, raw: bool = False) -> float | None:
+    """CUDA only: seconds for *n* rows with the input already on the GPU (no host copies).
+
+    *raw*: raw stamps, normalised by the device graph before the model (``prep="device"``).
+    """
     runner = clf._runner
-    if runner is None or runner._binding is None:
+    if runner is None or runner.device != "cuda" or (raw and runner.prep is None):
         return None
     runner.warmup()
     runs = max(1, n // runner.batch_size)
     t0 = time.perf_counter()
     for _ in range(runs):
-        runner.run_bound()
+        runner.run_bound(raw)
     runner._y_dev.numpy()  # waits for the last run
     return (time.perf_counter() - t0) * n / (runs * runner.batch_size)
 
@@ -122,15 +125,17 @@ def run_bench(
     threads: int | None,
     precision: str = "fp32",
     cuda_graph: bool = False,
+    prep: str = "auto",
 ) -> Iterator[str]:
     """Yield result lines: the model on prepared input, classify in memory, classify of an HDF5 file."""
     t0 = time.perf_counter()
     clf = Classifier(
-        model, device=device, threads=threads, batch_size=batch_size, precision=precision, cuda_graph=cuda_graph
+        model, device=device, threads=threads, batch_size=batch_size, precision=precision, cuda_graph=cuda_graph,
+        prep=prep,
     )
     yield (
         f"model {clf.name} v{clf.version} ({precision}) on {clf.device} ({clf.threads} threads), "
-        f"batch {clf.batch_size}, load {time.perf_counter() - t0:.2f} s"
+        f"batch {clf.batch_size}, prep on {clf.prep}, load {time.perf_counter() - t0:.2f} s"
     )
     if clf.notice:
         yield f"note: {clf.notice}"
@@ -141,10 +146,13 @@ def run_bench(
     dev = _time_device_resident(clf, n)
     if dev is not None:
         yield f"model only, input on GPU:{n / dev:>12,.0f} rows/s"
+    dev_raw = _time_device_resident(clf, n, raw=True)
+    if dev_raw is not None:
+        yield f"prep + model, raw on GPU:{n / dev_raw:>12,.0f} rows/s (normalisation graph chained to the model)"
     if clf.card.kind != "stamp":
         return
     dt_mem = time_in_memory(clf, raw, n)
-    yield f"classify, in memory:     {n / dt_mem:>12,.0f} rows/s (preprocessing + model)"
+    yield f"classify, in memory:     {n / dt_mem:>12,.0f} rows/s (preprocessing on {clf.prep} + model)"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.h5")
         write_stamp_file(path, raw, n, clf.card.input.get("hdf5_datasets"))

@@ -203,9 +203,22 @@ class BatchRunner:
     copies the probabilities out, every time at the same shape (cuDNN's algorithm
     search and an optional CUDA graph are done once). Rows are independent, so
     padding does not change any row's result.
+
+    With *prep* (a session of a ``stampclf/_graphs`` normalisation graph), `submit_raw`
+    uploads raw stamps, normalises them on the device straight into the model's bound
+    input and runs the model: only the probabilities and two small ``(N, C)`` arrays
+    come back. That path binds buffers on either device (one CPU session then).
     """
 
-    def __init__(self, info: SessionInfo, batch_size: int, row_shape: tuple[int, ...], n_out: int) -> None:
+    def __init__(
+        self,
+        info: SessionInfo,
+        batch_size: int,
+        row_shape: tuple[int, ...],
+        n_out: int,
+        prep: SessionInfo | None = None,
+        prep_args: dict[str, float] | None = None,
+    ) -> None:
         if batch_size < 1:
             raise DeviceError(f"batch size must be at least 1, got {batch_size}")
         self.info = info
@@ -216,36 +229,64 @@ class BatchRunner:
         self.row_shape = tuple(int(d) for d in row_shape)
         self.n_out = int(n_out)
         self.device = info.device
+        self.prep = prep
+        self._prep_args = dict(prep_args or {})
         self._binding: Any = None
         self._bound_lock = threading.Lock()
-        self.parallel = info.threads if self.device == "cpu" else 1
+        self.parallel = info.threads if self.device == "cpu" and prep is None else 1
         self._replicas: list[Any] = []
         self._pool: Any = None
-        if self.device == "cuda":
+        if self.device == "cuda" or prep is not None:
             self._bind()
 
     def _bind(self) -> None:
         import numpy as np
         import onnxruntime as ort
 
+        # the same code on either device: tests run the chained graphs on the CPU
+        dev = "cuda" if self.device == "cuda" else "cpu"
         shape = (self.batch_size, *self.row_shape)
         self._stage = np.zeros(shape, dtype=np.float32)  # host buffer for padded short batches
-        self._x_dev = ort.OrtValue.ortvalue_from_numpy(self._stage, "cuda", 0)
-        self._y_dev = ort.OrtValue.ortvalue_from_shape_and_type((self.batch_size, self.n_out), np.float32, "cuda", 0)
+        self._x_dev = ort.OrtValue.ortvalue_from_numpy(self._stage, dev, 0)
+        self._y_dev = ort.OrtValue.ortvalue_from_shape_and_type((self.batch_size, self.n_out), np.float32, dev, 0)
         binding = self.session.io_binding()
         binding.bind_ortvalue_input(self.input_name, self._x_dev)
         binding.bind_ortvalue_output(self.output_name, self._y_dev)
         self._binding = binding
+        if self.prep is None:
+            return
+        # raw stamps in, model input out into the model's own input buffer: no host round trip
+        rows = (self.batch_size, self.row_shape[0])
+        self._raw_dev = ort.OrtValue.ortvalue_from_numpy(self._stage, dev, 0)
+        self._bad_dev = ort.OrtValue.ortvalue_from_shape_and_type(rows, np.int64, dev, 0)
+        self._const_dev = ort.OrtValue.ortvalue_from_shape_and_type(rows, np.bool_, dev, 0)
+        prep = self.prep.session.io_binding()
+        prep.bind_ortvalue_input("stamps", self._raw_dev)
+        for name in ("softening", "fill"):
+            value = np.array(self._prep_args.get(name, 1.0 if name == "softening" else 0.0), dtype=np.float32)
+            prep.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, dev, 0))
+        prep.bind_ortvalue_output("x", self._x_dev)
+        prep.bind_ortvalue_output("bad", self._bad_dev)
+        prep.bind_ortvalue_output("constant", self._const_dev)
+        self._prep_binding = prep
 
     def warmup(self) -> None:
         """One full batch of zeros: plans, cuDNN search and graph capture happen here, not in timed runs."""
         import numpy as np
 
-        self(np.zeros((self.batch_size, *self.row_shape), dtype=np.float32))
+        zeros = np.zeros((self.batch_size, *self.row_shape), dtype=np.float32)
+        self(zeros)
+        if self.prep is not None:
+            self.submit_raw(zeros)()
 
-    def run_bound(self) -> None:
-        """Run once on whatever the bound device input holds (benchmarks: device-resident input)."""
+    def run_bound(self, raw: bool = False) -> None:
+        """Run once on whatever the bound device input holds (benchmarks: device-resident input).
+
+        *raw*: the bound raw stamps through the normalisation graph first.
+        """
         with self._bound_lock:
+            if raw:
+                self.prep.session.run_with_iobinding(self._prep_binding)
             self.session.run_with_iobinding(self._binding)
 
     def _piece_rows(self, n: int) -> int:
@@ -315,6 +356,43 @@ class BatchRunner:
         """Probabilities for *x*, waiting for them (see `submit`)."""
         return self.submit(x)()
 
+    def submit_raw(self, x: Any) -> Callable[[], tuple[Any, Any, Any]]:
+        """Normalise raw stamps with the device graph, then infer, chained on the device.
+
+        *x*: ``(N, *row_shape)`` float32 raw pixels at the model's size (`fit_stamps`).
+        The returned function gives ``(probabilities, bad, constant)``; ``bad`` and
+        ``constant`` are the ``(N, C)`` arrays that `stamp_status` turns into statuses.
+        """
+        import numpy as np
+
+        if self.prep is None:
+            raise DeviceError("this runner has no device preprocessing graph")
+        n = len(x)
+        out = np.empty((n, self.n_out), dtype=np.float32)
+        bad = np.empty((n, self.row_shape[0]), dtype=np.int64)
+        constant = np.empty((n, self.row_shape[0]), dtype=bool)
+        for start in range(0, n, self.batch_size):
+            chunk = np.ascontiguousarray(x[start : start + self.batch_size], dtype=np.float32)
+            m = len(chunk)
+            with self._bound_lock:
+                self._upload(self._raw_dev, chunk)
+                self.prep.session.run_with_iobinding(self._prep_binding)
+                self.session.run_with_iobinding(self._binding)
+                out[start : start + m] = self._y_dev.numpy()[:m]
+                bad[start : start + m] = self._bad_dev.numpy()[:m]
+                constant[start : start + m] = self._const_dev.numpy()[:m]
+        return lambda: (out, bad, constant)
+
+    def _upload(self, target: Any, chunk: Any) -> None:
+        """*chunk* into a bound device buffer, zero-padded to the batch shape (callers hold the lock)."""
+        m = len(chunk)
+        if m == self.batch_size:
+            target.update_inplace(chunk)
+        else:
+            self._stage[:m] = chunk
+            self._stage[m:] = 0.0
+            target.update_inplace(self._stage)
+
     def _run_here(self, x: Any) -> Any:
         import numpy as np
 
@@ -328,12 +406,7 @@ class BatchRunner:
                 # one set of device buffers: calls from several threads (a Dask worker's
                 # tasks share its Classifier) must not interleave upload, run and download
                 with self._bound_lock:
-                    if m == bs:
-                        self._x_dev.update_inplace(chunk)
-                    else:
-                        self._stage[:m] = chunk
-                        self._stage[m:] = 0.0
-                        self._x_dev.update_inplace(self._stage)
+                    self._upload(self._x_dev, chunk)
                     self.session.run_with_iobinding(self._binding)
                     out[start : start + m] = self._y_dev.numpy()[:m]
                 continue

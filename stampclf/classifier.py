@@ -20,11 +20,22 @@ from ._session import PRECISIONS, BatchRunner, cpu_count, create_session, to_fp1
 from .io import InputBatch, open_inputs
 from .io._base import DUPLICATE_ID, duplicate_rows
 from .metrics import label_indices
-from .preprocess import OK, image_to_array, merge_status, prepare_stamps, scale_pixels
+from .preprocess import OK, fit_stamps, image_to_array, merge_status, prepare_stamps, scale_pixels, stamp_status
 
 __all__ = ["Classifier", "Predictions"]
 
 DEFAULT_BATCH_SIZE = 1024
+PREPS = ("auto", "host", "device")
+_GRAPHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_graphs")
+
+
+@dataclass
+class _RawStatus:
+    """Status of raw stamps still to be normalised on the device (see `BatchRunner.submit_raw`)."""
+
+    note: str
+    padded: str
+    reader: np.ndarray | None  # what the reader noticed, e.g. duplicate ids
 
 
 @dataclass(eq=False)  # fields are arrays: `==` would be ambiguous; compare them with numpy
@@ -272,6 +283,12 @@ class Classifier:
         for GPUs, and only where an accuracy check accepted it).
     cuda_graph
         On CUDA, capture and replay a CUDA graph of the fixed-shape batch.
+    prep
+        Where stamps are normalised: ``"host"`` (numpy, `stampclf.preprocess`),
+        ``"device"`` (an ONNX graph chained to the model on the inference device: on a
+        GPU only pixels go over the bus and the CPU only reads) or ``"auto"`` (device on
+        CUDA, host on CPU, where numpy is faster). Both give the same statuses and, to
+        float rounding, the same numbers. Stamp models only.
 
     Attributes
     ----------
@@ -282,7 +299,7 @@ class Classifier:
         From the card; every result carries them (`Predictions.model`, ...).
     path
         The ONNX file.
-    device, threads, batch_size, threshold, precision
+    device, threads, batch_size, threshold, precision, prep
         What the session runs with (``batch_size`` and ``threshold`` can be set).
     notice
         One line worth telling the user (e.g. a name that resolved to other weights
@@ -304,7 +321,10 @@ class Classifier:
         verify: bool = True,
         precision: str = "fp32",
         cuda_graph: bool = False,
+        prep: str = "auto",
     ) -> None:
+        if prep not in PREPS:
+            raise InputError(f"unknown prep {prep!r}; choose one of {', '.join(PREPS)}")
         if precision not in PRECISIONS:
             raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         for name, value in (("batch_size", batch_size), ("threads", threads)):
@@ -327,10 +347,14 @@ class Classifier:
             _gpu_only(precision, cuda_graph, f"device {device} runs on the CPU here")
         self._cuda_graph = cuda_graph
         self._info = info
-        # Preprocessing threads for file streams: on CPU the inference threads own the
-        # cores (one reader/preprocessing thread overlaps), on CUDA the cores are free.
-        self.prep_workers = 1 if info.device == "cpu" else max(1, min(cpu_count() - 1, 8))
         self._runner: BatchRunner | None = None  # made on first use, at the current batch size
+        self._prep_notice: str | None = None
+        self._prep_info = self._prep_session(prep, threads)
+        self.prep = "device" if self._prep_info is not None else "host"
+        # Preprocessing threads for file streams: on CPU the inference threads own the
+        # cores (one reader/preprocessing thread overlaps); on CUDA the cores are free for
+        # numpy, unless the device normalises (then a pool would only hold batches in memory).
+        self.prep_workers = 1 if info.device == "cpu" or self._prep_info else max(1, min(cpu_count() - 1, 8))
         self.session = info.session
         self.device = info.device
         over = (
@@ -338,7 +362,7 @@ class Classifier:
             if threads and info.device == "cpu" and threads > cpu_count() else None
         )
         # shadowing: a model name that resolved to other weights than the shipped model of that name
-        self.notice = "; ".join(n for n in (shadowing_notice(model, self.path), info.notice, over) if n) or None
+        self.notice = "; ".join(n for n in (shadowing_notice(model, self.path), info.notice, self._prep_notice, over) if n) or None
         self.threads = info.threads
         hint = self.card.input.get("default_batch_size", DEFAULT_BATCH_SIZE)
         if isinstance(hint, bool) or not isinstance(hint, int) or hint < 1:
@@ -351,6 +375,26 @@ class Classifier:
         self._positive = (
             self.card.classes.index(self.card.positive_class) if self.card.positive_class else None
         )
+
+    def _prep_session(self, prep: str, threads: int | None) -> Any:
+        """The device normalisation graph's session, when *prep* and the card call for one."""
+        method = self.card.preprocessing.get("normalisation", {}).get("method", "none")
+        graph = os.path.join(_GRAPHS, f"{method}.onnx")
+        usable = self.card.kind == "stamp" and os.path.isfile(graph)
+        if prep == "device" and not usable:
+            what = f"normalisation {method!r}" if self.card.kind == "stamp" else f"{self.card.kind} preprocessing"
+            raise InputError(f"prep device: model {self.name!r} has {what}, which runs on the host only")
+        if prep == "host" or not usable or (prep == "auto" and self._info.device != "cuda"):
+            return None
+        with open(graph, "rb") as fh:
+            data = fh.read()
+        try:
+            return create_session(data, self._info.device, threads, source=graph)
+        except (DeviceError, ModelError) as exc:
+            if prep == "device":
+                raise
+            self._prep_notice = f"prep auto: normalising on the host ({exc})"
+            return None
 
     def _check_graph(self) -> None:
         """The graph's fixed input/output sizes must agree with the card (else ORT fails mid-run)."""
@@ -405,7 +449,7 @@ class Classifier:
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self._submit(x)()
 
-    def _submit(self, x: np.ndarray) -> Callable[[], np.ndarray]:
+    def _runner_now(self) -> BatchRunner:
         # fixed batch shape (short batches padded), IOBinding on CUDA: see BatchRunner
         if self._runner is None or self._runner.batch_size != self.batch_size:
             if self._runner is not None and self._cuda_graph and self.device == "cuda":
@@ -416,8 +460,18 @@ class Classifier:
                 )
             if self._runner is not None:
                 self._runner.close()
-            self._runner = BatchRunner(self._info, self.batch_size, self.card.shape, len(self.card.classes))
-        return self._runner.submit(x)
+            spec = self.card.preprocessing
+            args = {
+                "softening": float(spec.get("normalisation", {}).get("softening", 1.0)),
+                "fill": float(spec.get("nan_policy", {}).get("fill", 0.0)),
+            }
+            self._runner = BatchRunner(
+                self._info, self.batch_size, self.card.shape, len(self.card.classes), self._prep_info, args
+            )
+        return self._runner
+
+    def _submit(self, x: np.ndarray) -> Callable[[], np.ndarray]:
+        return self._runner_now().submit(x)
 
     def _decide(self, proba: np.ndarray) -> np.ndarray:
         if self.card.is_binary:
@@ -427,17 +481,25 @@ class Classifier:
             idx = proba.argmax(axis=1)
         return np.asarray(self.card.classes, dtype=object)[idx]
 
-    def _prepare(self, batch: InputBatch, what: str) -> tuple[np.ndarray, np.ndarray]:
+    def _prepare(self, batch: InputBatch, what: str) -> tuple[np.ndarray, Any]:
         if batch.x is not None:
             status = batch.status if batch.status is not None else np.full(len(batch), OK, dtype=object)
             return batch.x, status
-        x, status = prepare_stamps(batch.stamps, self.card.input, self.card.preprocessing, what)  # type: ignore[arg-type]
-        if batch.status is not None:  # what the reader noticed, e.g. duplicate ids
-            status = merge_status(status, batch.status)
+        return self._prepare_stamps(batch.stamps, what, batch.status)  # type: ignore[arg-type]
+
+    def _prepare_stamps(self, stamps: Any, what: str = "stamps", reader: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
+        """Model input and status; with device prep, raw stamps and a `_RawStatus` to finish later."""
+        if self._prep_info is not None:
+            x, note, padded = fit_stamps(stamps, self.card.input, self.card.preprocessing, what)
+            return x, _RawStatus(note, padded, reader)
+        x, status = prepare_stamps(stamps, self.card.input, self.card.preprocessing, what)
+        if reader is not None:  # what the reader noticed, e.g. duplicate ids
+            status = merge_status(status, reader)
         return x, status
 
-    def _predict_prepared(self, x: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._finish(self._start(x)(), status)
+    def _predict_prepared(self, x: np.ndarray, status: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        proba, status = self._start(x, status)()
+        return (*self._finish(proba, status), status)
 
     def _predict_stream(
         self, stream: Iterable[tuple[Any, np.ndarray, np.ndarray]]
@@ -447,21 +509,48 @@ class Classifier:
         The next batch runs through the model while the caller handles this one (writes
         its rows); CPU sessions run in the background, see `BatchRunner.submit`.
         """
-        pending: tuple[Any, np.ndarray, Callable[[], np.ndarray]] | None = None
+        pending: tuple[Any, Callable[[], tuple[np.ndarray, np.ndarray]]] | None = None
         for tag, x, status in stream:
-            started = (tag, status, self._start(x))
+            started = (tag, self._start(x, status))
             if pending is not None:
-                yield (pending[0], *self._finish(pending[2](), pending[1]), pending[1])
+                yield (pending[0], *self._wait(pending[1]))
             pending = started
         if pending is not None:
-            yield (pending[0], *self._finish(pending[2](), pending[1]), pending[1])
+            yield (pending[0], *self._wait(pending[1]))
 
-    def _start(self, x: np.ndarray) -> Callable[[], np.ndarray]:
-        """Inference of prepared rows, started; call the result to wait for the probabilities."""
+    def _wait(
+        self, started: Callable[[], tuple[np.ndarray, np.ndarray]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        proba, status = started()
+        return (*self._finish(proba, status), status)
+
+    def _start(self, x: np.ndarray, status: Any) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+        """Inference of prepared rows, started; call the result to wait for probabilities and statuses."""
+        if isinstance(status, _RawStatus):
+            return self._start_raw(x, status)
         if not len(x):
             empty = np.empty((0, len(self.card.classes)), np.float32)
-            return lambda: empty
-        return self._submit(x)
+            return lambda: (empty, status)
+        wait = self._submit(x)
+        return lambda: (wait(), status)
+
+    def _start_raw(self, x: np.ndarray, raw: _RawStatus) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+        """`_start` for raw stamps normalised on the device: statuses from what the graph found."""
+        n_ch = self.card.shape[0]
+        if len(x):
+            wait = self._runner_now().submit_raw(x)
+        else:
+            empty = (np.empty((0, len(self.card.classes)), np.float32), np.zeros((0, n_ch), np.int64))
+            wait = lambda: (*empty, np.zeros((0, n_ch), bool))  # noqa: E731
+
+        def done() -> tuple[np.ndarray, np.ndarray]:
+            proba, bad, constant = wait()
+            status = stamp_status(bad, constant, raw.note, raw.padded, self.card.input, self.card.preprocessing)
+            if raw.reader is not None:
+                status = merge_status(status, raw.reader)
+            return proba, status
+
+        return done
 
     def _finish(self, proba: np.ndarray, status: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Labels from probabilities; failed rows get NaN and no label.
@@ -518,10 +607,10 @@ class Classifier:
             x = None  # large array: preprocess batch by batch, overlapped with inference
             proba, labels, status = self._classify_in_batches(stamps)
         else:
-            x, status = prepare_stamps(stamps, self.card.input, self.card.preprocessing)
-        ids, status = _flag_duplicate_ids(ids, status)
+            x, status = self._prepare_stamps(stamps)
         if x is not None:
-            proba, labels = self._predict_prepared(x, status)
+            proba, labels, status = self._predict_prepared(x, status)
+        ids, status = _flag_duplicate_ids(ids, status)
         return self._provenance(Predictions(ids, labels, proba, status))
 
     @property
@@ -615,8 +704,8 @@ class Classifier:
         """
         bs = self.batch_size
 
-        def prep(start: int) -> tuple[np.ndarray, np.ndarray]:
-            return prepare_stamps(stamps[start : start + bs], self.card.input, self.card.preprocessing)
+        def prep(start: int) -> tuple[np.ndarray, Any]:
+            return self._prepare_stamps(stamps[start : start + bs])
 
         starts = range(0, len(stamps), bs)
         if self.prep_workers <= 1:

@@ -113,6 +113,10 @@ def classify(
     precision: Annotated[
         str, typer.Option("--precision", help="fp32, or fp16 (GPU; needs onnxconverter-common; docs/benchmarks.md).")
     ] = "fp32",
+    prep: Annotated[
+        str, typer.Option("--prep", help="Where stamps are normalised: auto (on the GPU with CUDA, else on the host), "
+                          "host (numpy) or device (an ONNX graph on the inference device).")
+    ] = "auto",
     scheduler: Annotated[
         Optional[str],
         typer.Option("--scheduler", help="Run on a Dask cluster: scheduler address, or local[:N] (docs/scale-out.md)."),
@@ -133,12 +137,15 @@ def classify(
         if not paths:
             raise InputError("no input files given (as arguments or with --files-from); see stampclf classify --help")
         if scheduler:
+            if prep != "auto":
+                raise InputError("--prep is not available with --scheduler (each worker picks: device on CUDA)")
             return _classify_on_dask(
                 scheduler, paths, output, model, batch_size, device, threads, threshold, layout, channels_last,
                 keep_going, evaluate, quiet, precision,
             )  # fmt: skip
         clf = Classifier(
-            model, device=device, threads=threads, batch_size=batch_size, threshold=threshold, precision=precision
+            model, device=device, threads=threads, batch_size=batch_size, threshold=threshold, precision=precision,
+            prep=prep,
         )
         if clf.notice and not quiet:
             typer.echo(f"stampclf: {clf.notice}", err=True)
@@ -291,13 +298,17 @@ def bench(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: all allowed).")] = None,
     precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16 (converted on load).")] = "fp32",
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="CUDA: capture and replay a CUDA graph.")] = False,
+    prep: Annotated[
+        str, typer.Option("--prep", help="Where stamps are normalised: auto (on the GPU with CUDA, else on the host), "
+                          "host (numpy) or device (an ONNX graph on the inference device).")
+    ] = "auto",
 ) -> None:
     """Print rows/s: the model alone, classify in memory, and classify of an HDF5 file to CSV."""
 
     def run() -> None:
         from ._bench import run_bench
 
-        for line in run_bench(model, device, batch_size, n, threads, precision, cuda_graph):
+        for line in run_bench(model, device, batch_size, n, threads, precision, cuda_graph, prep):
             typer.echo(line)
 
     _guard(run)

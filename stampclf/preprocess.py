@@ -18,6 +18,8 @@ __all__ = [
     "fit_size",
     "normalise",
     "prepare_stamps",
+    "fit_stamps",
+    "stamp_status",
     "merge_status",
     "load_image",
     "open_image",
@@ -173,10 +175,103 @@ def normalise(stamps: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     return out.astype(np.float32, copy=False).reshape(x.shape)
 
 
+def fit_stamps(
+    stamps: np.ndarray, card_input: dict[str, Any], spec: dict[str, Any], what: str = "stamps"
+) -> tuple[np.ndarray, str, str]:
+    """Check raw stamps and bring them to the model's size: the first half of `prepare_stamps`.
+
+    Returns
+    -------
+    x
+        ``(N, C, height, width)`` float32 raw pixels (NaN where padded).
+    note
+        What every row needed (``"resized 25x25->21x21"``) or ``""``.
+    padded
+        Prefix for a row that fails because of the padding, or ``""``.
+    """
+    try:
+        stamps = np.asarray(stamps)
+    except (ValueError, TypeError) as exc:  # ragged nested lists and the like
+        raise InputError(f"{what}: not an array of stamps ({exc})") from None
+    _check_numeric(stamps, what)
+    if stamps.ndim != 4:
+        hint = "; one stamp needs the batch axis: stamp[None]" if stamps.ndim == 3 else ""
+        raise InputError(f"{what}: expected 4 axes (N, C, H, W), got shape {stamps.shape}{hint}")
+    n_ch = len(card_input["channels"])
+    if stamps.shape[1] != n_ch:
+        raise InputError(
+            f"{what}: {stamps.shape[1]} channel(s) but the model needs {n_ch}: {card_input['channels']}"
+        )
+    height, width = int(card_input["height"]), int(card_input["width"])
+    # float64 values beyond float32 range become inf here and are then handled by the NaN policy
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = stamps.astype(np.float32, copy=False)
+    note = padded = ""  # a small stamp's padding counts as not finite: a row that fails for it says so
+    if x.shape[2:] != (height, width):
+        if spec.get("size_policy", "strict") != "crop_or_pad":
+            raise InputError(
+                f"{what}: stamps are {x.shape[2]}x{x.shape[3]} but the model needs {height}x{width}"
+            )
+        if len(x) and x.shape[2] * x.shape[3] == 0:
+            raise InputError(f"{what}: stamps are empty ({x.shape[2]}x{x.shape[3]} pixels)")
+        note = f"resized {x.shape[2]}x{x.shape[3]}->{height}x{width}"
+        if x.shape[2] < height or x.shape[3] < width:
+            padded = f"{note} (padding is not finite): "
+        x = fit_size(x, height, width)
+    return x, note, padded
+
+
+def stamp_status(
+    bad: np.ndarray, constant: np.ndarray, note: str, padded: str, card_input: dict[str, Any], spec: dict[str, Any]
+) -> np.ndarray:
+    """Per-row status from what normalisation found: the second half of `prepare_stamps`.
+
+    Parameters
+    ----------
+    bad
+        ``(N, C)`` count of non-finite values per stamp channel after normalisation.
+    constant
+        ``(N, C)`` whether a channel holds one value after the NaN fill.
+    note, padded
+        From `fit_stamps`.
+    card_input, spec
+        The card's ``input`` and ``preprocessing`` sections.
+    """
+    n, n_ch = bad.shape
+    pixels = n_ch * int(card_input["height"]) * int(card_input["width"])
+    policy = spec.get("nan_policy", {})
+    max_frac = float(policy.get("max_bad_fraction", 1.0))
+    per_row = bad.sum(axis=1)
+    status = np.full(n, OK, dtype=object)
+    reasons: list[list[str]] = [[note] if note else [] for _ in range(n)]
+    for i in np.flatnonzero(per_row).tolist():
+        if per_row[i] / float(pixels) > max_frac:
+            status[i] = f"failed: {padded}{int(per_row[i])} of {pixels} pixels not finite"
+        elif (bad[i] == pixels // n_ch).any():  # a channel with no finite pixel carries no information
+            names = ", ".join(repr(card_input["channels"][c]) for c in np.flatnonzero(bad[i] == pixels // n_ch))
+            status[i] = f"failed: no finite pixel in channel {names}"
+        elif policy.get("flag", True):
+            reasons[i].append(f"{int(per_row[i])} non-finite pixels replaced")
+    # a channel of one value (e.g. a missing template stored as zeros) tells the model nothing it
+    # was trained on: scored, but flagged so that the row can be found
+    for i in np.flatnonzero(constant.any(axis=1)).tolist():
+        if status[i] == OK:
+            names = ", ".join(repr(card_input["channels"][c]) for c in np.flatnonzero(constant[i]))
+            reasons[i].append(f"constant channel {names}")
+    for i, r in enumerate(reasons):
+        if r and status[i] == OK:
+            status[i] = "flagged: " + "; ".join(r)
+    return status
+
+
 def prepare_stamps(
     stamps: np.ndarray, card_input: dict[str, Any], spec: dict[str, Any], what: str = "stamps"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Turn raw stamps into model input and a status per row.
+
+    `fit_stamps`, then `normalise`, the NaN fill and `stamp_status`. The runtime's
+    device graphs (``stampclf/_graphs``, built by ``train/prep_graph.py``) compute the
+    same numbers on a GPU.
 
     Parameters
     ----------
@@ -194,76 +289,19 @@ def prepare_stamps(
     status
         Object array of ``"ok"``, ``"flagged: <reason>"`` or ``"failed: <reason>"``.
     """
-    try:
-        stamps = np.asarray(stamps)
-    except (ValueError, TypeError) as exc:  # ragged nested lists and the like
-        raise InputError(f"{what}: not an array of stamps ({exc})") from None
-    _check_numeric(stamps, what)
-    if stamps.ndim != 4:
-        hint = "; one stamp needs the batch axis: stamp[None]" if stamps.ndim == 3 else ""
-        raise InputError(f"{what}: expected 4 axes (N, C, H, W), got shape {stamps.shape}{hint}")
-    n_ch = len(card_input["channels"])
-    if stamps.shape[1] != n_ch:
-        raise InputError(
-            f"{what}: {stamps.shape[1]} channel(s) but the model needs {n_ch}: {card_input['channels']}"
-        )
-    height, width = int(card_input["height"]), int(card_input["width"])
-    n = stamps.shape[0]
-    reasons: list[list[str]] = [[] for _ in range(n)]
-    # float64 values beyond float32 range become inf here and are then handled by the NaN policy
-    with np.errstate(over="ignore", invalid="ignore"):
-        x = stamps.astype(np.float32, copy=False)
-    padded = ""  # a small stamp's padding counts as not finite: a row that fails for it says so
-    if x.shape[2:] != (height, width):
-        if spec.get("size_policy", "strict") != "crop_or_pad":
-            raise InputError(
-                f"{what}: stamps are {x.shape[2]}x{x.shape[3]} but the model needs {height}x{width}"
-            )
-        if n and x.shape[2] * x.shape[3] == 0:
-            raise InputError(f"{what}: stamps are empty ({x.shape[2]}x{x.shape[3]} pixels)")
-        note = f"resized {x.shape[2]}x{x.shape[3]}->{height}x{width}"
-        if x.shape[2] < height or x.shape[3] < width:
-            padded = f"{note} (padding is not finite): "
-        x = fit_size(x, height, width)
-        for r in reasons:
-            r.append(note)
+    x, note, padded = fit_stamps(stamps, card_input, spec, what)
+    n, n_ch = x.shape[:2]
     if n == 0:
-        return np.zeros((0, n_ch, height, width), dtype=np.float32), np.full(0, OK, dtype=object)
+        return np.zeros((0, *x.shape[1:]), dtype=np.float32), np.full(0, OK, dtype=object)
     with np.errstate(over="ignore", invalid="ignore"):  # extreme values overflow to inf: NaN policy below
         x = normalise(x, spec.get("normalisation", {"method": "none"}))
     bad = ~np.isfinite(x)
-    status = np.full(n, OK, dtype=object)
-    if bad.any():
-        policy = spec.get("nan_policy", {})
-        fill = float(policy.get("fill", 0.0))
-        max_frac = float(policy.get("max_bad_fraction", 1.0))
-        per_row = bad.reshape(n, -1).sum(axis=1)
-        frac = per_row / float(x[0].size)
-        # a channel with no finite pixel at all carries no information: the row is not scored
-        empty = bad.reshape(n, n_ch, -1).all(axis=2)
-        x = np.where(bad, np.float32(fill), x)
-        for i in np.flatnonzero(per_row):
-            if frac[i] > max_frac:
-                status[i] = f"failed: {padded}{int(per_row[i])} of {x[0].size} pixels not finite"
-                reasons[i] = []
-            elif empty[i].any():
-                names = ", ".join(repr(card_input["channels"][c]) for c in np.flatnonzero(empty[i]))
-                status[i] = f"failed: no finite pixel in channel {names}"
-                reasons[i] = []
-            elif policy.get("flag", True):
-                reasons[i].append(f"{int(per_row[i])} non-finite pixels replaced")
-    # a channel of one value (e.g. a missing template stored as zeros) tells the model nothing it
-    # was trained on: scored, but flagged so that the row can be found
+    counts = bad.reshape(n, n_ch, -1).sum(axis=2)
+    if counts.any():
+        x = np.where(bad, np.float32(float(spec.get("nan_policy", {}).get("fill", 0.0))), x)
     flat = x.reshape(n, n_ch, -1)
     constant = flat.max(axis=2) == flat.min(axis=2)
-    for i in np.flatnonzero(constant.any(axis=1)):
-        if status[i] == OK:
-            names = ", ".join(repr(card_input["channels"][c]) for c in np.flatnonzero(constant[i]))
-            reasons[i].append(f"constant channel {names}")
-    for i, r in enumerate(reasons):
-        if r and status[i] == OK:
-            status[i] = "flagged: " + "; ".join(r)
-    return np.ascontiguousarray(x, dtype=np.float32), status
+    return np.ascontiguousarray(x, dtype=np.float32), stamp_status(counts, constant, note, padded, card_input, spec)
 
 
 # --- images ------------------------------------------------------------------------

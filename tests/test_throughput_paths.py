@@ -416,6 +416,21 @@ def test_fp16_close_to_fp32(tiny_model_path: Path) -> None:
     assert np.allclose(half, ref, atol=1e-2)
 
 
+@gpu
+@pytest.mark.skipif(not _CUDA, reason="no usable CUDA execution provider on this machine")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_prep_on_gpu_matches_host(tiny_model_path: Path, cuda_graph: bool) -> None:
+    x = make_stamps(300, seed=16)
+    x[:20, :, :3] = np.nan
+    x[20:25, 0] = 0.0
+    ref = Classifier(tiny_model_path, device="cpu", batch_size=128).classify(x)
+    clf = Classifier(tiny_model_path, device="cuda", batch_size=128, cuda_graph=cuda_graph)
+    assert clf.prep == "device"  # auto on CUDA
+    got = clf.classify(x)
+    assert list(got.status) == list(ref.status)
+    assert np.allclose(got.proba, ref.proba, atol=1e-4)  # TF32 on H100-class GPUs
+
+
 # --- bench and benchmark helpers ----------------------------------------------------------
 def test_bench_command_prints_rates(tiny_model_path: Path) -> None:
     from typer.testing import CliRunner

@@ -403,5 +403,5 @@ def classify_cutouts(
 
     x, status = cutouts_to_input(_canonical_cutouts(cutouts), clf.card, "cut-outs", nominal, positions)
     ids, status = _flag_duplicate_ids(None if ids is None else _check_ids(ids, len(status)), status)
-    proba, labels = clf._predict_prepared(x, status)
+    proba, labels, status = clf._predict_prepared(x, status)
     return clf._provenance(Predictions(ids, labels, proba, status))

@@ -1,0 +1,201 @@
+"""Normalisation on the inference device (``prep="device"``) against numpy preprocessing.
+
+The device graphs (``stampclf/_graphs``) are chained to the model with IOBinding on
+either device, so these tests run the GPU's code path on the CPU: statuses must be
+equal and numbers equal to float rounding, for stamps with masks, constant channels,
+zero MAD, empty channels, overflow, padding and any batch length.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import HITS_PREPROCESSING, card_dict, image_card_dict, make_stamps, write_hits_h5, write_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stampclf import Classifier
+from stampclf._errors import InputError
+from stampclf.preprocess import prepare_stamps
+
+GRAPHS = Path(__file__).resolve().parents[1] / "stampclf" / "_graphs"
+METHODS = ("robust_asinh", "minmax")
+
+
+def _card(method: str) -> dict:
+    spec = copy.deepcopy(HITS_PREPROCESSING)
+    spec["normalisation"] = {"method": method, "softening": 1.7} if method == "robust_asinh" else {"method": method}
+    spec["nan_policy"] = {"fill": -0.5, "max_bad_fraction": 0.5, "flag": True}
+    return card_dict(preprocessing=spec)
+
+
+@pytest.fixture(scope="module", params=METHODS)
+def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Classifier, Classifier]:
+    path = write_model(tmp_path_factory.mktemp("prep") / f"{request.param}.onnx", _card(request.param))
+    return (Classifier(path, device="cpu", prep="host", batch_size=32),
+            Classifier(path, device="cpu", prep="device", batch_size=32))  # fmt: skip
+
+
+def _awkward(n: int = 96, seed: int = 0) -> np.ndarray:
+    x = make_stamps(n, seed)
+    x[0:6, :, :4, :] = np.nan  # masked edge: flagged
+    x[6:9, 0] = 0.0  # missing template: constant channel
+    x[9:12, 1, ::2] = 7.0  # more than half one value: MAD 0, std instead
+    x[12:14, 2] = np.nan  # a channel without a finite pixel: failed
+    x[14:17, :, :, :15] = np.inf  # mostly not finite: failed
+    x[17, 3, 0, 0], x[17, 3, 0, 1] = 3e38, -3e38  # overflow in the scaling
+    x[18, :, 5, 5] = -np.inf
+    x[19] = 0.0  # every channel constant
+    return x
+
+
+def test_device_graph_files_are_what_the_builder_makes() -> None:
+    prep_graph = pytest.importorskip("train.prep_graph")
+    for method in METHODS:
+        built = prep_graph.build(method).SerializeToString()
+        assert (GRAPHS / f"{method}.onnx").read_bytes() == built, f"rerun python train/prep_graph.py ({method})"
+
+
+def test_device_prep_equals_host_on_awkward_stamps(pair: tuple[Classifier, Classifier]) -> None:
+    host, dev = pair
+    assert (host.prep, dev.prep) == ("host", "device")
+    x = _awkward()
+    ids = np.arange(len(x))
+    ids[40] = ids[41]  # a reader/caller flag merged after the device run
+    a, b = host.classify(x, ids), dev.classify(x, ids)
+    assert list(a.status) == list(b.status)
+    assert {s.split(":")[0] for s in a.status} == {"ok", "flagged", "failed"}
+    assert any("constant channel" in s for s in a.status) and any("duplicate id" in s for s in a.status)
+    np.testing.assert_allclose(a.proba, b.proba, rtol=0, atol=2e-6)
+    assert list(a.labels) == list(b.labels)
+
+
+def _graph_x(dev: Classifier, x: np.ndarray) -> np.ndarray:
+    """The model input the device graph made of one full batch *x* (read back from the bound buffer)."""
+    assert len(x) == dev.batch_size
+    runner = dev._runner_now()
+    runner.submit_raw(x)()
+    return runner._x_dev.numpy()
+
+
+def test_device_graph_output_equals_prepare_stamps(pair: tuple[Classifier, Classifier]) -> None:
+    _, dev = pair
+    x = _awkward(dev.batch_size, seed=3)
+    want, _ = prepare_stamps(x, dev.card.input, dev.card.preprocessing)
+    np.testing.assert_allclose(_graph_x(dev, x), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(25, 25), (20, 20), (21, 24)])  # cropped, padded (even count), mixed
+def test_device_prep_equals_host_after_crop_or_pad(pair: tuple[Classifier, Classifier], size: tuple[int, int]) -> None:
+    host, dev = pair
+    x = make_stamps(10, seed=5, size=size)
+    x[0, 1, 3, 3] = np.nan
+    a, b = host.classify(x), dev.classify(x)
+    assert list(a.status) == list(b.status)
+    np.testing.assert_allclose(a.proba, b.proba, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 33, 200])  # empty, short, around a batch, several batches (streamed)
+def test_device_prep_any_length(pair: tuple[Classifier, Classifier], n: int) -> None:
+    host, dev = pair
+    x = _awkward(max(n, 20), seed=n)[:n]
+    a, b = host.classify(x), dev.classify(x)
+    assert len(b) == n and list(a.status) == list(b.status)
+    np.testing.assert_allclose(a.proba, b.proba, rtol=0, atol=2e-6)
+
+
+@pytest.fixture(scope="module")
+def prop_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Classifier, Classifier]:
+    path = write_model(tmp_path_factory.mktemp("prop") / "m.onnx", _card("robust_asinh"))
+    return (Classifier(path, device="cpu", prep="host", batch_size=16),
+            Classifier(path, device="cpu", prep="device", batch_size=16))  # fmt: skip
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    masked=st.floats(0.0, 0.9),
+    scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e4, 1e30]),
+    ties=st.booleans(),
+)
+def test_device_prep_matches_host_property(
+    prop_pair: tuple[Classifier, Classifier], seed: int, masked: float, scale: float, ties: bool
+) -> None:
+    host, dev = prop_pair
+    rng = np.random.default_rng(seed)
+    x = make_stamps(dev.batch_size, seed) * np.float32(scale)
+    if ties:
+        x = np.round(x / np.float32(scale * 20)) * np.float32(scale * 20)  # many equal pixels
+    x[rng.random(x.shape) < masked] = np.nan
+    a, b = host.classify(x), dev.classify(x)
+    assert list(a.status) == list(b.status)
+    np.testing.assert_allclose(_graph_x(dev, x), prepare_stamps(x, dev.card.input, dev.card.preprocessing)[0],
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
+
+
+def test_prep_choice(tiny_model_path: Path, tmp_path: Path) -> None:
+    assert Classifier(tiny_model_path, device="cpu").prep == "host"  # numpy is faster on a CPU
+    with pytest.raises(InputError, match="unknown prep 'gpu'"):
+        Classifier(tiny_model_path, device="cpu", prep="gpu")
+    images = write_model(tmp_path / "img.onnx", image_card_dict())
+    with pytest.raises(InputError, match="model 'tiny_image' has image preprocessing"):
+        Classifier(images, device="cpu", prep="device")
+    spec = copy.deepcopy(HITS_PREPROCESSING)
+    spec["normalisation"] = {"method": "none"}
+    plain = write_model(tmp_path / "none.onnx", card_dict(preprocessing=spec))
+    with pytest.raises(InputError, match="normalisation 'none', which runs on the host only"):
+        Classifier(plain, device="cpu", prep="device")
+
+
+def test_cli_prep_device_writes_the_same_rows(tiny_model_path: Path, tmp_path: Path) -> None:
+    stamps = _awkward(50, seed=9)
+    h5 = write_hits_h5(tmp_path / "in.h5", stamps=stamps)
+    rows = {}
+    for prep in ("host", "device"):
+        out = tmp_path / f"{prep}.csv"
+        r = subprocess.run(
+            [sys.executable, "-m", "stampclf", "classify", str(h5), "-m", str(tiny_model_path), "--device", "cpu",
+             "--prep", prep, "-b", "16", "-o", str(out), "-q"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        rows[prep] = out.read_text().splitlines()
+    assert len(rows["host"]) == 51
+    for a, b in zip(rows["host"], rows["device"], strict=True):
+        fa, fb = a.split(","), b.split(",")
+        assert [f for f in fa if not _is_float(f)] == [f for f in fb if not _is_float(f)]
+        np.testing.assert_allclose([float(f) for f in fa if _is_float(f)], [float(f) for f in fb if _is_float(f)],
+                                   atol=1e-5)  # fmt: skip
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return "." in text or "nan" in text.lower()
+
+
+def test_auto_falls_back_to_host_when_the_graph_cannot_run(tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stampclf.classifier as classifier_mod
+    from stampclf._errors import DeviceError
+
+    real = classifier_mod.create_session
+
+    def fake(data: bytes, device: str, threads: int | None = None, **kw: object) -> object:
+        if str(kw.get("source", "")).endswith("robust_asinh.onnx"):
+            raise DeviceError("device cuda: CUDA cannot be used: TopK not supported here")
+        info = real(data, "cpu", threads, **kw)
+        info.device = "cuda"  # as if the model ran on a GPU: auto then wants the device graph
+        return info
+
+    monkeypatch.setattr(classifier_mod, "create_session", fake)
+    clf = Classifier(tiny_model_path, device="auto")
+    assert clf.prep == "host" and "prep auto: normalising on the host (device cuda" in (clf.notice or "")
+    with pytest.raises(DeviceError, match="TopK not supported"):
+        Classifier(tiny_model_path, device="auto", prep="device")

@@ -1,0 +1,168 @@
+"""Build the ONNX graphs that normalise stamps on the inference device.
+
+``stampclf/preprocess.py`` (numpy) is the reference: training uses it, and the CPU
+runtime uses it. On a GPU the per-stamp median/MAD in numpy is what limits end-to-end
+throughput (docs/benchmarks.md), so the runtime can instead run these graphs on the
+device, chained to the model without a copy through host memory. They compute the
+same numbers (tests/test_device_prep.py checks them against ``prepare_stamps``,
+including masked and constant stamps).
+
+Each graph takes ``stamps`` (N, C, H, W) float32, raw pixels at the model's size, with
+NaN/inf allowed, and the card's parameters as scalar inputs (``softening``, ``fill``),
+and gives
+
+- ``x``: the model input (normalised, non-finite values replaced by ``fill``);
+- ``bad``: (N, C) int64, non-finite values per stamp channel after normalisation;
+- ``constant``: (N, C) bool, a channel of one value after the fill.
+
+From ``bad`` and ``constant`` the runtime builds the same per-row status as
+``prepare_stamps``. Regenerate the shipped files with ``python train/prep_graph.py``
+(needs ``onnx``); the runtime only reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["METHODS", "build", "main"]
+
+OPSET = 18
+METHODS = ("robust_asinh", "minmax")
+OUT_DIR = Path(__file__).resolve().parents[1] / "stampclf" / "_graphs"
+_MAD_TO_SIGMA = 1.4826  # as stampclf.preprocess
+
+
+class _Graph:
+    """A few helpers over onnx.helper: each op returns the name of its (first) output."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, value: object, dtype: type, hint: str = "c") -> str:
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, kind: str, *inputs: str, outputs: int = 1, hint: str | None = None, **attrs: object) -> str:
+        outs = [self.name(hint or kind.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(kind, list(inputs), outs, **attrs))
+        return outs[0]
+
+
+def _median_of_finite(g: _Graph, values: str, count: str, length: str) -> str:
+    """Median along the last axis of the first *count* entries of ascending-sorted *values*.
+
+    As numpy: the middle element for an odd count, the float mean of the two middle ones
+    for an even count; 0 where the count is 0.
+    """
+    zero_i, one_i, two_i = g.const(0, np.int64), g.const(1, np.int64), g.const(2, np.int64)
+    last = g.op("Sub", length, one_i)
+    lo_i = g.op("Max", g.op("Div", g.op("Sub", count, one_i), two_i), zero_i)
+    hi_i = g.op("Min", g.op("Div", count, two_i), last)
+    lo = g.op("GatherElements", values, lo_i, axis=2)
+    hi = g.op("GatherElements", values, hi_i, axis=2)
+    mean = g.op("Div", g.op("Add", lo, hi), g.const(2.0, np.float32))
+    odd = g.op("Equal", g.op("Mod", count, two_i), one_i)
+    med = g.op("Where", odd, lo, mean)
+    return g.op("Where", g.op("Greater", count, zero_i), med, g.const(0.0, np.float32))
+
+
+def build(method: str) -> onnx.ModelProto:
+    """The device-side normalisation graph for one card ``normalisation.method``."""
+    if method not in METHODS:
+        raise ValueError(f"no device graph for normalisation {method!r}; have {METHODS}")
+    g = _Graph()
+    f32 = np.float32
+    shape = g.op("Shape", "stamps")
+    flat = g.op("Reshape", "stamps", g.const([0, 0, -1], np.int64))  # (N, C, P)
+    length = g.op("Gather", g.op("Shape", flat), g.const([2], np.int64), axis=0)  # [P]
+    finite = g.op("Not", g.op("Or", g.op("IsNaN", flat), g.op("IsInf", flat)))
+    count = g.op("ReduceSum", g.op("Cast", finite, to=TensorProto.INT64), g.const([2], np.int64), keepdims=1)
+    inf = g.const(np.inf, f32)
+    some = g.op("Greater", count, g.const(0, np.int64))
+    if method == "robust_asinh":
+        ascending = {"axis": 2, "largest": 0, "sorted": 1}
+        values = g.op("TopK", g.op("Where", finite, flat, inf), length, outputs=2, **ascending)
+        centre = _median_of_finite(g, values, count, length)
+        dev = g.op("Abs", g.op("Sub", flat, centre))
+        mad = _median_of_finite(g, g.op("TopK", g.op("Where", finite, dev, inf), length, outputs=2, **ascending),
+                                count, length)
+        sigma = g.op("Mul", mad, g.const(_MAD_TO_SIGMA, f32))
+        # MAD 0 (half the pixels one value, e.g. a zero-filled mask): the standard deviation
+        zero_f = g.const(0.0, f32)
+        n_f = g.op("Max", g.op("Cast", count, to=TensorProto.FLOAT), g.const(1.0, f32))
+        kept = g.op("Where", finite, flat, zero_f)
+        mean = g.op("Div", g.op("ReduceSum", kept, g.const([2], np.int64), keepdims=1), n_f)
+        sq = g.op("Where", finite, g.op("Mul", g.op("Sub", flat, mean), g.op("Sub", flat, mean)), zero_f)
+        std = g.op("Sqrt", g.op("Div", g.op("ReduceSum", sq, g.const([2], np.int64), keepdims=1), n_f))
+        sigma = g.op("Where", g.op("Greater", sigma, zero_f), sigma, std)
+        one_f = g.const(1.0, f32)
+        usable = g.op("And", g.op("And", some, g.op("Greater", sigma, zero_f)),
+                      g.op("Not", g.op("IsInf", sigma)))
+        sigma = g.op("Where", usable, sigma, one_f)  # rows without a finite pixel: centre 0, sigma 1
+        scale = g.op("Mul", sigma, "softening")
+        out = g.op("Asinh", g.op("Div", g.op("Sub", flat, centre), scale))
+    else:
+        lo = g.op("ReduceMin", g.op("Where", finite, flat, inf), g.const([2], np.int64), keepdims=1)
+        hi = g.op("ReduceMax", g.op("Where", finite, flat, g.const(-np.inf, f32)), g.const([2], np.int64), keepdims=1)
+        zero_f = g.const(0.0, f32)
+        lo, hi = g.op("Where", some, lo, zero_f), g.op("Where", some, hi, zero_f)
+        span = g.op("Where", g.op("Greater", hi, lo), g.op("Sub", hi, lo), g.const(1.0, f32))
+        out = g.op("Div", g.op("Sub", flat, lo), span)
+    bad = g.op("Or", g.op("IsNaN", out), g.op("IsInf", out))
+    g.nodes.append(helper.make_node("ReduceSum", [g.op("Cast", bad, to=TensorProto.INT64), g.const([2], np.int64)],
+                                    ["bad"], keepdims=0))
+    filled = g.op("Where", bad, "fill", out)
+    g.nodes.append(helper.make_node("Equal", [g.op("ReduceMax", filled, g.const([2], np.int64), keepdims=0),
+                                              g.op("ReduceMin", filled, g.const([2], np.int64), keepdims=0)],
+                                    ["constant"]))
+    g.nodes.append(helper.make_node("Reshape", [filled, shape], ["x"]))
+    dims = ["N", "C", "H", "W"]
+    graph = helper.make_graph(
+        g.nodes,
+        f"stampclf_prep_{method}",
+        [
+            helper.make_tensor_value_info("stamps", TensorProto.FLOAT, dims),
+            helper.make_tensor_value_info("softening", TensorProto.FLOAT, []),
+            helper.make_tensor_value_info("fill", TensorProto.FLOAT, []),
+        ],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, dims),
+            helper.make_tensor_value_info("bad", TensorProto.INT64, ["N", "C"]),
+            helper.make_tensor_value_info("constant", TensorProto.BOOL, ["N", "C"]),
+        ],
+        g.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="stampclf")
+    model.ir_version = 8  # readable by every onnxruntime the runtime admits (>= 1.20)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write ``stampclf/_graphs/<method>.onnx`` for every method."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder (default: the runtime's)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for method in METHODS:
+        path = args.out / f"{method}.onnx"
+        path.write_bytes(build(method).SerializeToString())
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
