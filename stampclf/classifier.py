@@ -561,7 +561,9 @@ class Classifier:
         for i in np.flatnonzero(~np.isfinite(proba).all(axis=1)).tolist():
             if not status[i].startswith("failed"):
                 status[i] = "failed: model output not finite"
-        failed = np.array([s.startswith("failed") for s in status], dtype=bool)
+        failed = np.zeros(len(status), dtype=bool)
+        for i in np.flatnonzero(status != OK).tolist():  # most rows are "ok": look only at the others
+            failed[i] = status[i].startswith("failed")
         labels = self._decide(proba) if len(proba) else np.empty(0, dtype=object)
         if failed.any():
             proba[failed] = np.nan

@@ -47,9 +47,12 @@ def merge_status(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 
     Used to add what a reader noticed (e.g. a duplicate id) to what preprocessing found.
     """
+    if len(first) != len(second):
+        raise ValueError(f"merge_status: {len(first)} vs {len(second)} rows")
     out = np.array(first, dtype=object, copy=True)
-    for i, (a, b) in enumerate(zip(first, second, strict=True)):
-        if b == OK or a.startswith("failed"):
+    for i in np.flatnonzero(np.asarray(second, dtype=object) != OK).tolist():  # only rows with news: fast
+        a, b = first[i], second[i]
+        if a.startswith("failed"):
             continue
         if a == OK or b.startswith("failed"):
             out[i] = b
@@ -242,25 +245,27 @@ def stamp_status(
     policy = spec.get("nan_policy", {})
     max_frac = float(policy.get("max_bad_fraction", 1.0))
     per_row = bad.sum(axis=1)
-    status = np.full(n, OK, dtype=object)
-    reasons: list[list[str]] = [[note] if note else [] for _ in range(n)]
-    for i in np.flatnonzero(per_row).tolist():
-        if per_row[i] / float(pixels) > max_frac:
-            status[i] = f"failed: {padded}{int(per_row[i])} of {pixels} pixels not finite"
-        elif (bad[i] == pixels // n_ch).any():  # a channel with no finite pixel carries no information
-            names = ", ".join(repr(card_input["channels"][c]) for c in np.flatnonzero(bad[i] == pixels // n_ch))
-            status[i] = f"failed: no finite pixel in channel {names}"
-        elif policy.get("flag", True):
-            reasons[i].append(f"{int(per_row[i])} non-finite pixels replaced")
-    # a channel of one value (e.g. a missing template stored as zeros) tells the model nothing it
-    # was trained on: scored, but flagged so that the row can be found
-    for i in np.flatnonzero(constant.any(axis=1)).tolist():
-        if status[i] == OK:
+    # every row gets the batch's note; only rows with something of their own are looked at one by one
+    status = np.full(n, f"flagged: {note}" if note else OK, dtype=object)
+    full = pixels // n_ch
+    for i in np.flatnonzero((per_row > 0) | constant.any(axis=1)).tolist():
+        reasons = [note] if note else []
+        if per_row[i]:
+            if per_row[i] / float(pixels) > max_frac:
+                status[i] = f"failed: {padded}{int(per_row[i])} of {pixels} pixels not finite"
+                continue
+            if (bad[i] == full).any():  # a channel with no finite pixel carries no information
+                names = ", ".join(repr(card_input["channels"][c]) for c in np.flatnonzero(bad[i] == full))
+                status[i] = f"failed: no finite pixel in channel {names}"
+                continue
+            if policy.get("flag", True):
+                reasons.append(f"{int(per_row[i])} non-finite pixels replaced")
+        if constant[i].any():
+            # a channel of one value (e.g. a missing template stored as zeros) tells the model
+            # nothing it was trained on: scored, but flagged so that the row can be found
             names = ", ".join(repr(card_input["channels"][c]) for c in np.flatnonzero(constant[i]))
-            reasons[i].append(f"constant channel {names}")
-    for i, r in enumerate(reasons):
-        if r and status[i] == OK:
-            status[i] = "flagged: " + "; ".join(r)
+            reasons.append(f"constant channel {names}")
+        status[i] = "flagged: " + "; ".join(reasons) if reasons else OK
     return status
 
 
