@@ -80,6 +80,25 @@ def host_rate(clf: Any, x: np.ndarray) -> float:
     return len(x) / (time.perf_counter() - t0)
 
 
+def cpu_ops(graph: bytes, raw: np.ndarray) -> list[str]:
+    """Ops of a device prep graph that ONNX Runtime ran on the CPU (profiled; shape arithmetic is fine)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "prof")
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(graph, opts, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        scalars = {"softening": np.array(1.0, np.float32), "fill": np.array(0.0, np.float32)}
+        sess.run(None, {"stamps": np.ascontiguousarray(raw, dtype=np.float32), **scalars})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    return sorted({e["args"].get("op_name", "?") for e in events
+                   if e.get("cat") == "Node" and e.get("args", {}).get("provider") == "CPUExecutionProvider"})  # fmt: skip
+
+
 def test_data(clf: Any, n_max: int) -> tuple[np.ndarray, np.ndarray, str] | None:
     """Prepared test stamps and labels: ``--test-data`` or the card's simulated test split."""
     from stampclf.preprocess import prepare_stamps
@@ -164,6 +183,7 @@ def main() -> None:
         runner._y_dev.numpy()
         record(out, f"prep on device + model, raw input on GPU, batch {bs}: stamps/s",
                runs * bs / (time.perf_counter() - t0))  # fmt: skip
+        record(out, "prep graph: ops placed on the CPU", cpu_ops(runner.prep.model, raw[:bs]))
         host = Classifier(ARGS.model, device=ARGS.device, batch_size=bs, prep="host")
         masked = raw[: 4 * bs].copy()
         masked[::7, :, :4, :] = np.nan  # masked rows, as at CCD edges

@@ -247,7 +247,8 @@ class BatchRunner:
         dev = "cuda" if self.device == "cuda" else "cpu"
         shape = (self.batch_size, *self.row_shape)
         self._stage = np.zeros(shape, dtype=np.float32)  # host buffer for padded short batches
-        self._x_dev = ort.OrtValue.ortvalue_from_numpy(self._stage, dev, 0)
+        # buffers of their own (on the CPU, ortvalue_from_numpy would share _stage's memory)
+        self._x_dev = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, dev, 0)
         self._y_dev = ort.OrtValue.ortvalue_from_shape_and_type((self.batch_size, self.n_out), np.float32, dev, 0)
         binding = self.session.io_binding()
         binding.bind_ortvalue_input(self.input_name, self._x_dev)
@@ -257,7 +258,7 @@ class BatchRunner:
             return
         # raw stamps in, model input out into the model's own input buffer: no host round trip
         rows = (self.batch_size, self.row_shape[0])
-        self._raw_dev = ort.OrtValue.ortvalue_from_numpy(self._stage, dev, 0)
+        self._raw_dev = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, dev, 0)
         self._bad_dev = ort.OrtValue.ortvalue_from_shape_and_type(rows, np.int64, dev, 0)
         self._const_dev = ort.OrtValue.ortvalue_from_shape_and_type(rows, np.bool_, dev, 0)
         prep = self.prep.session.io_binding()

@@ -348,6 +348,7 @@ class Classifier:
         self._cuda_graph = cuda_graph
         self._info = info
         self._runner: BatchRunner | None = None  # made on first use, at the current batch size
+        self._runner_lock = threading.Lock()
         self._prep_notice: str | None = None
         self._prep_info = self._prep_session(prep, threads)
         self.prep = "device" if self._prep_info is not None else "host"
@@ -433,11 +434,17 @@ class Classifier:
         """Stop the CPU worker threads and drop their sessions (also done at interpreter exit).
 
         The classifier stays usable: a later call starts them again. Not while another
-        thread is classifying with it.
+        thread is classifying with it. With a captured CUDA graph the device buffers are
+        kept: the graph holds their addresses.
         """
-        if self._runner is not None:
-            self._runner.close()
-            self._runner = None
+        with self._runner_lock:
+            if self._runner is not None:
+                self._runner.close()
+                if not self._graph_captured():
+                    self._runner = None
+
+    def _graph_captured(self) -> bool:
+        return self._cuda_graph and self.device == "cuda" and self._runner is not None
 
     def __enter__(self) -> Classifier:
         return self
@@ -451,8 +458,12 @@ class Classifier:
 
     def _runner_now(self) -> BatchRunner:
         # fixed batch shape (short batches padded), IOBinding on CUDA: see BatchRunner
+        with self._runner_lock:  # threads' first calls at once must not make two sets of buffers
+            return self._runner_locked()
+
+    def _runner_locked(self) -> BatchRunner:
         if self._runner is None or self._runner.batch_size != self.batch_size:
-            if self._runner is not None and self._cuda_graph and self.device == "cuda":
+            if self._graph_captured():
                 # the captured graph holds the old buffers' addresses: replaying it would be wrong
                 raise DeviceError(
                     f"batch size {self._runner.batch_size} is fixed by the captured CUDA graph; "

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import HITS_PREPROCESSING, card_dict, image_card_dict, make_stamps, write_hits_h5, write_model
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from stampclf import Classifier
@@ -56,9 +56,13 @@ def _awkward(n: int = 96, seed: int = 0) -> np.ndarray:
 
 def test_device_graph_files_are_what_the_builder_makes() -> None:
     prep_graph = pytest.importorskip("train.prep_graph")
+    onnx = pytest.importorskip("onnx")
     for method in METHODS:
         built = prep_graph.build(method).SerializeToString()
         assert (GRAPHS / f"{method}.onnx").read_bytes() == built, f"rerun python train/prep_graph.py ({method})"
+        # every node has a CUDA kernel: none is sent back to the CPU (ORT's CUDA provider has no Asinh)
+        ops = {n.op_type for n in onnx.load(GRAPHS / f"{method}.onnx").graph.node}
+        assert ops <= prep_graph.CUDA_OPS and "Asinh" not in prep_graph.CUDA_OPS
 
 
 def test_device_prep_equals_host_on_awkward_stamps(pair: tuple[Classifier, Classifier]) -> None:
@@ -117,6 +121,7 @@ def prop_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Classifier, Cla
 
 
 @settings(max_examples=30, deadline=None)
+@example(seed=0, masked=0.0, scale=1e-30, ties=True)  # found: asinh of |y| < 6e-8 must not round to 0
 @given(
     seed=st.integers(0, 2**16),
     masked=st.floats(0.0, 0.9),

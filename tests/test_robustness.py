@@ -204,14 +204,28 @@ def _patch_h5_open(exc: BaseException) -> Callable[[pytest.MonkeyPatch], None]:
 
 def _patch_mid_read(mp: pytest.MonkeyPatch) -> None:
     """h5py fails while reading rows (a damaged chunk): must surface as InputError naming the file."""
-    real = h5py.Dataset.__getitem__
+    _fail_row_reads(mp, lambda ds, rows: ds.name == "/diff_images", "Can't synchronously read data (inflate() failed)")
+
+
+def _fail_row_reads(mp: pytest.MonkeyPatch, when: Callable[[Any, slice], bool], message: str) -> None:
+    """h5py raises OSError(*message*) for a slice of rows for which *when(dataset, rows)* holds.
+
+    Both ways the reader reads rows are patched: indexing and ``read_direct``.
+    """
+    real, real_direct = h5py.Dataset.__getitem__, h5py.Dataset.read_direct
 
     def fake(self: Any, key: Any) -> Any:
-        if self.name == "/diff_images" and isinstance(key, slice):
-            raise OSError("Can't synchronously read data (inflate() failed)")
+        if isinstance(key, slice) and when(self, key):
+            raise OSError(message)
         return real(self, key)
 
+    def fake_direct(self: Any, dest: Any, source_sel: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(source_sel, slice) and when(self, source_sel):
+            raise OSError(message)
+        return real_direct(self, dest, source_sel, *args, **kwargs)
+
     mp.setattr(h5py.Dataset, "__getitem__", fake)
+    mp.setattr(h5py.Dataset, "read_direct", fake_direct)
 
 
 def _patch_no_write(mp: pytest.MonkeyPatch) -> None:
@@ -741,14 +755,9 @@ def test_keep_going_drops_rows_of_a_file_that_fails_half_way(
     a = write_hits_h5(tmp_path / "a.h5", 4, seed=1)
     half = write_hits_h5(tmp_path / "half.h5", 10, seed=2)
     b = write_hits_h5(tmp_path / "b.h5", 3, seed=3)
-    real = h5py.Dataset.__getitem__
-
-    def fake(self: Any, key: Any) -> Any:  # every dataset, ids too: nothing of rows 4-7 can be reported
-        if self.file.filename == str(half) and isinstance(key, slice) and key.start == 4:
-            raise OSError("Can't read data (truncated file)")
-        return real(self, key)
-
-    monkeypatch.setattr(h5py.Dataset, "__getitem__", fake)
+    # every dataset, ids too: nothing of rows 4-7 can be reported
+    _fail_row_reads(monkeypatch, lambda ds, rows: ds.file.filename == str(half) and rows.start == 4,
+                    "Can't read data (truncated file)")  # fmt: skip
     for out in (tmp_path / "out.csv", tmp_path / "out.h5"):
         result = run_cli(
             "classify",

