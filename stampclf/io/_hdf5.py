@@ -266,7 +266,8 @@ class HDF5Reader:
         else:
             # each channel is read into one reused scratch buffer and copied into its slot: no
             # fresh allocation per channel and block (page faults), no np.stack pass
-            # (measured: 190,000 vs 148,000 stamps/s read); HDF5 writing into the strided slot
+            # (HDF5Reader.batches of 100,000 stamps, best of 4: 237,000 vs 193,000 stamps/s); HDF5
+            # writing into the strided slot
             # directly is 15x slower
             n, derive = stop - start, self._derive
             slots = [k if derive is None or k < derive[0] else k + 1 for k in range(len(self._datasets))]
