@@ -233,7 +233,7 @@ class BatchRunner:
         self._prep_args = dict(prep_args or {})
         self._binding: Any = None
         self._bound_lock = threading.Lock()
-        self.parallel = info.threads if self.device == "cpu" and prep is None else 1
+        self.parallel = info.threads if self.device == "cpu" else 1
         self._replicas: list[Any] = []
         self._pool: Any = None
         if self.device == "cuda" or prep is not None:
@@ -332,7 +332,7 @@ class BatchRunner:
         """
         import numpy as np
 
-        piece = self._piece_rows(len(x)) if self._binding is None else 0
+        piece = self._piece_rows(len(x)) if self.device == "cpu" else 0  # CPU: bound buffers are prep's only
         if not piece:
             done = self._run_here(x)
             return lambda: done

@@ -204,3 +204,10 @@ def test_auto_falls_back_to_host_when_the_graph_cannot_run(tiny_model_path: Path
     assert clf.prep == "host" and "prep auto: normalising on the host (device cuda" in (clf.notice or "")
     with pytest.raises(DeviceError, match="TopK not supported"):
         Classifier(tiny_model_path, device="auto", prep="device")
+
+
+def test_preprocessed_input_skips_the_device_graph(pair: tuple[Classifier, Classifier]) -> None:
+    host, dev = pair
+    x, _ = prepare_stamps(make_stamps(100, seed=21), host.card.input, host.card.preprocessing)
+    np.testing.assert_array_equal(dev.predict_proba(x, preprocessed=True), host.predict_proba(x, preprocessed=True))
+    assert dev._runner_now().parallel == dev.threads  # model-only calls keep the CPU's parallel sessions
