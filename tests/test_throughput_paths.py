@@ -249,6 +249,26 @@ def test_device_bound_runner_is_safe_across_threads(monkeypatch: pytest.MonkeyPa
     assert len(wrong) == 200 and sum(wrong) == 0
 
 
+def test_reader_recycles_only_blocks_that_no_batch_uses(tmp_path: Path) -> None:
+    stamps = make_stamps(100, seed=3)
+    path = write_hits_h5(tmp_path / "a.h5", stamps=stamps, chunks=(8, 21, 21))
+    kept = list(HDF5Reader(str(path), HITS_INPUT).batches(10))  # a consumer holding every batch
+    np.testing.assert_array_equal(np.concatenate([b.stamps for b in kept]), stamps)
+    reader = HDF5Reader(str(path), HITS_INPUT)
+    real, reused = reader._block_buffer, []
+
+    def spy(shape: tuple[int, ...], dtype: object) -> np.ndarray:
+        pool = [id(b) for b in reader._blocks]  # ids, not references: a reference would pin them
+        buf = real(shape, dtype)
+        reused.append(id(buf) in pool)
+        return buf
+
+    reader._block_buffer = spy  # type: ignore[method-assign]
+    rows = [b.stamps.copy() for b in reader.batches(10)]  # each batch dropped as the next comes
+    np.testing.assert_array_equal(np.concatenate(rows), stamps)
+    assert len(reused) > 3 and sum(reused) >= len(reused) // 2  # blocks were recycled, and rows stayed right
+
+
 def test_prefetch_keeps_order_and_bounds_read_ahead() -> None:
     produced: list[int] = []
 

@@ -1,0 +1,74 @@
+"""What the CPU side of a GPU run sustains: ``classify_files`` with an instant device.
+
+On a GPU with the normalisation on the device (``prep="device"``), the CPU reads the
+HDF5 file, stacks the channels, builds the statuses and writes the output; the GPU does
+the rest. This script replaces the device call with one that returns at once (fixed
+probabilities, no non-finite pixels), so the rate it prints is the ceiling the host
+side puts on end-to-end throughput, on any machine, no GPU needed. Next to it, the rate
+at which h5py alone reads the same file (the disk/page-cache floor) and the ratio.
+
+    python benchmarks/host_side.py --model hits --n 1000000 [--output csv|h5] [-b 16384]
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+import _common
+import numpy as np
+
+
+def main() -> None:
+    p = _common.parser(__doc__)
+    p.add_argument("--n", type=int, default=1_000_000, help="rows in the file (default 1,000,000)")
+    p.add_argument("--block", type=int, default=16_384, help="distinct stamps, cycled (default 16384)")
+    p.add_argument("--output", choices=("csv", "h5"), default="csv")
+    p.add_argument("--rounds", type=int, default=3, help="best of this many runs")
+    p.set_defaults(batch_size=16_384)  # a GPU's batch (gpu_bench.py's best on the H100)
+    args = p.parse_args()
+
+    import h5py
+
+    from stampclf import Classifier, classify_files
+    from stampclf._bench import synthetic_stamps
+    from stampclf._session import BatchRunner
+
+    clf = Classifier(args.model, device="cpu", prep="device", batch_size=args.batch_size)
+    block = synthetic_stamps(args.block, clf.card.shape)
+    path = _common.stamp_file(args.workdir, clf, args.n, block)
+
+    def instant(self: BatchRunner, x: Any) -> Any:
+        n, c = len(x), self.row_shape[0]
+        proba = np.full((n, self.n_out), 1.0 / self.n_out, np.float32)
+        return lambda: (proba, np.zeros((n, c), np.int64), np.zeros((n, c), bool))
+
+    BatchRunner.submit_raw = instant  # type: ignore[method-assign]
+    rates = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        out = os.path.join(tmp, f"out.{args.output}")
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            s = classify_files(clf, [path], out, progress=False)
+            rates.append(s.rows / (time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    with h5py.File(path, "r") as f:
+        for name in clf.card.input.get("hdf5_datasets") or ["stamps"]:
+            for a in range(0, args.n, 65_536):
+                f[name][a : a + 65_536]
+    read = args.n / (time.perf_counter() - t0)
+    _common.report("host side of a GPU run (instant device)", {
+        "rows in file": args.n,
+        "batch": clf.batch_size,
+        "output": args.output,
+        f"host side, instant device, best of {args.rounds}: stamps/s": max(rates),
+        "host side runs: stamps/s": [round(r) for r in rates],
+        "h5py reading the file alone: stamps/s": read,
+        "host side / h5py read rate (ratio)": max(rates) / read,
+    }, args)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
