@@ -40,7 +40,7 @@ _MAD_TO_SIGMA = 1.4826  # as stampclf.preprocess
 #: another op runs on the CPU, its tensors copied off the GPU and back (``Asinh`` has none).
 CUDA_OPS = frozenset({
     "Abs", "Add", "And", "Cast", "Div", "Equal", "Gather", "GatherElements", "Greater", "IsInf", "IsNaN", "Log",
-    "Max", "Min", "Mod", "Mul", "Not", "Or", "ReduceMax", "ReduceMin", "ReduceSum", "Reshape", "Shape", "Sign",
+    "Max", "Min", "Mul", "Not", "Or", "ReduceMax", "ReduceMin", "ReduceSum", "Reshape", "Shape", "Sign",
     "Sqrt", "Sub", "TopK", "Where",
 })  # fmt: skip
 
@@ -81,7 +81,7 @@ def _median_of_finite(g: _Graph, values: str, count: str, length: str) -> str:
     lo = g.op("GatherElements", values, lo_i, axis=2)
     hi = g.op("GatherElements", values, hi_i, axis=2)
     mean = g.op("Div", g.op("Add", lo, hi), g.const(2.0, np.float32))
-    odd = g.op("Equal", g.op("Mod", count, two_i), one_i)
+    odd = g.op("Equal", g.op("Sub", count, g.op("Mul", g.op("Div", count, two_i), two_i)), one_i)  # no int Mod
     med = g.op("Where", odd, lo, mean)
     return g.op("Where", g.op("Greater", count, zero_i), med, g.const(0.0, np.float32))
 
