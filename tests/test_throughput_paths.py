@@ -478,15 +478,18 @@ def test_prep_graph_nodes_run_on_the_gpu(tmp_path: Path, method: str) -> None:
 
 
 # --- bench and benchmark helpers ----------------------------------------------------------
-def test_bench_command_prints_rates(tiny_model_path: Path) -> None:
+@pytest.mark.parametrize("prep", ["host", "device"])
+def test_bench_command_prints_rates(tiny_model_path: Path, prep: str) -> None:
     from typer.testing import CliRunner
 
     from stampclf.cli import app
 
-    r = CliRunner().invoke(app, ["bench", "-m", str(tiny_model_path), "--device", "cpu", "--n", "300", "-b", "64"])
+    args = ["bench", "-m", str(tiny_model_path), "--device", "cpu", "--n", "300", "-b", "64", "--prep", prep]
+    r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
-    assert lines[0].startswith("model tiny v0.0.1 (fp32) on cpu")
+    assert lines[0].startswith("model tiny v0.0.1 (fp32) on cpu") and f"prep on {prep}" in lines[0]
+    assert f"(preprocessing on {prep} + model)" in r.output
     for what in ("model only, in memory:", "classify, in memory:", "classify, HDF5 -> CSV:"):
         line = next(x for x in lines if x.startswith(what))
         assert float(line.split(what)[1].split("rows/s")[0].replace(",", "")) > 0
