@@ -365,6 +365,43 @@ def test_image_folder_model_takes_its_classes_from_the_folders(tmp_path: Path) -
     assert len(clf.evaluate(clf.classify_file(str(root), labels="check"))["per_class"]) == 3
 
 
+def test_image_folder_model_takes_its_size_from_set_size(tmp_path: Path) -> None:
+    """``--set size=40``: the card, the graph and the runtime's preprocessing take 40 px images."""
+    pytest.importorskip("onnx")
+    from train import export as export_mod
+    from train import train as train_mod
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(2)
+    for label, level in (("dark", 40), ("light", 210)):
+        (root / label).mkdir(parents=True)
+        for i in range(8):
+            PIL_Image.fromarray(np.clip(rng.normal(level, 20, (50, 70, 3)), 0, 255).astype(np.uint8)).save(
+                root / label / f"{i}.png")
+    run = tmp_path / "run"
+    base = ["--model", "image-folder", "--threads", "1", "--set", f"root={root}"]
+    for bad in ("size=8", "size=40.5", "size=big"):
+        with pytest.raises(SystemExit, match="--set size=.*whole number of pixels from 16 to 1024"):
+            train_mod.main([*base, "--out", str(run), "--set", bad])
+    assert train_mod.main([*base, "--out", str(run), "--epochs", "1", "--set", "size=40",
+                           "--set", "batch_size=8"]) == 0  # fmt: skip
+    assert export_mod.main(["--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path / "m")]) == 0
+    from stampclf import Classifier
+
+    clf = Classifier(tmp_path / "m" / "image-folder.onnx", device="cpu")
+    assert clf.card.shape == (3, 40, 40) and clf.session.get_inputs()[0].shape[1:] == [3, 40, 40]
+    prep = clf.card.preprocessing
+    assert (prep["resize"], prep["crop"]) == (40, 40) and "40 px" in prep["doc"] and "96" not in prep["doc"]
+    assert "40x40" in clf.card.description and "48, 96, 192 filters" in clf.card.description  # the size, not the widths
+    assert "--set size=40" in clf.card.training["command"]
+    from stampclf import Predictions
+
+    res = Predictions.concat(clf.classify_file(str(root), labels="check"))
+    assert len(res) == 16 and (res.status == "ok").all()
+    with pytest.raises(SystemExit, match="model 'galaxy' takes no --set size|unknown --set key 'size'"):
+        train_mod.main(["--model", "galaxy", "--set", "size=64"])
+
+
 def test_transparent_pixels_show_the_cards_background() -> None:
     from stampclf.preprocess import image_to_uint8
 

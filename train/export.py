@@ -46,7 +46,7 @@ import torch.nn as nn
 
 import stampclf
 from stampclf._card import CARD_KEY, ModelCard, graph_sha256, read_card, read_onnx_parts
-from train.registry import ModelSpec, create_model, get_spec, list_models, with_classes
+from train.registry import ModelSpec, create_model, get_spec, list_models, with_classes, with_size
 from train.train import DEFAULT_EPOCHS, NO_EFFECT_KEYS, json_safe, reproduce_command
 
 __all__ = ["export", "main", "Deployable", "TOLERANCE", "EXPORTED", "card_version", "recipe_differences"]
@@ -359,6 +359,7 @@ def export(spec: ModelSpec, checkpoint: Path, out_dir: Path, report_path: Path |
         raise ValueError(f"{report_path}: the run of model {raw_report['model']!r}, not {spec.name!r}; "
                          f"give --model {raw_report['model']} or that model's checkpoint")
     spec = with_classes(spec, raw_report.get("data", {}).get("classes"))  # image-folder: from the run
+    spec = with_size(spec, raw_report.get("options", {}).get("size"))  # --set size=N: from the run
     report = shipped_report(raw_report)
     model = load_trained(spec, checkpoint)
     shape = (len(spec.input["channels"]), int(spec.input["height"]), int(spec.input["width"]))

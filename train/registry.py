@@ -7,6 +7,7 @@ training recipe. Tests parametrize over `list_models()`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -15,7 +16,11 @@ import torch.nn as nn
 
 from stampclf._card import valid_class_name
 
-__all__ = ["ModelSpec", "register_model", "create_model", "get_spec", "list_models", "with_classes"]
+__all__ = ["ModelSpec", "register_model", "create_model", "get_spec", "list_models", "with_classes", "with_size"]
+
+#: ``--set size=N`` bounds, in pixels: below 16 four stride-2 stages leave nothing; above
+#: 1024 one image's activations alone run to gigabytes
+SIZE_RANGE = (16, 1024)
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,37 @@ def create_model(name: str, n_classes: int | None = None) -> nn.Module:
     if n_classes is None or n_classes < 2:
         raise ValueError(f"model {name!r} takes its classes from the data: give their number (at least 2)")
     return spec.builder(n_classes)
+
+
+def with_size(spec: ModelSpec, size: Any) -> ModelSpec:
+    """*spec* taking *size* x *size* images (``--set size=N``); unchanged for ``None``.
+
+    For image models that resize and centre-crop to a square (``image-folder``): the
+    card's input size, the resize and crop, and the sentences that state them change
+    together, so the card says what the graph takes.
+    """
+    if size is None:
+        return spec
+    lo, hi = SIZE_RANGE
+    if isinstance(size, bool) or not isinstance(size, int) or not lo <= size <= hi:
+        raise ValueError(f"--set size={size!r}: expected a whole number of pixels from {lo} to {hi}")
+    inp, prep = spec.input, spec.preprocessing
+    old = inp.get("height")
+    if inp.get("kind") != "image" or inp.get("width") != old or prep.get("resize") != old or prep.get("crop") != old:
+        raise ValueError(f"model {spec.name!r} does not take --set size (its input is not a resized square image)")
+
+    def restate(text: Any) -> Any:  # "96 px" and "96x96" state the size; "96 filters" does not
+        if not isinstance(text, str):
+            return text
+        text = re.sub(rf"\b{old}x{old}\b", f"{size}x{size}", text)
+        return re.sub(rf"\b{old} px\b", f"{size} px", text)
+
+    return replace(
+        spec,
+        input={**inp, "height": size, "width": size, "note": restate(inp.get("note"))},
+        preprocessing={**prep, "resize": size, "crop": size, "doc": restate(prep.get("doc"))},
+        description=restate(spec.description),
+    )
 
 
 def with_classes(spec: ModelSpec, classes: Sequence[str] | None) -> ModelSpec:

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from stampclf import metrics as M
 from train.data import DataBundle, dataset_options, load_dataset
-from train.registry import ModelSpec, create_model, get_spec, list_models, with_classes
+from train.registry import ModelSpec, create_model, get_spec, list_models, with_classes, with_size
 
 __all__ = ["train", "main", "predict_logits", "fit_temperature", "reproduce_command", "check_options", "json_safe",
            "valid_keys", "NO_EFFECT_KEYS", "TRAIN_KEYS", "DEFAULT_EPOCHS"]
@@ -186,6 +186,7 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
+    spec = with_size(spec, options.get("size"))  # before the data: images are decoded at that size
     recipe = {**spec.recipe, **options}
     epochs = int(args.epochs or recipe.get("epochs", DEFAULT_EPOCHS))
     bs = int(recipe.get("batch_size", 256))
@@ -350,6 +351,7 @@ def evaluate_only(spec: ModelSpec, args: argparse.Namespace, options: dict[str, 
     seed_everything(old["seed"])
     args.seed = old["seed"]
     options = {**old.get("options", {}), **options}
+    spec = with_size(spec, options.get("size"))
     data = load_dataset(spec, options, args.seed)
     spec, model = _model_for(spec, data, args.device)
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["state_dict"]
@@ -543,6 +545,11 @@ def check_options(spec: ModelSpec, options: dict[str, Any]) -> None:
             listing = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in groups.items() if keys)
             raise SystemExit(f"train: error: unknown --set key {key!r} for model {spec.name}{hint}; "
                              f"valid keys: {listing}")
+    if "size" in options:
+        try:
+            with_size(spec, options["size"])
+        except ValueError as exc:
+            raise SystemExit(f"train: error: {exc}") from None
     for key, value in options.items():  # a bad value fails now, named, not deep in the loop
         shown = value if isinstance(value, str) else json.dumps(value)  # as typed
         least = 1 if key in POSITIVE_INT_KEYS else 0 if key in COUNT_KEYS else None

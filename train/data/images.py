@@ -561,7 +561,7 @@ def load_pokemon_types(spec: Any, options: dict[str, Any], seed: int) -> DataBun
     return _load("pokemon_types", spec, options, seed)
 
 
-@register_dataset("image_folder", options=(*IMAGE_OPTIONS, "test_fraction"))
+@register_dataset("image_folder", options=(*IMAGE_OPTIONS, "test_fraction", "size"))  # size: train.registry.with_size
 def load_image_folder(spec: Any, options: dict[str, Any], seed: int) -> DataBundle:
     """Your own images, ``root/<class>/**/*.jpg`` with the model's class names; stratified 70/15/15 from the seed.
 
