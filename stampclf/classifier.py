@@ -509,8 +509,8 @@ class Classifier:
         return x, status
 
     def _predict_prepared(self, x: np.ndarray, status: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        proba, status = self._start(x, status)()
-        return (*self._finish(proba, status), status)
+        """``(proba, labels, status)`` of prepared rows (status: an array, or a `_RawStatus`)."""
+        return self._wait(self._start(x, status))
 
     def _predict_stream(
         self, stream: Iterable[tuple[Any, np.ndarray, np.ndarray]]
@@ -532,6 +532,7 @@ class Classifier:
     def _wait(
         self, started: Callable[[], tuple[np.ndarray, np.ndarray]]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(proba, labels, status)`` once a `_start` is done."""
         proba, status = started()
         return (*self._finish(proba, status), status)
 
