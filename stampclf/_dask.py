@@ -35,7 +35,7 @@ from ._card import read_card, resolve_threshold
 from ._errors import InputError, StampclfError
 from ._registry import resolve_model
 from ._run import RunSummary, finish, first_failed, unreadable_images, unscored_input
-from .classifier import Classifier, Predictions
+from .classifier import PREPS, Classifier, Predictions
 from .io import LAYOUTS, HDF5Reader, InputBatch, input_kind, open_inputs, open_writer, run_attrs
 
 __all__ = ["classify_dask", "predict_dask", "DEFAULT_CHUNK_ROWS"]
@@ -306,6 +306,7 @@ def classify_dask(
     channels_last: bool = False,
     keep_going: bool = False,
     precision: str = "fp32",
+    prep: str = "auto",
 ) -> RunSummary:
     """Classify files (or a Dask array of stamps) on a Dask cluster into one output.
 
@@ -327,9 +328,10 @@ def classify_dask(
         Rows per inference call on the workers (default: the classifier's).
     chunk_rows
         Rows of an HDF5 file (or image files) per task.
-    device, threads, threshold, precision
+    device, threads, threshold, precision, prep
         Per worker `Classifier`: ``threads`` intra-op threads (default 1: run one
-        single-threaded worker process per core).
+        single-threaded worker process per core); ``prep="auto"``: each worker
+        normalises stamps on its GPU when it runs on one, else on its CPU.
     keep_going
         Report an input that cannot be read and go on; its rows are left out.
 
@@ -346,9 +348,7 @@ def classify_dask(
     card, sha, data = _load_model(client, model)
     threshold = resolve_threshold(card, threshold)  # before any task: every worker would fail the same way
     # batch_size None: each worker's Classifier takes the card's default
-    options = {
-        "device": device, "threads": threads, "threshold": threshold, "batch_size": batch_size, "precision": precision,
-    }  # fmt: skip
+    options = _worker_options(device, threads, threshold, batch_size, precision, prep)
     summary = RunSummary(output=output)
     if _is_dask_array(inputs):
         results: Iterator[tuple[Any, Any]] = _array_results(client, inputs, data, sha, options)
@@ -467,6 +467,7 @@ def predict_dask(
     threads: int = 1,
     threshold: float | str | None = None,
     precision: str = "fp32",
+    prep: str = "auto",
 ) -> Predictions:
     """Classify a Dask array of raw stamps ``(N, C, H, W)`` on the cluster; results in memory.
 
@@ -476,15 +477,23 @@ def predict_dask(
         raise InputError(f"predict_dask: expected a dask array, got {type(stamps).__name__}")
     card, sha, data = _load_model(client, model)
     threshold = resolve_threshold(card, threshold)  # before any task: every worker would fail the same way
-    options = {
-        "device": device, "threads": threads, "threshold": threshold, "batch_size": batch_size, "precision": precision,
-    }  # fmt: skip
+    options = _worker_options(device, threads, threshold, batch_size, precision, prep)
     preds = [res for _, res in _array_results(client, stamps, data, sha, options)]
     if not preds:
         return Predictions(np.empty(0, int), np.empty(0, object), np.empty((0, len(card.classes)), np.float32),
                            np.empty(0, object), file="dask-array", classes=tuple(card.classes), model=card.name,
                            model_version=card.version)  # fmt: skip
     return Predictions.concat(preds)
+
+
+def _worker_options(
+    device: str, threads: int, threshold: Any, batch_size: int | None, precision: str, prep: str
+) -> dict[str, Any]:
+    """The keyword arguments of each worker's `Classifier` (a bad *prep* fails here, before any task)."""
+    if prep not in PREPS:
+        raise InputError(f"unknown prep {prep!r}; choose one of {', '.join(PREPS)}")
+    return {"device": device, "threads": threads, "threshold": threshold, "batch_size": batch_size,
+            "precision": precision, "prep": prep}  # fmt: skip
 
 
 def connect(address: str) -> Any:

@@ -115,7 +115,8 @@ def classify(
     ] = "fp32",
     prep: Annotated[
         str, typer.Option("--prep", help="Where stamps are normalised: auto (on the GPU with CUDA, else on the host), "
-                          "host (numpy) or device (an ONNX graph on the inference device).")
+                          "host (numpy) or device (an ONNX graph on the inference device); stamp models "
+                          "only (alert and FITS cut-outs are normalised on the host).")
     ] = "auto",
     scheduler: Annotated[
         Optional[str],
@@ -137,11 +138,9 @@ def classify(
         if not paths:
             raise InputError("no input files given (as arguments or with --files-from); see stampclf classify --help")
         if scheduler:
-            if prep != "auto":
-                raise InputError("--prep is not available with --scheduler (each worker picks: device on CUDA)")
             return _classify_on_dask(
                 scheduler, paths, output, model, batch_size, device, threads, threshold, layout, channels_last,
-                keep_going, evaluate, quiet, precision,
+                keep_going, evaluate, quiet, precision, prep,
             )  # fmt: skip
         clf = Classifier(
             model, device=device, threads=threads, batch_size=batch_size, threshold=threshold, precision=precision,
@@ -172,24 +171,27 @@ def classify(
 def _classify_on_dask(
     scheduler: str, files: list[str], output: Optional[str], model: str, batch_size: Optional[int], device: str,
     threads: Optional[int], threshold: Optional[str], layout: str, channels_last: bool, keep_going: bool,
-    evaluate: bool, quiet: bool, precision: str,
+    evaluate: bool, quiet: bool, precision: str, prep: str = "auto",
 ) -> int:  # fmt: skip
     from ._card import read_card, resolve_threshold
     from ._dask import classify_dask, connect
     from ._registry import resolve_model
     from ._session import PRECISIONS
+    from .classifier import PREPS
 
     if evaluate:
         raise InputError("--evaluate is not available with --scheduler (run it without one)")
     if precision not in PRECISIONS:  # before a cluster starts, not on every worker
         raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if prep not in PREPS:
+        raise InputError(f"unknown prep {prep!r}; choose one of {', '.join(PREPS)}")
     card, _ = read_card(resolve_model(model), verify=False)  # a bad model fails before a cluster starts
     threshold = resolve_threshold(card, threshold)
     with connect(scheduler) as client:
         s = classify_dask(
             client, files, model, output, batch_size=batch_size, device=device, threads=threads or 1,
             threshold=threshold, layout=layout, channels_last=channels_last, keep_going=keep_going,
-            precision=precision,
+            precision=precision, prep=prep,
         )  # fmt: skip
     return _report(s, f"with {card.name} v{card.version} on Dask ({scheduler})", output, quiet, len(files))
 
@@ -300,7 +302,8 @@ def bench(
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="CUDA: capture and replay a CUDA graph.")] = False,
     prep: Annotated[
         str, typer.Option("--prep", help="Where stamps are normalised: auto (on the GPU with CUDA, else on the host), "
-                          "host (numpy) or device (an ONNX graph on the inference device).")
+                          "host (numpy) or device (an ONNX graph on the inference device); stamp models "
+                          "only (alert and FITS cut-outs are normalised on the host).")
     ] = "auto",
 ) -> None:
     """Print rows/s: the model alone, classify in memory, and classify of an HDF5 file to CSV."""

@@ -204,6 +204,24 @@ def test_dask_precision_reaches_the_workers(cluster, inputs, tiny_model_path: Pa
         sdask.classify_dask(client, inputs[:1], tiny_model_path, None, precision="fp64")
 
 
+def test_dask_prep_reaches_the_workers(cluster, inputs, tiny_model_path: Path, tmp_path: Path) -> None:
+    _, client = cluster
+    x = make_stamps(30, seed=4)
+    x[2, :, :5] = np.nan
+    want = Classifier(tiny_model_path, device="cpu", threads=1, batch_size=BATCH).classify(x)
+    pred = sdask.predict_dask(client, da.from_array(x, chunks=(8, 4, 21, 21)), tiny_model_path, batch_size=BATCH,
+                              prep="device")  # fmt: skip
+    assert pred.status.tolist() == want.status.tolist()
+    np.testing.assert_allclose(pred.proba, want.proba, atol=2e-6)
+    with pytest.raises(InputError, match="unknown prep 'gpu'"):  # on the client, before any task
+        sdask.classify_dask(client, inputs[:1], tiny_model_path, None, prep="gpu")
+    out = tmp_path / "p.csv"
+    r = CliRunner().invoke(app, ["classify", inputs[0], "-m", str(tiny_model_path), "--device", "cpu", "--prep",
+                                 "host", "--scheduler", "local:1", "-o", str(out), "-q"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert len(_rows(out)) == 23
+
+
 def test_image_folders(cluster, tiny_image_model_path: Path, tmp_path: Path) -> None:
     from PIL import Image
 

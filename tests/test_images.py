@@ -380,11 +380,14 @@ def test_image_folder_model_takes_its_size_from_set_size(tmp_path: Path) -> None
                 root / label / f"{i}.png")
     run = tmp_path / "run"
     base = ["--model", "image-folder", "--threads", "1", "--set", f"root={root}"]
-    for bad in ("size=8", "size=40.5", "size=big"):
+    for bad in ("size=8", "size=40.5", "size=big", "size=null"):
         with pytest.raises(SystemExit, match="--set size=.*whole number of pixels from 16 to 1024"):
             train_mod.main([*base, "--out", str(run), "--set", bad])
     assert train_mod.main([*base, "--out", str(run), "--epochs", "1", "--set", "size=40",
                            "--set", "batch_size=8"]) == 0  # fmt: skip
+    # re-evaluating the weights at another size would export a card for images they never saw
+    assert train_mod.main([*base, "--out", str(run), "--evaluate-only", "--set", "size=48"]) == 2
+    assert train_mod.main([*base, "--out", str(run), "--evaluate-only", "--set", "size=40"]) == 0  # the run's own
     assert export_mod.main(["--checkpoint", str(run / "checkpoint.pt"), "--out", str(tmp_path / "m")]) == 0
     from stampclf import Classifier
 
@@ -394,6 +397,10 @@ def test_image_folder_model_takes_its_size_from_set_size(tmp_path: Path) -> None
     assert (prep["resize"], prep["crop"]) == (40, 40) and "40 px" in prep["doc"] and "96" not in prep["doc"]
     assert "40x40" in clf.card.description and "48, 96, 192 filters" in clf.card.description  # the size, not the widths
     assert "--set size=40" in clf.card.training["command"]
+    # the largest activation is the stem's 24 x 20 x 20 output, not a 192 x 192 x 3 x 3 weight (1.3 MB), so
+    # the default batch follows the size
+    assert clf.card.input["largest_activation_bytes_per_row"] == 24 * 20 * 20 * 4
+    assert clf.card.input["default_batch_size"] == 1024
     from stampclf import Predictions
 
     res = Predictions.concat(clf.classify_file(str(root), labels="check"))

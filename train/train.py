@@ -347,9 +347,17 @@ def evaluate_only(spec: ModelSpec, args: argparse.Namespace, options: dict[str, 
     weights, history and training command of the earlier run (its ``report.json``) are kept.
     """
     out = Path(args.out or f"runs/{spec.name}")
+    if not (out / "report.json").is_file() or not (out / "checkpoint.pt").is_file():
+        raise ValueError(f"--evaluate-only: {out} holds no trained run (report.json and checkpoint.pt); "
+                         "give the run's --out")
     old = json.loads((out / "report.json").read_text())
     seed_everything(old["seed"])
     args.seed = old["seed"]
+    if "size" in options and options["size"] != old.get("options", {}).get("size"):
+        # the weights were trained at the run's size: evaluating (and exporting) them at another
+        # would ship a card that describes other images than the model saw
+        raise ValueError(f"--evaluate-only: --set size={options['size']} differs from the run's "
+                         f"({old.get('options', {}).get('size', 'the default')}); train a new run for another size")
     options = {**old.get("options", {}), **options}
     spec = with_size(spec, options.get("size"))
     data = load_dataset(spec, options, args.seed)
@@ -547,6 +555,8 @@ def check_options(spec: ModelSpec, options: dict[str, Any]) -> None:
                              f"valid keys: {listing}")
     if "size" in options:
         try:
+            if options["size"] is None:  # e.g. size=$UNSET: not a reason to train at the default
+                raise ValueError("--set size=null: expected a whole number of pixels from 16 to 1024")
             with_size(spec, options["size"])
         except ValueError as exc:
             raise SystemExit(f"train: error: {exc}") from None
