@@ -504,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe or data option, e.g. --set n_train=20000")
+                   help="override a recipe or data option, e.g. --set epochs=20 (an unknown key lists the model's keys)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--force", action="store_true", help="replace the run in --out (it holds a checkpoint.pt)")
     p.add_argument("--evaluate-only", action="store_true",
@@ -530,10 +530,11 @@ DEFAULT_EPOCHS = 10
 
 def valid_keys(spec: ModelSpec) -> dict[str, list[str]]:
     """The ``--set`` keys *spec* accepts, by kind: ``recipe`` (training loop and registry recipe),
-    ``data`` (its loader's options, `train.data.dataset_options`) and ``no effect`` (`NO_EFFECT_KEYS`)."""
+    ``data`` (its loader's options, `train.data.dataset_options`) and ``speed only`` (`NO_EFFECT_KEYS`:
+    they change how fast, not what is trained)."""
     data = set(dataset_options(spec.dataset)) - set(NO_EFFECT_KEYS)
     recipe = {*TRAIN_KEYS, *spec.recipe} - data - set(NO_EFFECT_KEYS)
-    return {"recipe": sorted(recipe), "data": sorted(data), "no effect": sorted(NO_EFFECT_KEYS)}
+    return {"recipe": sorted(recipe), "data": sorted(data), "speed only": sorted(NO_EFFECT_KEYS)}
 
 
 def check_options(spec: ModelSpec, options: dict[str, Any]) -> None:
