@@ -263,9 +263,11 @@ class BatchRunner:
         self._const_dev = ort.OrtValue.ortvalue_from_shape_and_type(rows, np.bool_, dev, 0)
         prep = self.prep.session.io_binding()
         prep.bind_ortvalue_input("stamps", self._raw_dev)
+        self._scalars = []  # held here: the binding must never outlive the buffers it points at
         for name in ("softening", "fill"):
             value = np.array(self._prep_args.get(name, 1.0 if name == "softening" else 0.0), dtype=np.float32)
-            prep.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, dev, 0))
+            self._scalars.append(ort.OrtValue.ortvalue_from_numpy(value, dev, 0))
+            prep.bind_ortvalue_input(name, self._scalars[-1])
         prep.bind_ortvalue_output("x", self._x_dev)
         prep.bind_ortvalue_output("bad", self._bad_dev)
         prep.bind_ortvalue_output("constant", self._const_dev)
