@@ -548,12 +548,7 @@ class Classifier:
 
     def _start_raw(self, x: np.ndarray, raw: _RawStatus) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
         """`_start` for raw stamps normalised on the device: statuses from what the graph found."""
-        n_ch = self.card.shape[0]
-        if len(x):
-            wait = self._runner_now().submit_raw(x)
-        else:
-            empty = (np.empty((0, len(self.card.classes)), np.float32), np.zeros((0, n_ch), np.int64))
-            wait = lambda: (*empty, np.zeros((0, n_ch), bool))  # noqa: E731
+        wait = self._runner_now().submit_raw(x)  # no rows: empty arrays
 
         def done() -> tuple[np.ndarray, np.ndarray]:
             proba, bad, constant = wait()

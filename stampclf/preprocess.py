@@ -241,21 +241,22 @@ def stamp_status(
         The card's ``input`` and ``preprocessing`` sections.
     """
     n, n_ch = bad.shape
-    pixels = n_ch * int(card_input["height"]) * int(card_input["width"])
+    full = int(card_input["height"]) * int(card_input["width"])  # pixels of one channel
+    pixels = n_ch * full
     policy = spec.get("nan_policy", {})
     max_frac = float(policy.get("max_bad_fraction", 1.0))
     per_row = bad.sum(axis=1)
     # every row gets the batch's note; only rows with something of their own are looked at one by one
     status = np.full(n, f"flagged: {note}" if note else OK, dtype=object)
-    full = pixels // n_ch
     for i in np.flatnonzero((per_row > 0) | constant.any(axis=1)).tolist():
         reasons = [note] if note else []
         if per_row[i]:
             if per_row[i] / float(pixels) > max_frac:
                 status[i] = f"failed: {padded}{int(per_row[i])} of {pixels} pixels not finite"
                 continue
-            if (bad[i] == full).any():  # a channel with no finite pixel carries no information
-                names = ", ".join(repr(card_input["channels"][c]) for c in np.flatnonzero(bad[i] == full))
+            empty = np.flatnonzero(bad[i] == full)  # a channel with no finite pixel carries no information
+            if empty.size:
+                names = ", ".join(repr(card_input["channels"][c]) for c in empty)
                 status[i] = f"failed: no finite pixel in channel {names}"
                 continue
             if policy.get("flag", True):
