@@ -184,6 +184,11 @@ def main() -> None:
         record(out, f"prep on device + model, raw input on GPU, batch {bs}: stamps/s",
                runs * bs / (time.perf_counter() - t0))  # fmt: skip
         record(out, "prep graph: ops placed on the CPU", cpu_ops(runner.prep.model, raw[:bs]))
+        cm = np.ascontiguousarray(raw[:bs].transpose(1, 0, 2, 3), dtype=np.float32)
+        record(out, "prep graph, channel-major input: ops placed on the CPU", cpu_ops(runner.prep_cm.model, cm))
+        a, b = dev.classify(raw[:bs]), dev.classify(cm.transpose(1, 0, 2, 3))  # as the HDF5 reader gives them
+        record(out, "prep device, channel-major vs (N, C) input: max |p difference|",
+               float(np.nanmax(np.abs(a.proba - b.proba))))  # fmt: skip
         host = Classifier(ARGS.model, device=ARGS.device, batch_size=bs, prep="host")
         masked = raw[: 4 * bs].copy()
         masked[::7, :, :4, :] = np.nan  # masked rows, as at CCD edges

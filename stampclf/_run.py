@@ -13,6 +13,7 @@ import numpy as np
 from ._errors import InputError, OutputError, StampclfError
 from .classifier import _NO_LABELS, Classifier, _positive_int, _why_no_labels
 from .io import LAYOUTS, open_inputs, open_writer, run_attrs
+from .preprocess import OK
 
 __all__ = ["RunSummary", "classify_files", "Progress"]
 
@@ -203,8 +204,8 @@ def classify_files(
                         summary.file_errors.extend(unreadable_images(pred.status))
                     writer.write(pred.ids, pred.labels, pred.proba, pred.status, pred.file, pred.extra)
                     rows += len(pred)
-                    flagged += sum(1 for s in pred.status if s.startswith("flagged"))
-                    failed += sum(1 for s in pred.status if s.startswith("failed"))
+                    n_flagged, n_failed = status_counts(pred.status)
+                    flagged, failed = flagged + n_flagged, failed + n_failed
                     if failed and first_failure is None:
                         first_failure = first_failed(pred.status)
                     if evaluate and pred.true_labels is not None:
@@ -282,6 +283,13 @@ def _check_inputs(clf: Classifier, groups: list[tuple[list[str], Any]], evaluate
                 clf._check_labels(reader)
         finally:
             reader.close()
+
+
+def status_counts(status: Any) -> tuple[int, int]:
+    """``(flagged, failed)`` rows of a batch (only the rows that are not ``ok`` are looked at one by one)."""
+    arr = np.asarray(status, dtype=object)
+    others = [str(s) for s in arr[arr != OK].tolist()]
+    return sum(s.startswith("flagged") for s in others), sum(s.startswith("failed") for s in others)
 
 
 def first_failed(status: Any) -> str | None:

@@ -207,7 +207,9 @@ class BatchRunner:
     With *prep* (a session of a ``stampclf/_graphs`` normalisation graph), `submit_raw`
     uploads raw stamps, normalises them on the device straight into the model's bound
     input and runs the model: only the probabilities and two small ``(N, C)`` arrays
-    come back. That path binds buffers on either device (one CPU session then).
+    come back. That path binds buffers on either device (one CPU session then). With
+    *prep_cm*, the graph's channel-major variant, a batch that views channel-major
+    memory (`stampclf.preprocess.channel_major`: the HDF5 reader's) goes up as it lies.
     """
 
     def __init__(
@@ -218,6 +220,7 @@ class BatchRunner:
         n_out: int,
         prep: SessionInfo | None = None,
         prep_args: dict[str, float] | None = None,
+        prep_cm: SessionInfo | None = None,
     ) -> None:
         if batch_size < 1:
             raise DeviceError(f"batch size must be at least 1, got {batch_size}")
@@ -230,7 +233,9 @@ class BatchRunner:
         self.n_out = int(n_out)
         self.device = info.device
         self.prep = prep
+        self.prep_cm = prep_cm if prep is not None else None
         self._prep_args = dict(prep_args or {})
+        self._cm: tuple[Any, Any, Any] | None = None  # channel-major (raw buffer, host stage, binding), made on first use
         self._binding: Any = None
         self._bound_lock = threading.Lock()
         self.parallel = info.threads if self.device == "cpu" else 1
@@ -261,17 +266,34 @@ class BatchRunner:
         self._raw_dev = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, dev, 0)
         self._bad_dev = ort.OrtValue.ortvalue_from_shape_and_type(rows, np.int64, dev, 0)
         self._const_dev = ort.OrtValue.ortvalue_from_shape_and_type(rows, np.bool_, dev, 0)
-        prep = self.prep.session.io_binding()
-        prep.bind_ortvalue_input("stamps", self._raw_dev)
         self._scalars = []  # held here: the binding must never outlive the buffers it points at
         for name in ("softening", "fill"):
             value = np.array(self._prep_args.get(name, 1.0 if name == "softening" else 0.0), dtype=np.float32)
             self._scalars.append(ort.OrtValue.ortvalue_from_numpy(value, dev, 0))
-            prep.bind_ortvalue_input(name, self._scalars[-1])
-        prep.bind_ortvalue_output("x", self._x_dev)
-        prep.bind_ortvalue_output("bad", self._bad_dev)
-        prep.bind_ortvalue_output("constant", self._const_dev)
-        self._prep_binding = prep
+        self._prep_binding = self._bind_prep(self.prep, self._raw_dev)
+
+    def _bind_prep(self, prep: SessionInfo, raw: Any) -> Any:
+        """A binding of a normalisation graph: *raw* in, the model's bound input and the two (N, C) arrays out."""
+        binding = prep.session.io_binding()
+        binding.bind_ortvalue_input("stamps", raw)
+        for name, value in zip(("softening", "fill"), self._scalars, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_ortvalue_output("x", self._x_dev)
+        binding.bind_ortvalue_output("bad", self._bad_dev)
+        binding.bind_ortvalue_output("constant", self._const_dev)
+        return binding
+
+    def _channel_major(self) -> tuple[Any, Any, Any]:
+        """The channel-major raw buffer, its host stage and binding (callers hold the lock)."""
+        if self._cm is None:
+            import numpy as np
+            import onnxruntime as ort
+
+            assert self.prep_cm is not None
+            shape = (self.row_shape[0], self.batch_size, *self.row_shape[1:])
+            raw = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda" if self.device == "cuda" else "cpu", 0)
+            self._cm = (raw, np.zeros(shape, np.float32), self._bind_prep(self.prep_cm, raw))
+        return self._cm
 
     def warmup(self) -> None:
         """One full batch of zeros: plans, cuDNN search and graph capture happen here, not in timed runs."""
@@ -281,6 +303,8 @@ class BatchRunner:
         self(zeros)
         if self.prep is not None:
             self.submit_raw(zeros)()
+        if self.prep_cm is not None:
+            self.submit_raw(np.zeros((self.row_shape[0], *zeros.shape[:1], *self.row_shape[1:]), np.float32).transpose(1, 0, 2, 3))()
 
     def run_bound(self, raw: bool = False) -> None:
         """Run once on whatever the bound device input holds (benchmarks: device-resident input).
@@ -368,33 +392,45 @@ class BatchRunner:
         """
         import numpy as np
 
+        from .preprocess import channel_major
+
         if self.prep is None:
             raise DeviceError("this runner has no device preprocessing graph")
+        # a channel-major batch (the HDF5 reader's) goes up as it lies, to the graph's variant for it
+        cm = self.prep_cm is not None and channel_major(x)
         n = len(x)
         out = np.empty((n, self.n_out), dtype=np.float32)
         bad = np.empty((n, self.row_shape[0]), dtype=np.int64)
         constant = np.empty((n, self.row_shape[0]), dtype=bool)
         for start in range(0, n, self.batch_size):
-            chunk = np.ascontiguousarray(x[start : start + self.batch_size], dtype=np.float32)
-            m = len(chunk)
+            part = x[start : start + self.batch_size]
+            chunk = np.ascontiguousarray(part.transpose(1, 0, 2, 3) if cm else part, dtype=np.float32)
+            m = len(part)
             with self._bound_lock:
-                self._upload(self._raw_dev, chunk)
-                self.prep.session.run_with_iobinding(self._prep_binding)
+                if cm:
+                    raw, stage, binding = self._channel_major()
+                    self._upload(raw, chunk, stage, axis=1)
+                    self.prep_cm.session.run_with_iobinding(binding)  # type: ignore[union-attr]
+                else:
+                    self._upload(self._raw_dev, chunk)
+                    self.prep.session.run_with_iobinding(self._prep_binding)
                 self.session.run_with_iobinding(self._binding)
                 out[start : start + m] = self._y_dev.numpy()[:m]
                 bad[start : start + m] = self._bad_dev.numpy()[:m]
                 constant[start : start + m] = self._const_dev.numpy()[:m]
         return lambda: (out, bad, constant)
 
-    def _upload(self, target: Any, chunk: Any) -> None:
-        """*chunk* into a bound device buffer, zero-padded to the batch shape (callers hold the lock)."""
-        m = len(chunk)
+    def _upload(self, target: Any, chunk: Any, stage: Any = None, axis: int = 0) -> None:
+        """*chunk* into a bound device buffer, zero-padded along *axis* to the batch (callers hold the lock)."""
+        m = chunk.shape[axis]
         if m == self.batch_size:
             target.update_inplace(chunk)
-        else:
-            self._stage[:m] = chunk
-            self._stage[m:] = 0.0
-            target.update_inplace(self._stage)
+            return
+        stage = self._stage if stage is None else stage
+        lead = (slice(None),) * axis
+        stage[(*lead, slice(None, m))] = chunk
+        stage[(*lead, slice(m, None))] = 0.0
+        target.update_inplace(stage)
 
     def _run_here(self, x: Any) -> Any:
         import numpy as np

@@ -377,25 +377,28 @@ class Classifier:
             self.card.classes.index(self.card.positive_class) if self.card.positive_class else None
         )
 
-    def _prep_session(self, prep: str, threads: int | None) -> Any:
-        """The device normalisation graph's session, when *prep* and the card call for one."""
+    def _prep_session(self, prep: str, threads: int | None) -> tuple[Any, Any] | None:
+        """The device normalisation graphs' sessions, (N, C) and channel-major input, when *prep* and the card call for them."""
         method = self.card.preprocessing.get("normalisation", {}).get("method", "none")
-        graph = os.path.join(_GRAPHS, f"{method}.onnx")
-        usable = self.card.kind == "stamp" and os.path.isfile(graph)
+        graphs = [os.path.join(_GRAPHS, f"{method}{variant}.onnx") for variant in ("", "_cnhw")]
+        usable = self.card.kind == "stamp" and all(os.path.isfile(g) for g in graphs)
         if prep == "device" and not usable:
             what = f"normalisation {method!r}" if self.card.kind == "stamp" else f"{self.card.kind} preprocessing"
             raise InputError(f"prep device: model {self.name!r} has {what}, which runs on the host only")
         if prep == "host" or not usable or (prep == "auto" and self._info.device != "cuda"):
             return None
-        with open(graph, "rb") as fh:
-            data = fh.read()
-        try:
-            return create_session(data, self._info.device, threads, source=graph)
-        except (DeviceError, ModelError) as exc:
-            if prep == "device":
-                raise
-            self._prep_notice = f"prep auto: normalising on the host ({exc})"
-            return None
+        sessions = []
+        for graph in graphs:
+            with open(graph, "rb") as fh:
+                data = fh.read()
+            try:
+                sessions.append(create_session(data, self._info.device, threads, source=graph))
+            except (DeviceError, ModelError) as exc:
+                if prep == "device":
+                    raise
+                self._prep_notice = f"prep auto: normalising on the host ({exc})"
+                return None
+        return sessions[0], sessions[1]
 
     def _check_graph(self) -> None:
         """The graph's fixed input/output sizes must agree with the card (else ORT fails mid-run)."""
@@ -476,8 +479,9 @@ class Classifier:
                 "softening": float(spec.get("normalisation", {}).get("softening", 1.0)),
                 "fill": float(spec.get("nan_policy", {}).get("fill", 0.0)),
             }
+            prep, prep_cm = self._prep_info or (None, None)
             self._runner = BatchRunner(
-                self._info, self.batch_size, self.card.shape, len(self.card.classes), self._prep_info, args
+                self._info, self.batch_size, self.card.shape, len(self.card.classes), prep, args, prep_cm
             )
         return self._runner
 

@@ -19,6 +19,7 @@ __all__ = [
     "normalise",
     "prepare_stamps",
     "fit_stamps",
+    "channel_major",
     "stamp_status",
     "merge_status",
     "load_image",
@@ -149,20 +150,28 @@ def normalise(stamps: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     """
     method = spec.get("method", "none")
     x = stamps.astype(np.float32, copy=False)
-    n, c = x.shape[:2]
-    flat = x.reshape(n * c, -1)
-    finite = np.isfinite(flat)
-    finite_rows = finite.all(axis=1)
     if method == "none":
         return x
+    if method not in ("robust_asinh", "minmax"):
+        raise InputError(f"unknown normalisation method {method!r} in model card")
+    n, c = x.shape[:2]
+    # rows in the order they lie in memory (a channel-major block as the HDF5 reader gives
+    # it is not copied into (N, C) order first); the output is (N, C) order all the same
+    order = (1, 0, 2, 3) if channel_major(x) else (0, 1, 2, 3)
+    rows = x.transpose(order)
+    flat = rows.reshape(rows.shape[0] * rows.shape[1], -1)
+    out = np.empty(x.shape, dtype=np.float32)
+    dest = out.transpose(order).reshape(*rows.shape[:2], -1)  # a view of `out`, rows as in `flat`
+    src = flat.reshape(dest.shape)
+    finite = np.isfinite(flat)
     if method == "robust_asinh":
-        centre, sigma = _robust_centre_scale(flat, finite_rows)
+        centre, sigma = _robust_centre_scale(flat, finite.all(axis=1))
         soft = float(spec.get("softening", 1.0))
         # in place on one buffer: the same arithmetic as asinh((flat - c) / (s * soft))
-        out = np.subtract(flat, centre[:, None])
-        np.divide(out, sigma[:, None] * soft, out=out)
-        np.arcsinh(out, out=out)
-    elif method == "minmax":
+        np.subtract(src, centre.reshape(*dest.shape[:2], 1), out=dest)
+        np.divide(dest, (sigma * soft).reshape(*dest.shape[:2], 1), out=dest)
+        np.arcsinh(dest, out=dest)
+    else:
         # min and max of the finite pixels (rows with none: 0 and 0), without the nan-functions'
         # warnings (process-wide filters are not safe to toggle with several threads)
         if flat.size:
@@ -172,10 +181,20 @@ def normalise(stamps: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
         else:
             lo = hi = flat[:, 0]
         span = np.where(hi > lo, hi - lo, 1.0)
-        out = (flat - lo[:, None]) / span[:, None]
-    else:
-        raise InputError(f"unknown normalisation method {method!r} in model card")
-    return out.astype(np.float32, copy=False).reshape(x.shape)
+        np.subtract(src, lo.reshape(*dest.shape[:2], 1), out=dest, casting="unsafe")
+        np.divide(dest, span.reshape(*dest.shape[:2], 1), out=dest, casting="unsafe")
+    return out
+
+
+def channel_major(x: np.ndarray) -> bool:
+    """Whether ``(N, C, H, W)`` *x* views channel-major memory (each channel's rows contiguous).
+
+    The HDF5 reader gives batches so (one dataset per channel, read without a copy);
+    normalisation and the device graphs take them as they are.
+    """
+    return bool(
+        x.ndim == 4 and x.shape[0] > 1 and x.shape[1] > 1 and x.strides[1] > x.strides[0] and x[:, 0].flags.c_contiguous
+    )
 
 
 def fit_stamps(

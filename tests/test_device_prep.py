@@ -19,9 +19,9 @@ from conftest import HITS_PREPROCESSING, card_dict, image_card_dict, make_stamps
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from stampclf import Classifier
+from stampclf import Classifier, Predictions
 from stampclf._errors import InputError
-from stampclf.preprocess import prepare_stamps
+from stampclf.preprocess import channel_major, prepare_stamps
 
 GRAPHS = Path(__file__).resolve().parents[1] / "stampclf" / "_graphs"
 METHODS = ("robust_asinh", "minmax")
@@ -54,15 +54,27 @@ def _awkward(n: int = 96, seed: int = 0) -> np.ndarray:
     return x
 
 
-def test_device_graph_files_are_what_the_builder_makes() -> None:
+def _channel_major(x: np.ndarray, extra: int = 0) -> np.ndarray:
+    """*x*'s values in channel-major memory, as the HDF5 reader gives them (with *extra*: part of a longer block)."""
+    block = np.full((x.shape[1], len(x) + extra, *x.shape[2:]), 99.0, np.float32)
+    block[:, : len(x)] = x.transpose(1, 0, 2, 3)
+    view = block.transpose(1, 0, 2, 3)[: len(x)]
+    assert channel_major(view) and not view.flags.c_contiguous
+    return view
+
+
+@pytest.mark.parametrize("channel_major_input", [False, True])
+def test_device_graph_files_are_what_the_builder_makes(channel_major_input: bool) -> None:
     prep_graph = pytest.importorskip("train.prep_graph")
     onnx = pytest.importorskip("onnx")
     for method in METHODS:
-        built = prep_graph.build(method).SerializeToString()
-        assert (GRAPHS / f"{method}.onnx").read_bytes() == built, f"rerun python train/prep_graph.py ({method})"
+        name = prep_graph.graph_name(method, channel_major_input)
+        built = prep_graph.build(method, channel_major_input).SerializeToString()
+        assert (GRAPHS / name).read_bytes() == built, f"rerun python train/prep_graph.py ({name})"
         # every node has a CUDA kernel: none is sent back to the CPU (ORT's CUDA provider has no Asinh)
-        ops = {n.op_type for n in onnx.load(GRAPHS / f"{method}.onnx").graph.node}
+        ops = {n.op_type for n in onnx.load(GRAPHS / name).graph.node}
         assert ops <= prep_graph.CUDA_OPS and "Asinh" not in prep_graph.CUDA_OPS
+        assert ("Transpose" in ops) == channel_major_input
 
 
 def test_device_prep_equals_host_on_awkward_stamps(pair: tuple[Classifier, Classifier]) -> None:
@@ -77,6 +89,36 @@ def test_device_prep_equals_host_on_awkward_stamps(pair: tuple[Classifier, Class
     assert any("constant channel" in s for s in a.status) and any("duplicate id" in s for s in a.status)
     np.testing.assert_allclose(a.proba, b.proba, rtol=0, atol=2e-6)
     assert list(a.labels) == list(b.labels)
+
+
+@pytest.mark.parametrize("extra", [0, 7])  # a whole block; part of one (copied per channel)
+def test_channel_major_input_gives_the_same_rows(pair: tuple[Classifier, Classifier], extra: int) -> None:
+    host, dev = pair
+    x = _awkward()
+    view = _channel_major(x, extra)
+    a, a_cm, b_cm = host.classify(x), host.classify(view), dev.classify(view)
+    assert dev._runner_now()._cm is not None  # the channel-major graph ran, not a copy into (N, C) order
+    assert list(a.status) == list(a_cm.status) == list(b_cm.status)
+    np.testing.assert_array_equal(a.proba, a_cm.proba)  # numpy: the same numbers in either memory order
+    np.testing.assert_allclose(a.proba, b_cm.proba, rtol=0, atol=2e-6)
+
+
+def test_channel_major_graph_output_equals_prepare_stamps(pair: tuple[Classifier, Classifier]) -> None:
+    _, dev = pair
+    x = _awkward(dev.batch_size, seed=4)
+    want, _ = prepare_stamps(x, dev.card.input, dev.card.preprocessing)
+    np.testing.assert_allclose(_graph_x(dev, _channel_major(x)), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("batch", "chunk"), [(12, 16), (32, 16), (50, None)])  # slices and joins of blocks, a short tail
+def test_device_prep_of_a_file_equals_host(
+    pair: tuple[Classifier, Classifier], tmp_path: Path, batch: int, chunk: int | None
+) -> None:
+    host, dev = pair
+    h5 = write_hits_h5(tmp_path / "in.h5", stamps=_awkward(50, seed=11), chunks=(chunk, 21, 21) if chunk else None)
+    a, b = (Predictions.concat(list(c.classify_file(h5, batch_size=batch))) for c in (host, dev))
+    assert list(a.status) == list(b.status) and list(a.ids) == list(b.ids)
+    np.testing.assert_allclose(a.proba, b.proba, rtol=0, atol=2e-6)
 
 
 def _graph_x(dev: Classifier, x: np.ndarray) -> np.ndarray:

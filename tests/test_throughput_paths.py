@@ -20,7 +20,7 @@ from stampclf._session import BatchRunner, _bucket, create_session
 from stampclf.classifier import _ordered_map, _prefetch
 from stampclf.io import HDF5Reader
 from stampclf.io._writers import ResultWriter
-from stampclf.preprocess import _median_rows_inplace, normalise
+from stampclf.preprocess import _median_rows_inplace, channel_major, normalise
 
 
 # --- preprocessing --------------------------------------------------------------------
@@ -48,6 +48,50 @@ def test_robust_asinh_matches_the_formula() -> None:
     got = normalise(x, {"method": "robust_asinh", "softening": 0.5})
     assert got.dtype == np.float32
     assert np.allclose(got, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("method", ["robust_asinh", "minmax", "none"])
+@pytest.mark.parametrize("extra", [0, 3])  # a whole channel-major block; part of one
+def test_normalise_gives_the_same_numbers_in_either_memory_order(method: str, extra: int) -> None:
+    x = make_stamps(40, seed=7)
+    x[3, 1] = 7.0
+    x[5, 2, :4] = np.nan
+    x[6, 0, 0, 0] = 3e38
+    block = np.zeros((4, 40 + extra, 21, 21), np.float32)
+    block[:, :40] = x.transpose(1, 0, 2, 3)
+    view = block.transpose(1, 0, 2, 3)[:40]
+    assert channel_major(view) and not channel_major(x)
+    spec = {"method": method, "softening": 0.5}
+    with np.errstate(over="ignore", invalid="ignore"):
+        want, got = normalise(x, spec), normalise(view, spec)
+    np.testing.assert_array_equal(got, want)
+    if method != "none":
+        assert got.flags.c_contiguous  # (N, C) order, as the model takes it
+
+
+def test_channel_datasets_are_read_channel_major(tmp_path: Path) -> None:
+    x = make_stamps(30, seed=9)
+    path = write_hits_h5(tmp_path / "cm.h5", stamps=x, chunks=(10, 21, 21))
+    reader = HDF5Reader(str(path), HITS_INPUT)
+    got = list(reader.batches(10))
+    assert all(channel_major(b.stamps) for b in got)  # each channel read into its own slab, no copy
+    np.testing.assert_array_equal(np.concatenate([b.stamps for b in got]), x)
+    reader.close()
+
+
+def test_mixed_dtype_channels_cast_as_numpy_does(tmp_path: Path, tiny_model_path: Path) -> None:
+    stamps = make_stamps(6, seed=10)
+    x = stamps.astype(np.float64)
+    x[2, 1, 0, 0] = 1e300  # beyond float32: inf when cast, then the NaN policy
+    datasets = {"temp_images": np.round(x[:, 0] * 10).astype(np.int16), "sci_images": x[:, 1]}
+    path = write_hits_h5(tmp_path / "mixed.h5", stamps=stamps, datasets=datasets)
+    reader = HDF5Reader(str(path), HITS_INPUT)
+    (batch,) = list(reader.batches(10))
+    assert batch.stamps.dtype == np.float64 and batch.stamps[2, 1, 0, 0] == 1e300
+    np.testing.assert_array_equal(batch.stamps[:, 0], np.round(x[:, 0] * 10))
+    reader.close()
+    (pred,) = list(Classifier(tiny_model_path, device="cpu").classify_file(path))
+    assert pred.status[2] == "flagged: 1 non-finite pixels replaced" and set(pred.status[[0, 1, 3, 4, 5]]) == {"ok"}
 
 
 # --- HDF5 blocks ------------------------------------------------------------------------
@@ -455,7 +499,7 @@ def test_prep_on_gpu_matches_host(tiny_model_path: Path, cuda_graph: bool) -> No
 
 @gpu
 @pytest.mark.skipif(not _CUDA, reason="no usable CUDA execution provider on this machine")
-@pytest.mark.parametrize("method", ["robust_asinh", "minmax"])
+@pytest.mark.parametrize("method", ["robust_asinh", "minmax", "robust_asinh_cnhw", "minmax_cnhw"])
 def test_prep_graph_nodes_run_on_the_gpu(tmp_path: Path, method: str) -> None:
     import json
 
@@ -468,13 +512,15 @@ def test_prep_graph_nodes_run_on_the_gpu(tmp_path: Path, method: str) -> None:
     sess = ort.InferenceSession(str(graph), opts, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     x = make_stamps(256, seed=17)
     x[:10, :, :2] = np.nan
+    if method.endswith("_cnhw"):
+        x = np.ascontiguousarray(x.transpose(1, 0, 2, 3))
     sess.run(None, {"stamps": x, "softening": np.array(1.0, np.float32), "fill": np.array(0.0, np.float32)})
     events = json.loads(Path(sess.end_profiling()).read_text())
     on_cpu = {e["args"].get("op_name") for e in events
               if e.get("cat") == "Node" and e.get("args", {}).get("provider") == "CPUExecutionProvider"}  # fmt: skip
     # shape arithmetic may run on the CPU; nothing that touches the pixels may
     assert not on_cpu & {"TopK", "GatherElements", "Log", "Sqrt", "Sign", "Where", "ReduceSum", "ReduceMax",
-                         "ReduceMin", "Abs", "IsNaN", "IsInf", "Mul", "Div", "Add", "Not", "Or"}, on_cpu  # fmt: skip
+                         "ReduceMin", "Abs", "IsNaN", "IsInf", "Mul", "Div", "Add", "Not", "Or", "Transpose"}, on_cpu  # fmt: skip
 
 
 # --- bench and benchmark helpers ----------------------------------------------------------

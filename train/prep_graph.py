@@ -8,8 +8,9 @@ same numbers (tests/test_device_prep.py checks them against ``prepare_stamps``,
 including masked and constant stamps).
 
 Each graph takes ``stamps`` (N, C, H, W) float32, raw pixels at the model's size, with
-NaN/inf allowed, and the card's parameters as scalar inputs (``softening``, ``fill``),
-and gives
+NaN/inf allowed, and the card's parameters as scalar inputs (``softening``, ``fill``);
+its ``_cnhw`` variant takes ``stamps`` channel-major, (C, N, H, W), as the HDF5 reader
+reads them (one dataset per channel, no copy into (N, C) order on the host). Both give
 
 - ``x``: the model input (normalised, non-finite values replaced by ``fill``);
 - ``bad``: (N, C) int64, non-finite values per stamp channel after normalisation;
@@ -30,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["CUDA_OPS", "METHODS", "build", "main"]
+__all__ = ["CUDA_OPS", "METHODS", "build", "graph_name", "main"]
 
 OPSET = 18
 METHODS = ("robust_asinh", "minmax")
@@ -41,7 +42,7 @@ _MAD_TO_SIGMA = 1.4826  # as stampclf.preprocess
 CUDA_OPS = frozenset({
     "Abs", "Add", "And", "Cast", "Div", "Equal", "Gather", "GatherElements", "Greater", "IsInf", "IsNaN", "Log",
     "Max", "Min", "Mul", "Not", "Or", "ReduceMax", "ReduceMin", "ReduceSum", "Reshape", "Shape", "Sign",
-    "Sqrt", "Sub", "TopK", "Where",
+    "Sqrt", "Sub", "TopK", "Transpose", "Where",
 })  # fmt: skip
 
 
@@ -111,14 +112,23 @@ def _asinh(g: _Graph, y: str) -> str:
     return g.op("Mul", g.op("Sign", y), magnitude)
 
 
-def build(method: str) -> onnx.ModelProto:
-    """The device-side normalisation graph for one card ``normalisation.method``."""
+def graph_name(method: str, channel_major: bool = False) -> str:
+    """File name of a graph in ``stampclf/_graphs`` (the runtime's names)."""
+    return f"{method}{'_cnhw' if channel_major else ''}.onnx"
+
+
+def build(method: str, channel_major: bool = False) -> onnx.ModelProto:
+    """The device-side normalisation graph for one card ``normalisation.method``.
+
+    *channel_major*: the input is (C, N, H, W) (see the module's docstring).
+    """
     if method not in METHODS:
         raise ValueError(f"no device graph for normalisation {method!r}; have {METHODS}")
     g = _Graph()
     f32 = np.float32
-    shape = g.op("Shape", "stamps")
-    flat = g.op("Reshape", "stamps", g.const([0, 0, -1], np.int64))  # (N, C, P)
+    stamps = g.op("Transpose", "stamps", perm=[1, 0, 2, 3]) if channel_major else "stamps"
+    shape = g.op("Shape", stamps)
+    flat = g.op("Reshape", stamps, g.const([0, 0, -1], np.int64))  # (N, C, P)
     length = g.op("Gather", g.op("Shape", flat), g.const([2], np.int64), axis=0)  # [P]
     finite = g.op("Not", g.op("Or", g.op("IsNaN", flat), g.op("IsInf", flat)))
     count = g.op("ReduceSum", g.op("Cast", finite, to=TensorProto.INT64), g.const([2], np.int64), keepdims=1)
@@ -164,9 +174,9 @@ def build(method: str) -> onnx.ModelProto:
     dims = ["N", "C", "H", "W"]
     graph = helper.make_graph(
         g.nodes,
-        f"stampclf_prep_{method}",
+        f"stampclf_prep_{method}{'_cnhw' if channel_major else ''}",
         [
-            helper.make_tensor_value_info("stamps", TensorProto.FLOAT, dims),
+            helper.make_tensor_value_info("stamps", TensorProto.FLOAT, ["C", "N", "H", "W"] if channel_major else dims),
             helper.make_tensor_value_info("softening", TensorProto.FLOAT, []),
             helper.make_tensor_value_info("fill", TensorProto.FLOAT, []),
         ],
@@ -193,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     for method in METHODS:
-        path = args.out / f"{method}.onnx"
-        path.write_bytes(build(method).SerializeToString())
-        print(f"wrote {path}")
+        for channel_major in (False, True):
+            path = args.out / graph_name(method, channel_major)
+            path.write_bytes(build(method, channel_major).SerializeToString())
+            print(f"wrote {path}")
     return 0
 
 
