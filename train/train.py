@@ -53,7 +53,8 @@ from stampclf import metrics as M
 from train.data import DataBundle, dataset_options, load_dataset
 from train.registry import ModelSpec, create_model, get_spec, list_models, with_classes, with_size
 
-__all__ = ["train", "main", "predict_logits", "fit_temperature", "reproduce_command", "check_options", "json_safe",
+__all__ = ["train", "main", "predict_logits", "fit_temperature", "reproduce_command", "check_options", "OptionError",
+           "parse_options", "json_safe",
            "valid_keys", "NO_EFFECT_KEYS", "TRAIN_KEYS", "DEFAULT_EPOCHS"]
 
 
@@ -434,12 +435,16 @@ def write_figures(out: Path, spec: ModelSpec, history: dict[str, list[float]], t
     return names
 
 
+class OptionError(ValueError):
+    """A ``--set`` option that is malformed, unknown to the model or of the wrong kind."""
+
+
 def parse_options(pairs: list[str]) -> dict[str, Any]:
     """``key=value`` pairs; values parsed as JSON where possible (numbers, lists), else strings."""
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
+            raise OptionError(f"--set expects key=value, got {pair!r}")
         k, v = pair.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -542,8 +547,9 @@ def check_options(spec: ModelSpec, options: dict[str, Any]) -> None:
 
     Raises
     ------
-    SystemExit
-        One line naming the key (and a close match, if any) and listing the valid keys.
+    OptionError
+        One line naming the key (and a close match, if any) and listing the valid keys,
+        or the value and what the key takes.
     """
     groups = valid_keys(spec)
     known = {k for keys in groups.values() for k in keys}
@@ -552,22 +558,21 @@ def check_options(spec: ModelSpec, options: dict[str, Any]) -> None:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             listing = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in groups.items() if keys)
-            raise SystemExit(f"train: error: unknown --set key {key!r} for model {spec.name}{hint}; "
-                             f"valid keys: {listing}")
+            raise OptionError(f"unknown --set key {key!r} for model {spec.name}{hint}; valid keys: {listing}")
     if "size" in options:
         try:
             if options["size"] is None:  # e.g. size=$UNSET: not a reason to train at the default
                 raise ValueError("--set size=null: expected a whole number of pixels from 16 to 1024")
             with_size(spec, options["size"])
         except ValueError as exc:
-            raise SystemExit(f"train: error: {exc}") from None
+            raise OptionError(str(exc)) from None
     for key, value in options.items():  # a bad value fails now, named, not deep in the loop
         shown = value if isinstance(value, str) else json.dumps(value)  # as typed
         least = 1 if key in POSITIVE_INT_KEYS else 0 if key in COUNT_KEYS else None
         if least is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-            raise SystemExit(f"train: error: --set {key}={shown}: expected an integer of at least {least}")
+            raise OptionError(f"--set {key}={shown}: expected an integer of at least {least}")
         if key in NUMBER_KEYS and (not isinstance(value, (int, float)) or (isinstance(value, bool) and key != "ema")):
-            raise SystemExit(f"train: error: --set {key}={shown}: expected a number")
+            raise OptionError(f"--set {key}={shown}: expected a number")
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
@@ -612,7 +617,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: error: {exc.args[0]}", file=sys.stderr)
         return 2
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the report's command
-    options = parse_options(args.options)
+    try:
+        options = parse_options(args.options)
+    except OptionError as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 2
     for key in ("data", "root"):  # the report must find the files again from any folder (--evaluate-only)
         if key in options and (not isinstance(options[key], str) or not options[key].strip()):
             # e.g. --set data=$UNSET or data=null: not a reason to train on the default data
@@ -620,7 +629,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if isinstance(options.get(key), str):
             options[key] = ",".join(os.path.abspath(p.strip()) if p.strip() else p for p in options[key].split(","))
-    check_options(spec, options)
+    try:
+        check_options(spec, options)
+    except OptionError as exc:  # before any data is read or output written; the usage errors' exit code
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 2
     try:
         (evaluate_only if args.evaluate_only else train)(spec, args, options)
     except (ValueError, KeyError, OSError) as exc:  # bad options or data: one line
