@@ -499,6 +499,22 @@ def test_prep_on_gpu_matches_host(tiny_model_path: Path, cuda_graph: bool) -> No
 
 @gpu
 @pytest.mark.skipif(not _CUDA, reason="no usable CUDA execution provider on this machine")
+def test_prep_on_gpu_of_a_file_matches_host(tmp_path: Path, tiny_model_path: Path) -> None:
+    from stampclf import Predictions
+
+    x = make_stamps(300, seed=18)
+    x[:20, :, :3] = np.nan
+    h5 = write_hits_h5(tmp_path / "g.h5", stamps=x, chunks=(64, 21, 21))
+    ref = Predictions.concat(list(Classifier(tiny_model_path, device="cpu", batch_size=128).classify_file(h5)))
+    clf = Classifier(tiny_model_path, device="cuda", batch_size=128)
+    got = Predictions.concat(list(clf.classify_file(h5)))
+    assert clf._runner is not None and clf._runner._cm is not None  # the reader's channel-major blocks went up as read
+    assert list(got.status) == list(ref.status)
+    assert np.allclose(got.proba, ref.proba, atol=1e-4)  # TF32 on H100-class GPUs
+
+
+@gpu
+@pytest.mark.skipif(not _CUDA, reason="no usable CUDA execution provider on this machine")
 @pytest.mark.parametrize("method", ["robust_asinh", "minmax", "robust_asinh_cnhw", "minmax_cnhw"])
 def test_prep_graph_nodes_run_on_the_gpu(tmp_path: Path, method: str) -> None:
     import json
