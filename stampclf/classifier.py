@@ -191,6 +191,11 @@ def _prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
+        # wait for the thread (at most its current block): left running, it may be inside h5py
+        # while the interpreter exits after an error or a closed stdout, and h5py's lock then
+        # hangs or crashes the shutdown (seen: `| head -1` hung or ended with SIGSEGV)
+        if thread is not threading.current_thread():
+            thread.join()
 
 
 def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, depth: int = 0) -> Iterator[Any]:
