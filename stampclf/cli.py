@@ -32,10 +32,11 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _guard(fn: Callable[[], Any], interrupted: Callable[[], str] = lambda: "no output written") -> Any:
+def _guard(fn: Callable[[], Any], printed: Callable[[], bool] = lambda: False) -> Any:
     """Run *fn*, turning errors into one line and an exit code (traceback with --debug).
 
-    *interrupted* gives the end of the line printed on Ctrl-C or SIGTERM.
+    *printed*: whether CSV rows have gone to stdout, which an error or Ctrl-C then says
+    is incomplete (they cannot be taken back).
     """
 
     got: list[int] = []
@@ -44,20 +45,26 @@ def _guard(fn: Callable[[], Any], interrupted: Callable[[], str] = lambda: "no o
         got.append(signum)
         raise KeyboardInterrupt
 
+    def interrupted() -> str:
+        return "the CSV on stdout is incomplete" if printed() else "no output written"
+
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
         return fn()
     except StampclfError as exc:
         if _state["debug"]:
             traceback.print_exc()
-        _fail(str(exc), exc.exit_code)
+        _fail(f"{exc}; the CSV on stdout is incomplete" if printed() else str(exc), exc.exit_code)
     except KeyboardInterrupt:
         typer.echo(f"stampclf: interrupted; {interrupted()}", err=True)
         # the shell's convention, 128 + signal number: 130 for Ctrl-C, 143 for SIGTERM
         raise typer.Exit(128 + (got[0] if got else signal.SIGINT)) from None
     except BrokenPipeError:
-        sys.stderr.close()  # the reader of stdout went away (e.g. `| head`): not an error
-        raise typer.Exit(0) from None
+        # the reader of stdout went away (`| head`, a crashed consumer): end silently with the
+        # status of a process killed by SIGPIPE, as other Unix tools do, so that `set -o
+        # pipefail` sees it; stderr closed so that Python's own flush at exit prints nothing
+        sys.stderr.close()
+        raise typer.Exit(128 + signal.SIGPIPE) from None
     except Exception as exc:  # noqa: BLE001 - last line of defence
         if _state["debug"]:
             traceback.print_exc()
@@ -159,11 +166,7 @@ def classify(
     from .io._writers import stdout_writes
 
     printed_before = stdout_writes()
-
-    def interrupted() -> str:
-        return "the CSV on stdout is incomplete" if stdout_writes() > printed_before else "no output written"
-
-    code = _guard(run, interrupted)
+    code = _guard(run, lambda: stdout_writes() > printed_before)
     if code:
         raise typer.Exit(code)
 

@@ -812,6 +812,35 @@ def test_keep_going_keeps_the_readable_rows_of_a_damaged_file(tmp_path: Path, ti
     assert "failed 10" in stderr_of(result)
 
 
+@pytest.mark.parametrize("chunk", [6, 0])  # rows printed before the damaged chunk; none
+def test_an_error_after_rows_went_to_stdout_says_the_csv_is_incomplete(
+    tmp_path: Path, tiny_model_path: Path, chunk: int
+) -> None:
+    damaged = tmp_path / "damaged.h5"
+    with h5py.File(damaged, "w") as f:
+        f.create_dataset("stamps", data=make_stamps(80, seed=6), chunks=(10, 4, 21, 21), compression="gzip")
+    damage_chunk(damaged, "stamps", chunk)
+    result = run_cli("classify", damaged, "--model", tiny_model_path, "--device", "cpu", "--batch-size", "16")
+    assert result.exit_code == 2
+    [line] = error_lines(stderr_of(result))
+    assert line.startswith(f"stampclf: error: {damaged}: cannot read rows {10 * chunk}-")
+    printed = parse_csv_text(result.stdout)
+    # what went to stdout cannot be taken back: the line says so, as on Ctrl-C
+    assert line.endswith("; the CSV on stdout is incomplete") == bool(printed)
+    assert bool(printed) == (chunk == 6)
+
+
+def test_a_reader_that_goes_away_ends_the_run_with_sigpipes_status(tmp_path: Path, tiny_model_path: Path) -> None:
+    h5 = write_hits_h5(tmp_path / "many.h5", n=6000, seed=2)  # ~400 kB of CSV: more than a pipe holds
+    cmd = [sys.executable, "-m", "stampclf", "classify", str(h5), "-m", str(tiny_model_path), "--device", "cpu", "-q"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().startswith(b"id,")  # like `| head -1`
+        proc.stdout.close()
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 141 and err == b""  # 128 + SIGPIPE, silent, as `set -o pipefail` expects
+
+
 def test_a_damaged_labels_chunk_fails_only_evaluation(tmp_path: Path, tiny_model_path: Path) -> None:
     x = make_stamps(40, seed=7)
     damaged = tmp_path / "labels.h5"
