@@ -34,7 +34,7 @@ import numpy as np
 from ._card import read_card, resolve_threshold
 from ._errors import InputError, StampclfError
 from ._registry import resolve_model
-from ._run import RunSummary, finish, first_failed, status_counts, unreadable_images, unscored_input
+from ._run import RunSummary, finish, status_counts, unreadable_images, unscored_input
 from .classifier import PREPS, Classifier, Predictions
 from .io import LAYOUTS, HDF5Reader, InputBatch, input_kind, open_inputs, open_writer, run_attrs
 
@@ -416,10 +416,9 @@ def classify_dask(
                 tally.file_errors.extend(unreadable_images(res.status))  # as in a local run
             writer.write(res.ids, res.labels, res.proba, res.status, res.file, res.extra)
             tally.rows += len(res)
-            n_flagged, n_failed = status_counts(res.status)
+            n_flagged, n_failed, first = status_counts(res.status)
             tally.flagged, tally.failed = tally.flagged + n_flagged, tally.failed + n_failed
-            if tally.failed and first_failure is None:
-                first_failure = first_failed(res.status)
+            first_failure = first_failure or first
             if unit.kind != "images":  # images report each unreadable one themselves
                 unit_paths.setdefault(unit.index, unit.paths)
         settle()

@@ -204,10 +204,9 @@ def classify_files(
                         summary.file_errors.extend(unreadable_images(pred.status))
                     writer.write(pred.ids, pred.labels, pred.proba, pred.status, pred.file, pred.extra)
                     rows += len(pred)
-                    n_flagged, n_failed = status_counts(pred.status)
+                    n_flagged, n_failed, first = status_counts(pred.status)
                     flagged, failed = flagged + n_flagged, failed + n_failed
-                    if failed and first_failure is None:
-                        first_failure = first_failed(pred.status)
+                    first_failure = first_failure or first
                     if evaluate and pred.true_labels is not None:
                         truth.append(pred.true_labels)
                         prob.append(pred.proba)
@@ -285,16 +284,12 @@ def _check_inputs(clf: Classifier, groups: list[tuple[list[str], Any]], evaluate
             reader.close()
 
 
-def status_counts(status: Any) -> tuple[int, int]:
-    """``(flagged, failed)`` rows of a batch (only the rows that are not ``ok`` are looked at one by one)."""
+def status_counts(status: Any) -> tuple[int, int, str | None]:
+    """``(flagged, failed, first failed status)`` of a batch; only rows that are not ``ok`` are looked at one by one."""
     arr = np.asarray(status, dtype=object)
     others = [str(s) for s in arr[arr != OK].tolist()]
-    return sum(s.startswith("flagged") for s in others), sum(s.startswith("failed") for s in others)
-
-
-def first_failed(status: Any) -> str | None:
-    """The first ``failed`` status of a batch, or None."""
-    return next((str(s) for s in status if str(s).startswith("failed")), None)
+    failed = [s for s in others if s.startswith("failed")]
+    return sum(s.startswith("flagged") for s in others), len(failed), failed[0] if failed else None
 
 
 def unscored_input(paths: list[str], rows: int, failed: int, first: str | None) -> list[str]:

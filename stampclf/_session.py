@@ -209,7 +209,8 @@ class BatchRunner:
     input and runs the model: only the probabilities and two small ``(N, C)`` arrays
     come back. That path binds buffers on either device (one CPU session then). With
     *prep_cm*, the graph's channel-major variant, a batch that views channel-major
-    memory (`stampclf.preprocess.channel_major`: the HDF5 reader's) goes up as it lies.
+    memory (`stampclf.preprocess.channel_major`: the HDF5 reader's) is uploaded in that
+    layout, without a host copy when it is a whole block.
     """
 
     def __init__(
@@ -303,8 +304,9 @@ class BatchRunner:
         self(zeros)
         if self.prep is not None:
             self.submit_raw(zeros)()
-        if self.prep_cm is not None:
-            self.submit_raw(np.zeros((self.row_shape[0], *zeros.shape[:1], *self.row_shape[1:]), np.float32).transpose(1, 0, 2, 3))()
+        if self.prep_cm is not None:  # the HDF5 reader's channel-major batches
+            c, *hw = self.row_shape
+            self.submit_raw(np.zeros((c, self.batch_size, *hw), np.float32).transpose(1, 0, 2, 3))()
 
     def run_bound(self, raw: bool = False) -> None:
         """Run once on whatever the bound device input holds (benchmarks: device-resident input).
@@ -396,23 +398,25 @@ class BatchRunner:
 
         if self.prep is None:
             raise DeviceError("this runner has no device preprocessing graph")
-        # a channel-major batch (the HDF5 reader's) goes up as it lies, to the graph's variant for it
-        cm = self.prep_cm is not None and channel_major(x)
+        # A channel-major batch (the HDF5 reader's) goes to the graph's variant for it: no host
+        # copy when it is a whole block, one per channel slab otherwise. One row is the same
+        # bytes either way: it goes there too, so that a file's 1-row tail does not bring the
+        # other graph's session (and its memory arena) into a run.
+        cm = self.prep_cm is not None and (len(x) == 1 or channel_major(x))
         n = len(x)
         out = np.empty((n, self.n_out), dtype=np.float32)
         bad = np.empty((n, self.row_shape[0]), dtype=np.int64)
         constant = np.empty((n, self.row_shape[0]), dtype=bool)
         for start in range(0, n, self.batch_size):
             part = x[start : start + self.batch_size]
-            chunk = np.ascontiguousarray(part.transpose(1, 0, 2, 3) if cm else part, dtype=np.float32)
             m = len(part)
             with self._bound_lock:
                 if cm:
                     raw, stage, binding = self._channel_major()
-                    self._upload(raw, chunk, stage, axis=1)
+                    self._upload(raw, part.transpose(1, 0, 2, 3), stage, axis=1)
                     self.prep_cm.session.run_with_iobinding(binding)  # type: ignore[union-attr]
                 else:
-                    self._upload(self._raw_dev, chunk)
+                    self._upload(self._raw_dev, part)
                     self.prep.session.run_with_iobinding(self._prep_binding)
                 self.session.run_with_iobinding(self._binding)
                 out[start : start + m] = self._y_dev.numpy()[:m]
@@ -421,10 +425,15 @@ class BatchRunner:
         return lambda: (out, bad, constant)
 
     def _upload(self, target: Any, chunk: Any, stage: Any = None, axis: int = 0) -> None:
-        """*chunk* into a bound device buffer, zero-padded along *axis* to the batch (callers hold the lock)."""
+        """*chunk* into a bound device buffer, zero-padded along *axis* to the batch (callers hold the lock).
+
+        A short chunk is copied once, straight into the host stage (any layout, any dtype).
+        """
+        import numpy as np
+
         m = chunk.shape[axis]
         if m == self.batch_size:
-            target.update_inplace(chunk)
+            target.update_inplace(np.ascontiguousarray(chunk, dtype=np.float32))
             return
         stage = self._stage if stage is None else stage
         lead = (slice(None),) * axis

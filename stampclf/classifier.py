@@ -383,21 +383,25 @@ class Classifier:
         )
 
     def _prep_session(self, prep: str, threads: int | None) -> tuple[Any, Any] | None:
-        """The device normalisation graphs' sessions, (N, C) and channel-major input, when *prep* and the card call for them."""
+        """Sessions of the device normalisation graph and of its channel-major variant (None if
+        that file is absent), when *prep* and the card call for them."""
         method = self.card.preprocessing.get("normalisation", {}).get("method", "none")
-        graphs = [os.path.join(_GRAPHS, f"{method}{variant}.onnx") for variant in ("", "_cnhw")]
-        usable = self.card.kind == "stamp" and all(os.path.isfile(g) for g in graphs)
+        graph = os.path.join(_GRAPHS, f"{method}.onnx")
+        usable = self.card.kind == "stamp" and os.path.isfile(graph)
         if prep == "device" and not usable:
             what = f"normalisation {method!r}" if self.card.kind == "stamp" else f"{self.card.kind} preprocessing"
             raise InputError(f"prep device: model {self.name!r} has {what}, which runs on the host only")
         if prep == "host" or not usable or (prep == "auto" and self._info.device != "cuda"):
             return None
         sessions = []
-        for graph in graphs:
-            with open(graph, "rb") as fh:
+        for path in (graph, os.path.join(_GRAPHS, f"{method}_cnhw.onnx")):
+            if not os.path.isfile(path):
+                sessions.append(None)
+                continue
+            with open(path, "rb") as fh:
                 data = fh.read()
             try:
-                sessions.append(create_session(data, self._info.device, threads, source=graph))
+                sessions.append(create_session(data, self._info.device, threads, source=path))
             except (DeviceError, ModelError) as exc:
                 if prep == "device":
                     raise

@@ -154,14 +154,12 @@ def normalise(stamps: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
         return x
     if method not in ("robust_asinh", "minmax"):
         raise InputError(f"unknown normalisation method {method!r} in model card")
-    n, c = x.shape[:2]
+    out = np.empty(x.shape, dtype=np.float32)
     # rows in the order they lie in memory (a channel-major block as the HDF5 reader gives
     # it is not copied into (N, C) order first); the output is (N, C) order all the same
-    order = (1, 0, 2, 3) if channel_major(x) else (0, 1, 2, 3)
-    rows = x.transpose(order)
+    rows, out_rows = (x.transpose(1, 0, 2, 3), out.transpose(1, 0, 2, 3)) if channel_major(x) else (x, out)
     flat = rows.reshape(rows.shape[0] * rows.shape[1], -1)
-    out = np.empty(x.shape, dtype=np.float32)
-    dest = out.transpose(order).reshape(*rows.shape[:2], -1)  # a view of `out`, rows as in `flat`
+    dest = out_rows.reshape(*rows.shape[:2], -1)  # a view of `out`, rows as in `flat`
     src = flat.reshape(dest.shape)
     finite = np.isfinite(flat)
     if method == "robust_asinh":
@@ -181,8 +179,8 @@ def normalise(stamps: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
         else:
             lo = hi = flat[:, 0]
         span = np.where(hi > lo, hi - lo, 1.0)
-        np.subtract(src, lo.reshape(*dest.shape[:2], 1), out=dest, casting="unsafe")
-        np.divide(dest, span.reshape(*dest.shape[:2], 1), out=dest, casting="unsafe")
+        np.subtract(src, lo.reshape(*dest.shape[:2], 1), out=dest)
+        np.divide(dest, span.reshape(*dest.shape[:2], 1), out=dest)
     return out
 
 

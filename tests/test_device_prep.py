@@ -121,6 +121,18 @@ def test_device_prep_of_a_file_equals_host(
     np.testing.assert_allclose(a.proba, b.proba, rtol=0, atol=2e-6)
 
 
+def test_a_one_row_batch_stays_on_the_channel_major_graph(tmp_path: Path) -> None:
+    # one row is the same bytes in either layout: a file's 1-row tail must not bring the (N, C)
+    # graph's session, and its memory, into a run
+    dev = Classifier(write_model(tmp_path / "m.onnx", _card("robust_asinh")), device="cpu", prep="device", batch_size=32)
+    runner = dev._runner_now()
+    runner._prep_binding = None  # the (N, C) graph cannot run now
+    h5 = write_hits_h5(tmp_path / "tail.h5", stamps=make_stamps(33, seed=1), chunks=(32, 21, 21))
+    res = Predictions.concat(list(dev.classify_file(h5, batch_size=32)))
+    assert len(res) == 33 and set(res.status) == {"ok"}
+    assert list(dev.classify(make_stamps(1, seed=2)).status) == ["ok"]
+
+
 def _graph_x(dev: Classifier, x: np.ndarray) -> np.ndarray:
     """The model input the device graph made of one full batch *x* (read back from the bound buffer)."""
     assert len(x) == dev.batch_size

@@ -69,6 +69,14 @@ def test_normalise_gives_the_same_numbers_in_either_memory_order(method: str, ex
         assert got.flags.c_contiguous  # (N, C) order, as the model takes it
 
 
+def test_normalise_takes_any_pixel_axes_after_n_and_c() -> None:
+    x = make_stamps(6, seed=8)
+    spec = {"method": "robust_asinh", "softening": 0.5}
+    want = normalise(x, spec)
+    np.testing.assert_array_equal(normalise(x.reshape(6, 4, 441), spec), want.reshape(6, 4, 441))
+    np.testing.assert_array_equal(normalise(x.reshape(6, 4, 3, 7, 21), spec), want.reshape(6, 4, 3, 7, 21))
+
+
 def test_channel_datasets_are_read_channel_major(tmp_path: Path) -> None:
     x = make_stamps(30, seed=9)
     path = write_hits_h5(tmp_path / "cm.h5", stamps=x, chunks=(10, 21, 21))

@@ -90,6 +90,7 @@ class HDF5Reader:
         self._reading: str | None = None  # the dataset being read, for error messages
         self._scratch: np.ndarray | None = None  # reused read buffer (see _read_block)
         self._blocks: list[np.ndarray] = []  # recycled block arrays (see _block_buffer)
+        self._unused = [np.empty(0)]  # an array nothing refers to: the baseline of _block_buffer's count
         self._file = _open(self.path)
         try:
             self._setup(card_input, layout, channels_last, duplicates)
@@ -304,10 +305,14 @@ class HDF5Reader:
         it views, so a block whose only references are this reader's list (and this
         loop's) is one no batch uses: it is safe to overwrite. Otherwise a new array.
         """
+        # The references of an array nothing else uses, counted the same way now (a list, the
+        # loop variable, getrefcount's argument): the baseline differs between Python
+        # versions (3.14 borrows the loop variable's), so it is measured, not assumed.
+        for unused in self._unused:
+            free = sys.getrefcount(unused)
         for buf in self._blocks:
-            # references: the list, `buf`, getrefcount's argument; a batch, a view or a
-            # consumer anywhere would add one
-            if buf.shape == shape and buf.dtype == dtype and sys.getrefcount(buf) <= 3:
+            # a batch, a view or a consumer anywhere adds a reference
+            if buf.shape == shape and buf.dtype == dtype and sys.getrefcount(buf) <= free:
                 return buf
         buf = np.empty(shape, dtype)
         if len(self._blocks) < _RECYCLED_BLOCKS:
