@@ -34,7 +34,7 @@ import numpy as np
 from ._card import read_card, resolve_threshold
 from ._errors import InputError, StampclfError
 from ._registry import resolve_model
-from ._run import RunSummary, finish, status_counts, unreadable_images, unscored_input
+from ._run import RunSummary, finish, row_errors, row_inputs, status_counts, unscored_input
 from .classifier import PREPS, Classifier, Predictions
 from .io import LAYOUTS, HDF5Reader, InputBatch, input_kind, open_inputs, open_writer, run_attrs
 
@@ -142,7 +142,7 @@ class _Unit:
     """One task: an input (index into the run's inputs) and what part of it."""
 
     index: int
-    kind: str  # "hdf5", "group" (alerts, FITS: as open_inputs groups them), "images", "array"
+    kind: str  # "hdf5", "images", "fits_stamps" (per-channel FITS files), "group" (alerts, other FITS), "array"
     paths: list[str]
     start: int = 0
     stop: int = 0
@@ -248,7 +248,7 @@ def _plan(
                 mine = flagged[np.searchsorted(flagged, s) : np.searchsorted(flagged, e)]
                 units.append(_Unit(index, "hdf5", group, s, e, dups=mine))
         else:
-            units.append(_Unit(index, "group", list(group)))
+            units.append(_Unit(index, row_inputs(opener) or "group", list(group)))
     return units
 
 
@@ -412,14 +412,13 @@ def classify_dask(
                 if not writer.rollback():
                     summary.file_errors.append(f"rows of {res[1].split(':')[0]} were already written to stdout")
                 continue
-            if unit.kind == "images":
-                tally.file_errors.extend(unreadable_images(res.status))  # as in a local run
+            tally.file_errors.extend(row_errors(unit.kind, res))  # as in a local run
             writer.write(res.ids, res.labels, res.proba, res.status, res.file, res.extra)
             tally.rows += len(res)
             n_flagged, n_failed, first = status_counts(res.status)
             tally.flagged, tally.failed = tally.flagged + n_flagged, tally.failed + n_failed
             first_failure = first_failure or first
-            if unit.kind != "images":  # images report each unreadable one themselves
+            if unit.kind not in ("images", "fits_stamps"):  # those report each row that is an input
                 unit_paths.setdefault(unit.index, unit.paths)
         settle()
         finish(writer, summary)

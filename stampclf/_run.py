@@ -200,8 +200,7 @@ def classify_files(
                 elif evaluate:  # say so now, not after classifying it
                     _require_labels(reader)
                 for pred in clf._classify_reader(reader, batch_size, labels):
-                    if getattr(opener, "images", False):
-                        summary.file_errors.extend(unreadable_images(pred.status))
+                    summary.file_errors.extend(row_errors(row_inputs(opener), pred))
                     writer.write(pred.ids, pred.labels, pred.proba, pred.status, pred.file, pred.extra)
                     rows += len(pred)
                     n_flagged, n_failed, first = status_counts(pred.status)
@@ -213,7 +212,7 @@ def classify_files(
                     bar.update(len(pred))
                 damaged = getattr(reader, "damaged", [])  # rows kept, as failed rows
                 summary.file_errors.extend(damaged)
-                if not damaged and not getattr(opener, "images", False):  # those report their own errors
+                if not damaged and not row_inputs(opener):  # those report each row that is an input
                     summary.file_errors.extend(unscored_input(group, rows, failed, first_failure))
             except OutputError:
                 raise  # the output, not this input, is at fault: --keep-going cannot help
@@ -302,13 +301,29 @@ def unscored_input(paths: list[str], rows: int, failed: int, first: str | None) 
     return []
 
 
-def unreadable_images(status: Any) -> list[str]:
-    """Errors of the images in a batch that could not be read (their rows stay, ``failed``).
+def row_inputs(opener: Any) -> str:
+    """``"images"`` or ``"fits_stamps"`` when each row of the opener's reader is an input of its own, else ``""``."""
+    if getattr(opener, "images", False):
+        return "images"
+    return "fits_stamps" if getattr(opener, "fits_channels", False) else ""
 
-    An unreadable image is kept in the output as a failed row *and* reported as an
-    input error, so the run ends with exit code 2 but nothing is dropped.
+
+def row_errors(kind: str, pred: Any) -> list[str]:
+    """Input errors of a batch whose rows are inputs of their own (`row_inputs`); their rows stay, ``failed``.
+
+    An image that cannot be read, or a stamp of per-channel FITS files that cannot be
+    scored (a channel missing), is kept in the output as a failed row *and* reported as
+    an input error, so the run ends with exit code 2 but nothing is dropped, wherever
+    it stands among the other inputs.
     """
-    return [str(s)[len("failed: ") :] for s in status if str(s).startswith("failed")]
+    if kind == "images":  # the status names the image
+        return [str(s)[len("failed: ") :] for s in pred.status if str(s).startswith("failed")]
+    if kind == "fits_stamps":
+        return [
+            f"{f}: stamp {i!r} could not be scored ({s})"
+            for i, f, s in zip(pred.ids, pred._files(), pred.status, strict=True) if str(s).startswith("failed")
+        ]  # fmt: skip
+    return []
 
 
 def finish(writer: Any, summary: RunSummary) -> None:

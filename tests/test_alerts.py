@@ -439,6 +439,37 @@ def test_fits_missing_channel_and_corrupt_file(tmp_path: Path, card: ModelCard) 
         list(FITSReader([str(plain)], card).batches(4))
 
 
+def write_fits_stamps(folder: Path) -> tuple[list[str], list[str]]:
+    """Per-channel FITS files of two whole stamps (cand0, cand1) and of one without a template (cand2)."""
+    whole: list[str] = []
+    for k in range(2):
+        t = triplet(20 + k)
+        for kind, token in (("science", "sci"), ("template", "ref"), ("difference", "diff")):
+            (folder / f"cand{k}_{token}.fits").write_bytes(fits_bytes(t[kind], gz=False))
+            whole.append(str(folder / f"cand{k}_{token}.fits"))
+    t = triplet(22)
+    (folder / "cand2_sci.fits").write_bytes(fits_bytes(t["science"], gz=False))
+    (folder / "cand2_diff.fits").write_bytes(fits_bytes(t["difference"], gz=False))
+    return whole, [str(folder / "cand2_sci.fits"), str(folder / "cand2_diff.fits")]
+
+
+@pytest.mark.parametrize("last", [True, False])
+def test_a_fits_stamp_that_cannot_be_scored_is_an_input_error_wherever_it_stands(
+    tmp_path: Path, clf: Classifier, last: bool
+) -> None:
+    whole, partial = write_fits_stamps(tmp_path)
+    out = tmp_path / "out.csv"
+    paths = [*whole, *partial] if last else [*partial, *whole]
+    result = CliRunner().invoke(app, ["classify", *paths, "-m", str(clf.path), "-o", str(out), "-q"])
+    # each stamp is an input of its own, as each image is: its failed row stays, and it is an error
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"stampclf: error: {partial[0]}: stamp 'cand2' could not be scored "
+                                     "(failed: no template cut-out)")  # fmt: skip
+    rows = read_csv(out)
+    assert sorted(r["id"] for r in rows) == ["cand0", "cand1", "cand2"]
+    assert {r["id"]: r["status"] for r in rows}["cand2"] == "failed: no template cut-out"
+
+
 def test_open_inputs_groups_fits(tmp_path: Path, card: ModelCard) -> None:
     paths = []
     for name in ("a_sci.fits", "a_ref.fits", "a_diff.fits", "mef.fits", "b_sci.fits"):

@@ -157,6 +157,23 @@ def test_an_input_with_no_scorable_row_is_an_error_as_locally(cluster, inputs, t
     assert s.file_errors and not alone.exists()  # nothing scored: no output, as locally
 
 
+def test_a_fits_stamp_that_cannot_be_scored_is_an_error_as_locally(cluster, tiny_model_path: Path,
+                                                                  tmp_path: Path) -> None:
+    pytest.importorskip("astropy")
+    from test_alerts import write_fits_stamps
+
+    _, client = cluster
+    whole, partial = write_fits_stamps(tmp_path)
+    paths = [*whole, *partial]
+    ref, out = tmp_path / "ref.csv", tmp_path / "dask.csv"
+    local = classify_files(Classifier(tiny_model_path, device="cpu", threads=1, batch_size=BATCH), paths, str(ref),
+                           BATCH, progress=False)  # fmt: skip
+    s = sdask.classify_dask(client, paths, tiny_model_path, str(out), batch_size=BATCH)
+    assert s.file_errors == local.file_errors == [f"{partial[0]}: stamp 'cand2' could not be scored "
+                                                  "(failed: no template cut-out)"]  # fmt: skip
+    assert _rows(out) == _rows(ref) and len(_rows(out)) == 3
+
+
 def test_keep_going_reports_a_missing_input_as_locally(cluster, inputs, tiny_model_path: Path, tmp_path: Path) -> None:
     _, client = cluster
     paths = [inputs[0], str(tmp_path / "vanished.h5"), inputs[1]]
