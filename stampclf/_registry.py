@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ._errors import ModelError
 
-__all__ = ["model_dirs", "list_models", "resolve_model", "shadowing_notice", "MODELS_ENV"]
+__all__ = ["model_dirs", "list_models", "resolve_model", "shadowing_notice", "missing_model_dirs", "MODELS_ENV"]
 
 #: Extra folders of ``<name>.onnx`` files, searched first (``os.pathsep``-separated).
 MODELS_ENV = "STAMPCLF_MODELS"
@@ -24,6 +24,11 @@ def model_dirs() -> list[Path]:
     """Folders searched for shipped models, in order."""
     dirs = [Path(p) for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p]
     return [d for d in (*dirs, *_shipped_dirs()) if d.is_dir()]
+
+
+def missing_model_dirs() -> list[str]:
+    """Entries of `MODELS_ENV` that are no folder (a typo would otherwise hide its models without a word)."""
+    return [p for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p and not os.path.isdir(p)]
 
 
 def list_models() -> list[str]:
@@ -53,7 +58,7 @@ def resolve_model(model: str | os.PathLike[str]) -> Path:
         if candidate.is_file():
             return candidate
     known = ", ".join(list_models()) or "none found"
-    missing = [p for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p and not os.path.isdir(p)]
+    missing = missing_model_dirs()
     note = f"; ${MODELS_ENV} names no folder {', '.join(missing)}" if missing else ""
     raise ModelError(f"unknown model {text!r}; models: {known} (or give a path to an .onnx file){note}")
 

@@ -243,9 +243,12 @@ def models() -> None:
 
     def run() -> int:
         from ._card import read_card
-        from ._registry import list_models, resolve_model
+        from ._registry import MODELS_ENV, list_models, missing_model_dirs, resolve_model
 
         bad, rows = [], []
+        missing = missing_model_dirs()
+        if missing:  # the listing goes on: the shipped models are still there
+            typer.echo(f"stampclf: ${MODELS_ENV} names no folder {', '.join(missing)}", err=True)
         for name in list_models():
             try:
                 card, _ = read_card(resolve_model(name), verify=False)

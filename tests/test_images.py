@@ -215,6 +215,21 @@ def test_stratified_split_is_disjoint_and_deterministic() -> None:
         assert set(labels[part]) == {0, 1, 2, 3}
 
 
+def test_every_jpeg_suffix_is_an_image_in_a_folder(tmp_path: Path, tiny_image_model_path: Path) -> None:
+    from PIL import Image
+
+    from stampclf import Classifier, Predictions
+
+    folder = tmp_path / "up"
+    folder.mkdir()
+    for name in ("A.JPG", "b.jpe", "c.jfif", "d.jpeg"):
+        Image.new("RGB", (12, 10), (200, 30, 30)).save(folder / name, format="JPEG")
+    (folder / "notes.txt").write_text("not an image")
+    res = Predictions.concat(list(Classifier(tiny_image_model_path, device="cpu").classify_file(str(folder))))
+    assert sorted(Path(i).name for i in res.ids) == ["A.JPG", "b.jpe", "c.jfif", "d.jpeg"]
+    assert set(res.status) == {"ok"}
+
+
 def test_folder_per_class_and_missing_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rng = np.random.default_rng(0)
     for c in ("b", "a"):

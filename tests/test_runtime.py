@@ -242,6 +242,13 @@ def test_version_models_info(tiny_model_path: Path, monkeypatch: pytest.MonkeyPa
     assert r.exit_code == 0 and '"weights_sha256"' in r.stdout and '"channels"' in r.stdout
 
 
+def test_models_says_when_stampclf_models_names_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAMPCLF_MODELS", str(tmp_path / "nonexistent"))
+    r = runner.invoke(app, ["models"])
+    assert r.exit_code == 0 and "hits" in r.stdout  # the shipped models are still listed
+    assert r.stderr.strip() == f"stampclf: $STAMPCLF_MODELS names no folder {tmp_path / 'nonexistent'}"
+
+
 def test_models_columns_line_up_with_a_long_local_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mine = tmp_path / "models"
     mine.mkdir()

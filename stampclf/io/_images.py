@@ -16,7 +16,7 @@ from ._base import DUPLICATE_ID, InputBatch, duplicate_rows
 
 __all__ = ["ImageReader", "IMAGE_SUFFIXES", "expand_image_paths", "image_files"]
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
 
 def image_files(folder: str | Path) -> list[Path]:

@@ -375,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--fit-kernel", action="store_true", help="refine kernel width, flux scale and offset on the stamp")
     args = ap.parse_args(argv)
+    if not args.stamps.is_file():  # the default is the checkout's ../shared/data: absent in a fresh clone elsewhere
+        ap.error(f"--stamps {args.stamps}: no such file (the real HiTS science stamps: ../shared/data/hits/)")
     d = build_real_sn_stamps(args.stamps, args.conditions, args.science, args.fit_kernel)
     write_h5(d, args.out, " ".join(sys.argv))
     n = len(d["labels"])
