@@ -173,7 +173,7 @@ def test_hdf5_text_columns_widen_and_roll_back(tmp_path: Path) -> None:
     w.commit()
     with h5py.File(out) as f:
         assert {k: f[k].shape[0] for k in f} == dict.fromkeys(f, 5)
-        assert f["id"].asstr()[...].tolist() == ["1", "2", "3", "5", "6"]
+        assert f["id"].dtype == np.int64 and f["id"][...].tolist() == [1, 2, 3, 5, 6]  # integers stay integers
         assert f["status"].asstr()[...].tolist() == ["ok", "ok", "ok", "ok", long]
         assert f["file"].asstr()[...].tolist() == ["a.h5", "a.h5", "a.h5", "c", "d"]
         assert f["note"].asstr()[...].tolist() == ["", "é", "x", "y", "z"]
@@ -438,6 +438,27 @@ def test_float_ids_read_the_same_in_csv_and_hdf5(tmp_path: Path) -> None:
         in_csv = [r["id"] for r in csv_mod.DictReader(fh)]
     with h5py.File(tmp_path / "o.h5") as f:
         assert f["id"].asstr()[...].tolist() == in_csv == [str(v) for v in ids]
+
+
+def test_hdf5_output_ids_are_int64_until_an_id_is_not_an_integer(tmp_path: Path) -> None:
+    from stampclf.io._writers import ResultWriter
+
+    def write(path: Path, *batches: Any) -> Any:
+        w = ResultWriter(str(path), ["real", "bogus"], "m", "1")
+        for ids in batches:
+            n = len(ids)
+            w.write(ids, np.array(["real"] * n, object), np.full((n, 2), 0.5, "f4"), np.array(["ok"] * n, object), "f")
+        w.commit()
+        return h5py.File(path)
+
+    big = 675208700015010000  # a ZTF candid: 18 digits
+    with write(tmp_path / "a.h5", np.array([big, 2], np.int64), np.array([3, -4], object)) as f:
+        assert f["id"].dtype == np.int64 and f["id"][...].tolist() == [big, 2, 3, -4]
+    # a later input with text ids (image paths, FITS names): the column becomes text, every id kept in full
+    with write(tmp_path / "b.h5", np.array([big, 7], np.int64), np.array(["x.png"], object)) as f:
+        assert f["id"].asstr()[...].tolist() == [str(big), "7", "x.png"]
+    with write(tmp_path / "c.h5", np.array([2**64 - 1], np.uint64)) as f:  # beyond int64: text, exact
+        assert f["id"].asstr()[...].tolist() == [str(2**64 - 1)]
 
 
 def test_models_lists_the_good_ones_beside_a_bad_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -82,8 +82,20 @@ _MAX_FIXED = 1024
 
 
 def _as_column(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Encoded text (numpy ``S``) as an array h5py writes into a column of *dtype*."""
+    """Encoded text (numpy ``S``, or integers, written as their digits) as an array h5py writes into a column of *dtype*."""
+    if values.dtype.kind in "iu":
+        values = _encode(values)
     return np.asarray(values, dtype=dtype if dtype.kind == "S" else object)
+
+
+def _integer_ids(ids: Any) -> np.ndarray | None:
+    """*ids* as int64 when every one is an integer (HDF5 id datasets, alert ``candid``), else None."""
+    arr = np.asarray(ids)
+    if arr.dtype.kind == "i" or (arr.dtype.kind == "u" and arr.dtype.itemsize < 8):
+        return arr.astype(np.int64)
+    if arr.dtype.kind == "O" and len(arr) and all(type(v) is int and -(2**63) <= v < 2**63 for v in arr.tolist()):
+        return arr.astype(np.int64)
+    return None
 
 
 def _encode(values: Any) -> np.ndarray:
@@ -241,7 +253,10 @@ class ResultWriter:
 
         width = max(values.dtype.itemsize, 1)
         ds, dtype = self._text.get(name, (None, None))
-        if ds is None or (dtype.kind == "S" and dtype.itemsize < width):
+        if dtype is not None and dtype.kind in "iu":
+            width = max(width, 20)  # the digits of any int64 already in the column
+        # an integer id column (`_write_ids`) becomes text when the first id that is not an integer comes
+        if ds is None or dtype.kind in "iu" or (dtype.kind == "S" and dtype.itemsize < width):
             if width > _MAX_FIXED:
                 dtype = h5py.string_dtype("utf-8")
                 opts = _H5_OPTS
@@ -273,6 +288,19 @@ class ResultWriter:
         with self._output_errors():
             self._write(ids, labels, proba, status, file, extra)
 
+    def _write_ids(self, ids: Any) -> None:
+        """The id column: int64 while every id is an integer (joins need no parsing), else UTF-8 text."""
+        as_int = _integer_ids(ids)
+        ds, dtype = self._text.get("id", (None, None))
+        if as_int is None or (ds is not None and dtype.kind not in "iu"):
+            self._write_text("id", _encode(ids))
+            return
+        if ds is None:
+            ds = self._h5.create_dataset("id", (self.rows,), maxshape=(None,), dtype="i8", **_H5_OPTS)
+            self._text["id"] = (ds, ds.dtype)
+        ds.resize((self.rows + len(as_int),))
+        ds[self.rows :] = as_int
+
     def _write(
         self,
         ids: np.ndarray,
@@ -293,8 +321,9 @@ class ResultWriter:
             # constant columns are encoded once and broadcast
             const = [np.array(v.encode("utf-8")) for v in (self.model, self.version)]
             per_file = np.array(file.encode("utf-8")) if isinstance(file, str) else _encode(files)
-            texts = [*map(_encode, (ids, labels, status)), *const, per_file]
-            for name, values in zip(self._text_columns, [*texts, *map(_encode, more)], strict=True):
+            self._write_ids(ids)
+            texts = [*map(_encode, (labels, status)), *const, per_file]
+            for name, values in zip(self._text_columns[1:], [*texts, *map(_encode, more)], strict=True):
                 self._write_text(name, np.broadcast_to(values, (n,)))
             for k, ds in enumerate(self._proba):
                 ds.resize((self.rows + n,))
