@@ -23,6 +23,8 @@ __all__ = [
     "stamp_status",
     "merge_status",
     "load_image",
+    "load_image_and_size",
+    "image_upscale",
     "open_image",
     "image_to_array",
     "image_to_uint8",
@@ -454,8 +456,22 @@ def open_image(path: Any) -> Any:
 
 def load_image(path: Any, spec: dict[str, Any]) -> np.ndarray:
     """Read an image file and apply `image_to_array`; raise `InputError` naming the file."""
+    return load_image_and_size(path, spec)[0]
+
+
+def load_image_and_size(path: Any, spec: dict[str, Any]) -> tuple[np.ndarray, tuple[int, int]]:
+    """`load_image`, and the image's own ``(width, height)``."""
     img = open_image(path)
     try:
-        return image_to_array(img, spec)
+        return image_to_array(img, spec), img.size
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot convert image ({exc.__class__.__name__}: {exc})") from None
+
+
+def image_upscale(size: tuple[int, int], spec: dict[str, Any]) -> float:
+    """How many times `image_to_uint8` enlarges an image of *size* ``(width, height)`` (1 or less: no upscale)."""
+    resize = spec.get("resize")
+    if not resize:
+        return 1.0
+    side = max(size) if spec.get("fit", "crop") == "pad" else min(size)
+    return float(resize) / max(side, 1)

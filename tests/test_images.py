@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 PIL_Image = pytest.importorskip("PIL.Image")
 
 from stampclf.io._images import ImageReader  # noqa: E402
-from stampclf.preprocess import image_to_array, image_to_uint8, load_image, scale_pixels  # noqa: E402
+from stampclf.preprocess import image_to_array, image_to_uint8, image_upscale, load_image, scale_pixels  # noqa: E402
 from train.data import images as data_images  # noqa: E402
 from train.registry import create_model, get_spec, list_models  # noqa: E402
 
@@ -27,7 +27,7 @@ def _rng_image(rng: np.random.Generator, w: int, h: int, colour: tuple[int, int,
     return PIL_Image.fromarray(arr)
 
 
-def _fake_galaxy_zoo(root: Path, per_class: int = 5, size: int = 40) -> Path:
+def _fake_galaxy_zoo(root: Path, per_class: int = 5, size: int = 64) -> Path:  # galaxy scales 64 px 4x: not flagged
     """A tiny Galaxy-Zoo-layout set: labels.csv (OBJID, CLASS) + images/<OBJID>.jpeg, 6 classes."""
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
@@ -87,7 +87,8 @@ def test_training_preprocessing_equals_runtime_bitwise(tmp_path: Path, name: str
     # runtime: the classifier's reader, one file at a time through load_image
     shape = (3, spec.input["height"], spec.input["width"])
     batch = next(ImageReader(files, spec.preprocessing, shape).batches(8))
-    assert list(batch.status) == ["ok"] * 3
+    tiny = "flagged: image 33x29 upscaled more than 4x" if image_upscale((33, 29), spec.preprocessing) > 4 else "ok"
+    assert list(batch.status) == ["ok", "ok", tiny]
     assert train_x.dtype == batch.x.dtype == np.float32
     assert np.array_equal(train_x, batch.x)  # bitwise
     assert np.array_equal(again, train_x)  # the cache returns the same pixels
@@ -228,6 +229,27 @@ def test_every_jpeg_suffix_is_an_image_in_a_folder(tmp_path: Path, tiny_image_mo
     res = Predictions.concat(list(Classifier(tiny_image_model_path, device="cpu").classify_file(str(folder))))
     assert sorted(Path(i).name for i in res.ids) == ["A.JPG", "b.jpe", "c.jfif", "d.jpeg"]
     assert set(res.status) == {"ok"}
+
+
+def test_a_thumbnail_blown_up_to_the_models_size_is_flagged(tmp_path: Path, tiny_image_model_path: Path) -> None:
+    from PIL import Image
+
+    from stampclf import Classifier, Predictions
+
+    clf = Classifier(tiny_image_model_path, device="cpu")
+    side = clf.card.preprocessing["resize"]  # the shorter side is scaled to this (fit: crop)
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(tmp_path / "dot.gif")
+    Image.new("RGB", (side // 4, 3 * side), (9, 9, 9)).save(tmp_path / "x4.png")  # 4x exactly: not flagged
+    Image.new("RGB", (side // 4 - 1, side), (9, 9, 9)).save(tmp_path / "thin.png")
+    paths = [str(tmp_path / n) for n in ("dot.gif", "x4.png", "thin.png", "dot.gif")]
+    res = Predictions.concat(list(clf.classify_file(paths)))
+    assert list(res.status) == [
+        "flagged: image 1x1 upscaled more than 4x",
+        "ok",
+        f"flagged: image {side // 4 - 1}x{side} upscaled more than 4x",
+        "flagged: image 1x1 upscaled more than 4x; duplicate id",  # both reasons kept
+    ]
+    assert np.isfinite(res.proba).all()  # scored all the same
 
 
 def test_folder_per_class_and_missing_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,10 +11,13 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputError
-from ..preprocess import OK, load_image
+from ..preprocess import OK, image_upscale, load_image_and_size, merge_status
 from ._base import DUPLICATE_ID, InputBatch, duplicate_rows
 
 __all__ = ["ImageReader", "IMAGE_SUFFIXES", "expand_image_paths", "image_files"]
+
+#: An image enlarged more than this many times to the model's size is flagged (a thumbnail, an icon).
+MAX_UPSCALE = 4
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
@@ -133,11 +136,15 @@ class ImageReader:
 
     def _load(self, name: str) -> tuple[np.ndarray | None, str]:
         try:
-            arr = load_image(name, self._spec)
+            arr, size = load_image_and_size(name, self._spec)
         except InputError as exc:
             return None, f"failed: {exc}"
         if arr.shape != self._shape:
             return None, f"failed: {name}: image gives shape {arr.shape}, model needs {self._shape}"
+        if image_upscale(size, self._spec) > MAX_UPSCALE:
+            # a thumbnail blown up to the model's size (a 1x1 GIF was a confident 'airplane'): scored,
+            # flagged so that it can be found, as a resized stamp is
+            return arr, f"flagged: image {size[0]}x{size[1]} upscaled more than {MAX_UPSCALE}x"
         return arr, OK
 
     def batches(self, batch_size: int) -> Iterator[InputBatch]:
@@ -152,12 +159,11 @@ class ImageReader:
             x = np.zeros((len(names),) + self._shape, dtype=np.float32)
             status = np.full(len(names), OK, dtype=object)
             for i, (arr, st) in enumerate(load(self._load, names)):  # map keeps input order
-                if arr is None:
-                    status[i] = st
-                else:
+                status[i] = st
+                if arr is not None:
                     x[i] = arr
             dup = self._dup[start : start + batch_size]
-            status[dup & (status == OK)] = DUPLICATE_ID
+            status = merge_status(status, np.where(dup, DUPLICATE_ID, OK).astype(object))
             paths = np.array(names, dtype=object)
             labels = self._labels[start : start + batch_size] if self._labels is not None else None
             yield InputBatch(ids=paths, x=x, status=status, files=paths, labels=labels)
