@@ -34,7 +34,7 @@ import numpy as np
 from ._card import read_card, resolve_threshold
 from ._errors import InputError, StampclfError
 from ._registry import resolve_model
-from ._run import RunSummary, finish, row_errors, row_inputs, status_counts, unscored_input
+from ._run import ROW_INPUTS, RunSummary, finish, row_errors, row_inputs, status_counts, unscored_input
 from .classifier import PREPS, Classifier, Predictions
 from .io import LAYOUTS, HDF5Reader, InputBatch, input_kind, open_inputs, open_writer, run_attrs
 
@@ -418,7 +418,7 @@ def classify_dask(
             n_flagged, n_failed, first = status_counts(res.status)
             tally.flagged, tally.failed = tally.flagged + n_flagged, tally.failed + n_failed
             first_failure = first_failure or first
-            if unit.kind not in ("images", "fits_stamps"):  # those report each row that is an input
+            if unit.kind not in ROW_INPUTS:  # those report each row that is an input
                 unit_paths.setdefault(unit.index, unit.paths)
         settle()
         finish(writer, summary)

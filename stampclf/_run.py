@@ -301,6 +301,10 @@ def unscored_input(paths: list[str], rows: int, failed: int, first: str | None) 
     return []
 
 
+#: Readers whose every row is an input of its own (`row_inputs`).
+ROW_INPUTS = ("images", "fits_stamps")
+
+
 def row_inputs(opener: Any) -> str:
     """``"images"`` or ``"fits_stamps"`` when each row of the opener's reader is an input of its own, else ``""``."""
     if getattr(opener, "images", False):

@@ -154,6 +154,10 @@ class Predictions:
         return pd.DataFrame(self.to_dict())
 
 
+#: How long a stopped consumer waits for its reader thread to finish the block in hand.
+_JOIN_SECONDS = 2.0
+
+
 def _prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     """Run *items* in a reader thread, at most *depth* ahead of the consumer."""
     q: queue.Queue[Any] = queue.Queue(maxsize=depth)
@@ -191,11 +195,12 @@ def _prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
             yield item
     finally:
         stop.set()
-        # wait for the thread (at most its current block): left running, it may be inside h5py
-        # while the interpreter exits after an error or a closed stdout, and h5py's lock then
-        # hangs or crashes the shutdown (seen: `| head -1` hung or ended with SIGSEGV)
+        # wait for the thread (its current block: milliseconds): left running, it may be inside
+        # h5py while the interpreter exits after an error or a closed stdout, and h5py's lock
+        # then hangs or crashes the shutdown (seen: `| head -1` hung or ended with SIGSEGV).
+        # Bounded, so that Ctrl-C is not held up by a read that hangs (a network file system).
         if thread is not threading.current_thread():
-            thread.join()
+            thread.join(timeout=_JOIN_SECONDS)
 
 
 def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, depth: int = 0) -> Iterator[Any]:
@@ -883,6 +888,7 @@ class Classifier:
                     file, batch.extra,
                 ))
         finally:
+            stream.close()  # its threads first: the file must not be closed under a read
             reader.close()
 
     def _check_labels(self, reader: Any) -> None:

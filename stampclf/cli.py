@@ -68,7 +68,8 @@ def _guard(fn: Callable[[], Any], printed: Callable[[], bool] = lambda: False) -
     except Exception as exc:  # noqa: BLE001 - last line of defence
         if _state["debug"]:
             traceback.print_exc()
-        _fail(f"internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for a traceback)", 1)
+        partial = "; the CSV on stdout is incomplete" if printed() else ""
+        _fail(f"internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for a traceback){partial}", 1)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -830,6 +830,28 @@ def test_an_error_after_rows_went_to_stdout_says_the_csv_is_incomplete(
     assert bool(printed) == (chunk == 6)
 
 
+def test_an_internal_error_after_rows_went_to_stdout_says_the_csv_is_incomplete(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stampclf.io._writers import ResultWriter
+
+    real, calls = ResultWriter._write, []
+
+    def write(self: ResultWriter, *args: Any, **kw: Any) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("boom")  # a bug, after the first batch went out
+        real(self, *args, **kw)
+
+    monkeypatch.setattr(ResultWriter, "_write", write)
+    h5 = write_hits_h5(tmp_path / "in.h5", n=10, seed=3)
+    result = run_cli("classify", h5, "--model", tiny_model_path, "--device", "cpu", "--batch-size", "2")
+    assert result.exit_code == 1
+    [line] = error_lines(stderr_of(result))
+    assert line.startswith("stampclf: error: internal error: ValueError: boom")
+    assert line.endswith("; the CSV on stdout is incomplete") and len(parse_csv_text(result.stdout)) == 2
+
+
 def test_a_reader_that_goes_away_ends_the_run_with_sigpipes_status(tmp_path: Path, tiny_model_path: Path) -> None:
     h5 = write_hits_h5(tmp_path / "many.h5", n=6000, seed=2)  # ~400 kB of CSV: more than a pipe holds
     cmd = [sys.executable, "-m", "stampclf", "classify", str(h5), "-m", str(tiny_model_path), "--device", "cpu", "-q"]

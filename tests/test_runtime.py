@@ -459,6 +459,30 @@ def test_hdf5_output_ids_are_int64_until_an_id_is_not_an_integer(tmp_path: Path)
         assert f["id"].asstr()[...].tolist() == [str(big), "7", "x.png"]
     with write(tmp_path / "c.h5", np.array([2**64 - 1], np.uint64)) as f:  # beyond int64: text, exact
         assert f["id"].asstr()[...].tolist() == [str(2**64 - 1)]
+    with write(tmp_path / "d.h5", np.array([big, 5], np.uint64), np.array([np.int64(6)], object)) as f:
+        assert f["id"].dtype == np.int64 and f["id"][...].tolist() == [big, 5, 6]  # they fit: integers
+
+
+@pytest.mark.parametrize("first", [True, False])  # the failed input came after integer ids; or first of all
+def test_a_rolled_back_input_does_not_leave_integer_ids_as_text(tmp_path: Path, first: bool) -> None:
+    from stampclf.io._writers import ResultWriter
+
+    w = ResultWriter(str(tmp_path / "o.h5"), ["real", "bogus"], "m", "1")
+
+    def write(ids: Any) -> None:
+        n = len(ids)
+        w.write(ids, np.array(["real"] * n, object), np.full((n, 2), 0.5, "f4"), np.array(["ok"] * n, object), "f")
+
+    kept = [] if first else [1, 2]
+    if kept:
+        write(np.array(kept))
+    w.mark()
+    write(np.array(["record0", "x"], object))  # --keep-going: this input fails later, its rows are dropped
+    assert w.rollback()
+    write(np.array([3, 4]))
+    w.commit()
+    with h5py.File(tmp_path / "o.h5") as f:
+        assert f["id"].dtype == np.int64 and f["id"][...].tolist() == [*kept, 3, 4]
 
 
 def test_models_lists_the_good_ones_beside_a_bad_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

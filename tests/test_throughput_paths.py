@@ -358,6 +358,45 @@ def test_prefetch_reader_stops_when_the_consumer_does() -> None:
     assert not any(t.is_alive() for t in readers)
 
 
+def test_a_stopped_consumer_waits_for_a_hung_reader_only_so_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    import stampclf.classifier as classifier_mod
+
+    monkeypatch.setattr(classifier_mod, "_JOIN_SECONDS", 0.2)
+
+    def items():  # noqa: ANN202 - a read that hangs (a network file system)
+        yield 0
+        time.sleep(3)
+        yield 1
+
+    gen = _prefetch(items(), depth=1)
+    assert next(gen) == 0
+    t0 = time.perf_counter()
+    gen.close()  # Ctrl-C must not wait for the hung read
+    assert time.perf_counter() - t0 < 1.5
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_file_is_closed_only_after_its_reader_threads_stopped(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    h5 = write_hits_h5(tmp_path / "r.h5", n=400, seed=4)
+    alive_at_close: list[list[str]] = []
+    real = HDF5Reader.close
+    before = {t.ident for t in threading.enumerate()}  # other tests' threads may still be winding down
+
+    def close(self: HDF5Reader) -> None:
+        mine = [t for t in threading.enumerate() if t.ident not in before]
+        alive_at_close.append([t.name for t in mine if t.name.startswith("stampclf-")])
+        real(self)
+
+    monkeypatch.setattr(HDF5Reader, "close", close)
+    clf = Classifier(tiny_model_path, device="cpu", threads=1)
+    clf.prep_workers = workers  # 1: one reader thread; 3: a reader thread and a preprocessing pool
+    for _ in clf.classify_file(str(h5), batch_size=16):
+        break  # a consumer that stops early
+    assert alive_at_close == [[]]
+
+
 @pytest.mark.parametrize("workers", [1, 3])
 def test_ordered_map_keeps_order_and_bounds_in_flight(workers: int) -> None:
     lock = threading.Lock()

@@ -89,12 +89,14 @@ def _as_column(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _integer_ids(ids: Any) -> np.ndarray | None:
-    """*ids* as int64 when every one is an integer (HDF5 id datasets, alert ``candid``), else None."""
+    """*ids* as int64 when every one is an integer that fits (HDF5 id datasets, alert ``candid``), else None."""
     arr = np.asarray(ids)
-    if arr.dtype.kind == "i" or (arr.dtype.kind == "u" and arr.dtype.itemsize < 8):
+    if arr.dtype.kind == "i" or (arr.dtype.kind == "u" and (arr.dtype.itemsize < 8 or not len(arr) or arr.max() < 2**63)):
         return arr.astype(np.int64)
-    if arr.dtype.kind == "O" and len(arr) and all(type(v) is int and -(2**63) <= v < 2**63 for v in arr.tolist()):
-        return arr.astype(np.int64)
+    if arr.dtype.kind == "O" and len(arr):
+        values = arr.tolist()  # numpy integers inside an object array stay numpy integers here
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and -(2**63) <= v < 2**63 for v in values):
+            return np.array([int(v) for v in values], dtype=np.int64)
     return None
 
 
@@ -186,6 +188,7 @@ class ResultWriter:
         self.rows = 0
         self._mark: int | None = None
         self._mark_rows = 0
+        self._mark_id: np.dtype | None = None
         self._tmp: str | None = None
         self._fh: IO[str] | None = None
         self._h5: Any = None
@@ -301,6 +304,26 @@ class ResultWriter:
         ds.resize((self.rows + len(as_int),))
         ds[self.rows :] = as_int
 
+    def _restore_id_type(self) -> None:
+        """After a rollback: integer ids that the dropped rows had turned into text are integers again."""
+        import h5py
+
+        ds, dtype = self._text.get("id", (None, None))
+        then = self._mark_id
+        if ds is None or dtype.kind in "iu" or (then is not None and then.kind not in "iu"):
+            return
+        if then is None:  # no id column at the mark: the next rows make it anew
+            del self._h5["id"]
+            del self._text["id"]
+            return
+        tmp = self._h5.create_dataset("id.retype", (self._mark_rows,), maxshape=(None,), dtype="i8", **_H5_OPTS)
+        for start in range(0, self._mark_rows, 65_536):  # in slices: memory stays flat
+            part = ds[start : start + 65_536]
+            tmp[start : start + 65_536] = [int(v) for v in part.tolist()] if h5py.check_string_dtype(ds.dtype) else part
+        del self._h5["id"]
+        self._h5.move("id.retype", "id")
+        self._text["id"] = (self._h5["id"], np.dtype("i8"))
+
     def _write(
         self,
         ids: np.ndarray,
@@ -350,6 +373,8 @@ class ResultWriter:
             self._mark_here()
 
     def _mark_here(self) -> None:
+        # the id column's type: the rows of a failed input may have turned integer ids into text
+        self._mark_id = self._text.get("id", (None, None))[1] if self._h5 is not None else None
         if self._fh is not None and self._tmp:
             self._fh.flush()
             self._mark = self._fh.tell()
@@ -369,6 +394,7 @@ class ResultWriter:
         if self._h5 is not None:
             for name in self._h5:
                 self._h5[name].resize((self._mark_rows,))
+            self._restore_id_type()
         elif self._tmp and self._fh is not None and self._mark is not None:
             self._fh.flush()
             self._fh.seek(self._mark)
