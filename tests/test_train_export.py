@@ -257,7 +257,8 @@ DOCUMENTED_KEYS = {
 def test_registry_and_documented_set_keys_are_accepted(name: str) -> None:
     spec = get_spec(name)
     keys = DOCUMENTED_KEYS["hits_sim" if spec.dataset == "hits_sim" else "image"]
-    train_mod.check_options(spec, {k: 1 for k in (*spec.recipe, *keys, *train_mod.NO_EFFECT_KEYS)})
+    valid = {"optimizer": "sgd", "class_weights": [1.0, 2.0]}  # keys whose values are checked for kind
+    train_mod.check_options(spec, {k: valid.get(k, 1) for k in (*spec.recipe, *keys, *train_mod.NO_EFFECT_KEYS)})
 
 
 # --- card version and the shipped folder -----------------------------------------------------
@@ -509,6 +510,10 @@ def test_file_options_are_refused_for_simulated_data(tmp_path: Path, capsys: pyt
     (["--set", "root="], "--set root= names no file or folder"),
     (["--set", "batch_size=0"], "--set batch_size=0: expected an integer of at least 1"),
     (["--set", "snr_derived=abc"], "--set snr_derived=abc: expected a number"),
+    (["--set", "optimizer=SGD"], "--set optimizer=SGD: expected one of adamw, sgd"),  # trained AdamW as 'SGD'
+    (["--set", "class_weights=balanced"], "--set class_weights=balanced: expected a list of positive numbers"),
+    (["--set", "class_weights=[1,-2]"], "--set class_weights=[1, -2]: expected a list of positive numbers"),
+    (["--device", "gpu"], "--device gpu: not a torch device"),
 ])
 def test_bad_set_values_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
                                             message: str) -> None:
@@ -516,6 +521,39 @@ def test_bad_set_values_are_one_line_errors(tmp_path: Path, capsys: pytest.Captu
     rc = train_mod.main(["--model", model, "--epochs", "1", "--out", str(tmp_path / "run"), *argv])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err, err
+
+
+def test_training_mistakes_found_with_the_data_are_one_line(trained: dict[str, Path], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    files = ",".join(str(trained["test"].parent / f"{n}.h5") for n in ("train", "val", "test"))
+    base = ["--model", "hits", "--epochs", "1", "--device", "cpu", "--set", f"data={files}"]
+    assert train_mod.main([*base, "--out", str(tmp_path / "w"), "--set", "class_weights=[1,2,3]"]) == 2
+    err = capsys.readouterr().err
+    assert "--set class_weights=[1, 2, 3]: 3 weight(s) for 2 classes ['bogus', 'real']" in err and "Traceback" not in err
+    # --evaluate-only on other data: its test figures would not be held out from the weights
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    other = ",".join(str(trained["test"].parent / f"{n}.h5") for n in ("val", "train", "test"))
+    assert train_mod.main(["--model", "hits", "--out", str(run), "--evaluate-only", "--set", f"data={other}"]) == 2
+    err = capsys.readouterr().err
+    assert "--evaluate-only: the train, val split(s) differ from the run's" in err and "Traceback" not in err
+    # Ctrl-C: one line, the shell's 130, the run folder as it was
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    assert train_mod.main([*base, "--out", str(tmp_path / "x")]) == 130
+    assert capsys.readouterr().err == f"train: interrupted; {tmp_path / 'x'} unchanged\n"
+
+
+def test_recorded_command_names_the_data_by_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cmd = train_mod.reproduce_command(["--model", "hits", "--set", "data=a.h5,b.h5", "--set=root=imgs", "--out", "r"])
+    assert cmd == f"python train/train.py --model hits --set data={tmp_path / 'a.h5'},{tmp_path / 'b.h5'} " \
+                  f"--set=root={tmp_path / 'imgs'}"
 
 
 def test_image_folder_run_report_is_strict_json_and_bad_augment_is_named(tmp_path: Path,

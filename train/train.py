@@ -219,6 +219,9 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     on_device = bool(getattr(data.augment, "on_device", False))  # batched tensor augmentation after the transfer
     smoothing = float(recipe.get("label_smoothing", 0.0))
     class_weights = recipe.get("class_weights")
+    if class_weights and len(class_weights) != len(spec.classes):
+        raise ValueError(f"--set class_weights={json.dumps(class_weights)}: {len(class_weights)} weight(s) for "
+                         f"{len(spec.classes)} classes {list(spec.classes)}")
     weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
     # an average of the weights along the trajectory generalises better than the last step on small data
     ema_decay = float(recipe.get("ema", 0.0))
@@ -281,6 +284,7 @@ def finish(spec: ModelSpec, model: nn.Module, data: DataBundle, run: dict[str, A
     ``recipe``, ``device`` and ``train_seconds``. Calibration, operating points and every
     metric are computed here, with the model as registered (its eval-mode graph).
     """
+    args.writing = True  # from here on an interrupt may leave a partial run in *out*
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     device, recipe, history = args.device, run["recipe"], run["history"]
@@ -362,6 +366,14 @@ def evaluate_only(spec: ModelSpec, args: argparse.Namespace, options: dict[str, 
     options = {**old.get("options", {}), **options}
     spec = with_size(spec, options.get("size"))
     data = load_dataset(spec, options, args.seed)
+    before, now = old.get("data", {}).get("sha256", {}), data.provenance.get("sha256", {})
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        # other splits (files added or removed redraw them; another --set data= replaces them): the
+        # test figures would no longer be held out from the weights, nor the card's data true
+        raise ValueError(f"--evaluate-only: the {', '.join(changed)} split(s) differ from the run's (sha256 of "
+                         "the data); re-evaluating would report figures on data the weights may have been "
+                         "trained on; train a new run, or score other data with stampclf classify --evaluate")
     spec, model = _model_for(spec, data, args.device)
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict(state)
@@ -531,6 +543,8 @@ NUMBER_KEYS = ("lr", "momentum", "weight_decay", "pct_start", "label_smoothing",
                "val_fraction", "test_fraction")
 #: epochs of a recipe that names none
 DEFAULT_EPOCHS = 10
+#: the ``optimizer`` values the training loop knows (``sgd``: with Nesterov momentum)
+OPTIMIZERS = ("adamw", "sgd")
 
 
 def valid_keys(spec: ModelSpec) -> dict[str, list[str]]:
@@ -573,6 +587,25 @@ def check_options(spec: ModelSpec, options: dict[str, Any]) -> None:
             raise OptionError(f"--set {key}={shown}: expected an integer of at least {least}")
         if key in NUMBER_KEYS and (not isinstance(value, (int, float)) or (isinstance(value, bool) and key != "ema")):
             raise OptionError(f"--set {key}={shown}: expected a number")
+        if key == "optimizer" and value not in OPTIMIZERS:  # another name trained AdamW under that name
+            raise OptionError(f"--set optimizer={shown}: expected one of {', '.join(OPTIMIZERS)}")
+        if key == "class_weights" and value is not None and not (
+            isinstance(value, list) and value
+            and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in value)
+        ):
+            raise OptionError(f"--set class_weights={shown}: expected a list of positive numbers, one per class "
+                              "(e.g. class_weights=[1,19])")
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``--device`` torch cannot use here, before any data is read."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise OptionError(f"--device {device}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"--device {device}: this torch has no usable CUDA (torch {torch.__version__}); "
+                          "use --device cpu") from None
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
@@ -586,7 +619,9 @@ def reproduce_command(argv: list[str]) -> str:
 
     ``--out`` (the export step reads the default ``runs/<model>``), ``--threads``, ``--force`` and the
     ``--set`` keys in ``NO_EFFECT_KEYS`` (a scratch cache path means nothing on another
-    machine) are left out; everything else is kept in order.
+    machine) are left out; the files of ``--set data=``/``root=`` are made absolute (the
+    command then works from the repository root, where it starts); everything else is kept
+    in order.
     """
     keep: list[str] = []
     i = 0
@@ -601,7 +636,13 @@ def reproduce_command(argv: list[str]) -> str:
             continue
         if flag == "--set":
             kv = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-            if kv.split("=", 1)[0] in NO_EFFECT_KEYS:
+            key, _, paths = kv.partition("=")
+            if key in NO_EFFECT_KEYS:
+                i += 1 if eq else 2
+                continue
+            if key in ("data", "root") and paths:  # the files again from any folder, as the report's data section
+                kv = f"{key}=" + ",".join(os.path.abspath(q.strip()) if q.strip() else q for q in paths.split(","))
+                keep += [f"--set={kv}"] if eq else ["--set", kv]
                 i += 1 if eq else 2
                 continue
         keep.append(a)
@@ -631,11 +672,20 @@ def main(argv: list[str] | None = None) -> int:
             options[key] = ",".join(os.path.abspath(p.strip()) if p.strip() else p for p in options[key].split(","))
     try:
         check_options(spec, options)
+        check_device(args.device)
     except OptionError as exc:  # before any data is read or output written; the usage errors' exit code
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     try:
         (evaluate_only if args.evaluate_only else train)(spec, args, options)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        out = args.out or f"runs/{spec.name}"
+        # the run folder is written only at the end: until then an interrupt leaves it as it was
+        state = "its contents may be partial: train again" if getattr(args, "writing", False) else "unchanged"
+        print(f"train: interrupted; {out} {state}", file=sys.stderr)
+        return 130
     except (ValueError, KeyError, OSError) as exc:  # bad options or data: one line
         if args.debug:
             raise
