@@ -252,7 +252,10 @@ def read_onnx_parts(data: bytes, source: str = "model") -> tuple[bytes, dict[str
                 entry = {k: bytes(val).decode("utf-8") for k, wt, val in _fields(bytes(v)) if wt == 2}
                 meta[entry.get(1, "")] = entry.get(2, "")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{source}: not an ONNX model ({exc})") from None
+        hint = ""
+        if data[:2] == b"PK" or data[:1] == b"\x80":  # a zip or pickle: what torch.save writes
+            hint = "; a PyTorch checkpoint? export it first: python train/export.py --checkpoint FILE"
+        raise ModelError(f"{source}: not an ONNX model ({exc}){hint}") from None
     if len(graph) != 1:
         raise ModelError(f"{source}: not an ONNX model (no graph found)")
     return bytes(graph[0]), meta

@@ -549,6 +549,44 @@ def test_training_mistakes_found_with_the_data_are_one_line(trained: dict[str, P
     assert capsys.readouterr().err == f"train: interrupted; {tmp_path / 'x'} unchanged\n"
 
 
+def test_own_stamps_of_another_size_are_named_and_a_given_real_sn_file_must_exist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from train.data.hits import _real_sn, read_labelled_h5
+
+    h5 = write_hits_h5(tmp_path / "big.h5", stamps=make_stamps(20, seed=1, size=(25, 25)))
+    x, _, note = read_labelled_h5(str(h5), get_spec("hits"))
+    assert x.shape[2:] == (21, 21) and note["stamp_size"] == [25, 25]
+    assert "stamps are 25x25; the model takes 21x21, so they are centre-cropped" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="--set real_sn=nnone: no such file"):  # a typo of 'none'
+        _real_sn("nnone", get_spec("hits"))
+
+
+def test_export_and_classify_name_the_wrong_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    assert export_mod.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert f"--checkpoint {tmp_path / 'missing.pt'}: no such file" in capsys.readouterr().err
+    torch.save({"state_dict": {}}, tmp_path / "m.pt")
+    from stampclf import ModelError
+
+    with pytest.raises(ModelError, match="a PyTorch checkpoint. export it first"):
+        Classifier(tmp_path / "m.pt")
+
+
+def test_a_model_that_gives_every_row_one_class_is_named() -> None:
+    y = np.array([0] * 95 + [1] * 5)
+    always = np.tile([0.9, 0.1], (100, 1))
+    assert train_mod.one_class_note(["bogus", "real"], always, y) == (
+        "the model calls every test row 'bogus' (test class counts [95, 5]): more epochs, or "
+        "--set class_weights=[...] (one weight per class: ['bogus', 'real'])"
+    )
+    mixed = always.copy()
+    mixed[-1] = [0.2, 0.8]
+    assert train_mod.one_class_note(["bogus", "real"], mixed, y) is None
+    assert train_mod.one_class_note(["bogus", "real"], always, np.zeros(100, int)) is None  # one class is all there is
+
+
 def test_recorded_command_names_the_data_by_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     cmd = train_mod.reproduce_command(["--model", "hits", "--set", "data=a.h5,b.h5", "--set=root=imgs", "--out", "r"])

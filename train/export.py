@@ -430,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
                         "else the registry's plus +local.<training date>.<first 8 hex digits of the weights' sha256>)")
     p.add_argument("--force", action="store_true", help="overwrite a model in the repository's exported/")
     args = p.parse_args(argv)
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        print(f"export: error: --checkpoint {args.checkpoint}: no such file; train first: python train/train.py "
+              f"--model {args.model or 'NAME'}", file=sys.stderr)
+        return 2
     if args.model is None:
         args.model = _model_of_run(args.checkpoint, args.report)
         if args.model is None:

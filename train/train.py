@@ -54,7 +54,7 @@ from train.data import DataBundle, dataset_options, load_dataset
 from train.registry import ModelSpec, create_model, get_spec, list_models, with_classes, with_size
 
 __all__ = ["train", "main", "predict_logits", "fit_temperature", "reproduce_command", "check_options", "OptionError",
-           "parse_options", "json_safe",
+           "parse_options", "one_class_note", "check_device", "json_safe",
            "valid_keys", "NO_EFFECT_KEYS", "TRAIN_KEYS", "DEFAULT_EPOCHS"]
 
 
@@ -341,6 +341,9 @@ def finish(spec: ModelSpec, model: nn.Module, data: DataBundle, run: dict[str, A
     report["figures"] = write_figures(out, spec, history, test_m, tproba, ty)
     (out / "report.json").write_text(json.dumps(json_safe(report), indent=2, sort_keys=True, allow_nan=False, default=float))
     print("[train] test: " + ", ".join(f"{k} {test_m[k]:.4f}" for k in ("accuracy", "precision", "recall", "f1", "roc_auc")), flush=True)
+    note = one_class_note(spec.classes, tproba, ty)
+    if note:
+        print(f"[train] note: {note}", flush=True)
     print(f"[train] wrote {out}/checkpoint.pt, report.json and figures", flush=True)
     return report
 
@@ -383,6 +386,19 @@ def evaluate_only(spec: ModelSpec, args: argparse.Namespace, options: dict[str, 
                              f"{_utc_now()} with "
                              f"{reproduce_command(_argv(args))}; history figures are from that run")
     return finish(spec, model, data, run, out, args, options)
+
+
+def one_class_note(classes: list[str] | tuple[str, ...], proba: np.ndarray, y: np.ndarray) -> str | None:
+    """A note when the model gives one class to every row of a split that holds several.
+
+    On imbalanced data the accuracy alone hides it (95 % bogus: accuracy 0.95, recall 0).
+    """
+    predicted = np.unique(proba.argmax(axis=1)) if len(proba) else np.empty(0, int)
+    if len(predicted) != 1 or len(np.unique(y)) < 2:
+        return None
+    counts = np.bincount(y, minlength=len(classes)).tolist()
+    return (f"the model calls every test row {classes[int(predicted[0])]!r} (test class counts {counts}): more "
+            f"epochs, or --set class_weights=[...] (one weight per class: {list(classes)})")
 
 
 def write_figures(out: Path, spec: ModelSpec, history: dict[str, list[float]], test_m: dict[str, Any],

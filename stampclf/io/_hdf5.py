@@ -216,6 +216,11 @@ class HDF5Reader:
             self._dup = np.zeros(self.n_rows, dtype=bool)
             self._dup[np.asarray(duplicates, dtype=np.int64)] = True
 
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """``(C, H, W)`` of one stamp as the file stores it (before any crop or pad to the model's size)."""
+        return self._row_shape
+
     def duplicate_rows(self) -> np.ndarray:
         """Row numbers whose id appeared in an earlier row (flagged ``duplicate id``)."""
         return np.flatnonzero(self._dup) if self._dup is not None else np.empty(0, np.int64)

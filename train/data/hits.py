@@ -221,6 +221,12 @@ def read_labelled_h5(path: str, spec: Any, batch_size: int = 8192, layout: str =
         reader.close()
     note: dict[str, Any] = {"file": os.path.abspath(path), "layout": reader.layout, "rows": int(len(keep)),
                             "used": int(keep.sum())}
+    stamp = tuple(int(v) for v in reader.row_shape[1:])
+    if stamp != shape[2:]:  # cropped or padded as at run time, where every such row is flagged: say so here too
+        note["stamp_size"] = list(stamp)
+        print(f"[data] note: {path}: stamps are {stamp[0]}x{stamp[1]}; the model takes {shape[2]}x{shape[3]}, so they "
+              f"are centre-{'cropped' if stamp[0] >= shape[2] and stamp[1] >= shape[3] else 'cropped or padded'} "
+              "(what stampclf classify does, flagging each row)", flush=True)
     if not keep.all():
         x, y = x[keep], y[keep]
         note["left_out"] = reasons
@@ -246,6 +252,8 @@ def _real_sn(option: Any, spec: Any) -> tuple[dict[str, TensorDataset], dict[str
     if path is None:
         return {}, {"real_sn": "skipped (real_sn=none)"}
     if not path.exists():
+        if option is not None:  # a path the user gave (or a typo of 'none'): not a reason to go on without it
+            raise FileNotFoundError(f"--set real_sn={option}: no such file (real_sn=none: no real-SN test)")
         print(f"[data] note: real HiTS supernovae not found at {path}; no real_sn test (set real_sn=PATH)", flush=True)
         return {}, {"real_sn": f"skipped: {path} not found"}
     try:
