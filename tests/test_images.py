@@ -216,6 +216,26 @@ def test_stratified_split_is_disjoint_and_deterministic() -> None:
         assert set(labels[part]) == {0, 1, 2, 3}
 
 
+def test_image_folder_layout_mistakes_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def images(folder: Path, n: int) -> None:
+        folder.mkdir(parents=True)
+        for i in range(n):
+            PIL_Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i}.png")
+
+    images(tmp_path / "cat", 3)
+    with pytest.raises(FileNotFoundError, match="no class folders; the layout is one folder per class .*its 3 images"):
+        data_images.folder_per_class(tmp_path / "cat")  # root= a class folder
+    images(tmp_path / "one" / "cat", 3)
+    with pytest.raises(FileNotFoundError, match=r"one class folder \(cat\); a classifier needs at least two"):
+        data_images.folder_per_class(tmp_path / "one")
+    images(tmp_path / "cif" / "train" / "cat", 8)
+    images(tmp_path / "cif" / "test" / "dog", 1)
+    files, labels, names = data_images.folder_per_class(tmp_path / "cif")  # root one level too high
+    out = capsys.readouterr().out
+    assert names == ["test", "train"] and "the classes test, train look like data splits" in out
+    assert "class(es) with fewer than 7 images: test (1)" in out
+
+
 def test_every_jpeg_suffix_is_an_image_in_a_folder(tmp_path: Path, tiny_image_model_path: Path) -> None:
     from PIL import Image
 

@@ -92,6 +92,12 @@ def _images_in(folder: Path) -> list[Path]:
     return image_files(folder)  # the runtime's listing: hidden files and folders skipped
 
 
+#: folder names that are data splits, not classes (a root one level too high)
+_SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
+#: fewer images than this in a class: the 70/15/15 split may give validation or test none
+_FEW = 7
+
+
 def folder_per_class(root: str | Path, classes: tuple[str, ...] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
     """``root/<class>/**/*.jpg`` -> (files, label indices, class names).
 
@@ -111,8 +117,18 @@ def folder_per_class(root: str | Path, classes: tuple[str, ...] | None = None) -
               + "; ".join(x for x in (f"folders that are no class: {', '.join(others)}" if others else "",
                                       f"{len(loose)} images outside the class folders" if loose else "") if x),
               flush=True)
+    if not names:  # e.g. root= a class folder itself: say what the layout is, not a numpy error later
+        raise FileNotFoundError(f"{root}: no class folders; the layout is one folder per class "
+                                f"(root/<class>/*.jpg){f', and its {len(loose)} images are outside any' if loose else ''}")
+    if not classes and len(names) < 2:
+        raise FileNotFoundError(f"{root}: one class folder ({names[0]}); a classifier needs at least two")
+    splits = sorted(n for n in names if n.lower() in _SPLIT_NAMES)
+    if not classes and len(splits) >= 2:
+        print(f"[data] note: {root}: the classes {', '.join(splits)} look like data splits, not classes; "
+              f"give the folder that holds the class folders (e.g. root={root / splits[-1]})", flush=True)
     files: list[str] = []
     labels: list[int] = []
+    few: list[str] = []
     for i, name in enumerate(names):
         d = root / name
         if not d.is_dir():
@@ -120,8 +136,13 @@ def folder_per_class(root: str | Path, classes: tuple[str, ...] | None = None) -
         found = _images_in(d)
         if not found:
             raise FileNotFoundError(f"{d}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        if len(found) < _FEW:
+            few.append(f"{name} ({len(found)})")
         files += [str(p) for p in found]
         labels += [i] * len(found)
+    if few:  # the stratified split then leaves such a class out of validation and test
+        print(f"[data] note: {root}: class(es) with fewer than {_FEW} images: {', '.join(few)}; "
+              "validation and test may hold none of them", flush=True)
     return files, np.asarray(labels, dtype=np.int64), names
 
 
