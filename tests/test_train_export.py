@@ -574,6 +574,19 @@ def test_export_and_classify_name_the_wrong_file(tmp_path: Path, capsys: pytest.
         Classifier(tmp_path / "m.pt")
 
 
+def test_held_out_stamps_that_are_training_stamps_are_counted(capsys: pytest.CaptureFixture[str]) -> None:
+    from train.data.hits import _check_splits
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 4, 21, 21)).astype(np.float32)
+    y = np.arange(50) % 2
+    splits = {"train": (x[:40], y[:40], {"file": "tr.h5"}), "val": (x[40:], y[40:], {"file": "va.h5"}),
+              "test": (x[30:45], y[30:45], {"file": "te.h5"})}  # 10 of its rows are training rows
+    _check_splits(splits, get_spec("hits"), "tr.h5")
+    assert splits["test"][2]["also_in_train"] == 10 and "also_in_train" not in splits["val"][2]
+    assert "te.h5: 10 of 15 test stamps are also in the training split" in capsys.readouterr().out
+
+
 def test_a_model_that_gives_every_row_one_class_is_named() -> None:
     y = np.array([0] * 95 + [1] * 5)
     always = np.tile([0.9, 0.1], (100, 1))

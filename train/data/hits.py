@@ -321,6 +321,23 @@ def _read_given_splits(option: str, spec: Any, recipe: dict[str, Any] | None = N
     return _check_splits(read, spec, paths[0])
 
 
+def _row_digests(x: np.ndarray) -> list[bytes]:
+    """A short digest of each row's model input (8 bytes of BLAKE2b: collisions are negligible here)."""
+    return [hashlib.blake2b(row.tobytes(), digest_size=8).digest() for row in np.ascontiguousarray(x)]
+
+
+def _note_overlap(splits: dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]) -> None:
+    """Note, in the split's provenance and on the console, held-out stamps that are also training stamps."""
+    train = set(_row_digests(splits["train"][0]))
+    for k in ("val", "test"):
+        x, _, note = splits[k]
+        shared = sum(d in train for d in _row_digests(x))
+        if shared:  # e.g. a test file cut from the training file: its figures are not held out
+            note["also_in_train"] = shared
+            print(f"[data] note: {note['file']}: {shared:,} of {len(x):,} {k} stamps are also in the training "
+                  f"split; its figures are not held out for them", flush=True)
+
+
 def _check_splits(splits: dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]], spec: Any,
                   train_path: str) -> dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
     digests = {k: array_sha256(x, y) for k, (x, y, _) in splits.items()}
@@ -330,6 +347,7 @@ def _check_splits(splits: dict[str, tuple[np.ndarray, np.ndarray, dict[str, Any]
         if digests[a] == digests[b]:
             raise ValueError(f"data=: the {a} and {b} splits hold the same stamps and labels "
                              f"({splits[a][2]['file']}, {splits[b][2]['file']})")
+    _note_overlap(splits)
     present = np.unique(splits["train"][1])
     if len(present) < len(spec.classes):
         missing = [c for i, c in enumerate(spec.classes) if i not in present]
