@@ -540,6 +540,9 @@ def test_training_mistakes_found_with_the_data_are_one_line(trained: dict[str, P
     assert train_mod.main(["--model", "hits", "--out", str(run), "--evaluate-only", "--set", f"data={other}"]) == 2
     err = capsys.readouterr().err
     assert "--evaluate-only: the train, val split(s) differ from the run's" in err and "Traceback" not in err
+    assert train_mod.main(["--model", "hits", "--out", str(run), "--evaluate-only", "--epochs", "7",
+                           "--set", "lr=0.1"]) == 2  # fmt: skip
+    assert "--evaluate-only: lr, epochs change(s) training, not evaluation" in capsys.readouterr().err
     # Ctrl-C: one line, the shell's 130, the run folder as it was
     def interrupted(*_a: object, **_k: object) -> None:
         raise KeyboardInterrupt

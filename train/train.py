@@ -359,6 +359,10 @@ def evaluate_only(spec: ModelSpec, args: argparse.Namespace, options: dict[str, 
         raise ValueError(f"--evaluate-only: {out} holds no trained run (report.json and checkpoint.pt); "
                          "give the run's --out")
     old = json.loads((out / "report.json").read_text())
+    retrain = [k for k in TRAIN_KEYS if k in options] + (["epochs"] if args.epochs is not None else [])
+    if retrain:  # the weights are the run's: a training option would be recorded, not applied
+        raise ValueError(f"--evaluate-only: {', '.join(dict.fromkeys(retrain))} change(s) training, not evaluation; "
+                         "the weights are the run's (train a new run to change them)")
     seed_everything(old["seed"])
     args.seed = old["seed"]
     if "size" in options and options["size"] != old.get("options", {}).get("size"):
@@ -408,6 +412,7 @@ def write_figures(out: Path, spec: ModelSpec, history: dict[str, list[float]], t
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names: list[str] = []
     ep = np.arange(1, len(history["train_loss"]) + 1)
@@ -421,6 +426,7 @@ def write_figures(out: Path, spec: ModelSpec, history: dict[str, list[float]], t
     for a in ax:
         a.legend()
         a.grid(alpha=0.3)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=90)
     plt.close(fig)
