@@ -236,6 +236,20 @@ def test_image_folder_layout_mistakes_are_named(tmp_path: Path, capsys: pytest.C
     assert "class(es) with fewer than 7 images: test (1)" in out
 
 
+def test_unreadable_training_images_are_named_all_at_once(tmp_path: Path) -> None:
+    from stampclf import InputError
+
+    files = []
+    for i in range(4):
+        f = tmp_path / f"{i}.png"
+        PIL_Image.new("RGB", (8, 8), (i, 0, 0)).save(f)
+        files.append(str(f))
+    for f in files[1:3]:
+        Path(f).write_bytes(b"\x89PNG broken")
+    with pytest.raises(InputError, match=r"^2 of 4 images cannot be read \(remove or replace them\): .*1.png.*; .*2.png"):
+        data_images.decode_images(files, {"resize": 8, "crop": 8}, cache=None)
+
+
 def test_every_jpeg_suffix_is_an_image_in_a_folder(tmp_path: Path, tiny_image_model_path: Path) -> None:
     from PIL import Image
 

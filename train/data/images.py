@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from stampclf._errors import InputError
 from stampclf.io._images import IMAGE_SUFFIXES, image_files
 from stampclf.preprocess import IMAGE_DECODE_VERSION, image_to_uint8, open_image, scale_pixels
 
@@ -191,8 +192,11 @@ def _subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 # --- decoding and cache ----------------------------------------------------------------
-def _decode_one(path: str, spec: dict[str, Any]) -> np.ndarray:
-    return image_to_uint8(open_image(path), spec)
+def _decode_one(path: str, spec: dict[str, Any]) -> np.ndarray | InputError:
+    try:
+        return image_to_uint8(open_image(path), spec)
+    except InputError as exc:  # reported with the others, not one per run
+        return exc
 
 
 def decode_images(files: list[str], spec: dict[str, Any], cache: str | None, threads: int = 2) -> np.ndarray:
@@ -212,6 +216,10 @@ def decode_images(files: list[str], spec: dict[str, Any], cache: str | None, thr
         return np.load(path, allow_pickle=False)
     with ThreadPoolExecutor(max(1, threads)) as pool:  # Pillow releases the GIL while decoding
         arrays = list(pool.map(lambda f: _decode_one(f, spec), files))
+    bad = [str(a) for a in arrays if isinstance(a, InputError)]
+    if bad:  # every unreadable image at once: fixing them one run at a time is slow
+        shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise InputError(f"{len(bad)} of {len(files)} images cannot be read (remove or replace them): {shown}")
     out = np.stack(arrays)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
