@@ -236,7 +236,7 @@ def test_image_folder_layout_mistakes_are_named(tmp_path: Path, capsys: pytest.C
     assert "class(es) with fewer than 7 images: test (1)" in out
 
 
-def test_unreadable_training_images_are_named_all_at_once(tmp_path: Path) -> None:
+def test_unreadable_training_images_are_named_all_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from stampclf import InputError
 
     files = []
@@ -248,6 +248,20 @@ def test_unreadable_training_images_are_named_all_at_once(tmp_path: Path) -> Non
         Path(f).write_bytes(b"\x89PNG broken")
     with pytest.raises(InputError, match=r"^2 of 4 images cannot be read \(remove or replace them\): .*1.png.*; .*2.png"):
         data_images.decode_images(files, {"resize": 8, "crop": 8}, cache=None)
+    # through training: the bad images of every split in one error, counted over the whole folder
+    root = tmp_path / "folder"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(20):
+            PIL_Image.new("RGB", (16, 16), (i * 9, 0, 0)).save(root / cls / f"{i}.png")
+        for i in range(6):
+            (root / cls / f"bad{i}.png").write_bytes(b"\x89PNG broken")
+    from train import train as train_mod
+
+    args = ["--model", "image-folder", "--epochs", "1", "--threads", "1", "--out", str(tmp_path / "run"),
+            "--set", f"root={root}", "--set", "size=16"]
+    assert train_mod.main(args) == 2
+    assert "train: error: 12 of 52 images cannot be read" in capsys.readouterr().err
 
 
 def test_every_jpeg_suffix_is_an_image_in_a_folder(tmp_path: Path, tiny_image_model_path: Path) -> None:

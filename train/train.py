@@ -284,8 +284,6 @@ def finish(spec: ModelSpec, model: nn.Module, data: DataBundle, run: dict[str, A
     ``recipe``, ``device`` and ``train_seconds``. Calibration, operating points and every
     metric are computed here, with the model as registered (its eval-mode graph).
     """
-    args.writing = True  # from here on an interrupt may leave a partial run in *out*
-    out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     device, recipe, history = args.device, run["recipe"], run["history"]
     bs, workers = int(recipe.get("batch_size", 256)), int(recipe.get("workers", 0))
@@ -312,6 +310,8 @@ def finish(spec: ModelSpec, model: nn.Module, data: DataBundle, run: dict[str, A
     uncal = M.expected_calibration_error(vy, _softmax(vlogits, 1.0))
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    args.writing = True  # from here on an interrupt may leave a partial run in *out*
+    out.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": state, "temperature": torch.tensor(temperature)}, out / "checkpoint.pt")
     report: dict[str, Any] = {
         "model": spec.name,
@@ -359,7 +359,7 @@ def evaluate_only(spec: ModelSpec, args: argparse.Namespace, options: dict[str, 
         raise ValueError(f"--evaluate-only: {out} holds no trained run (report.json and checkpoint.pt); "
                          "give the run's --out")
     old = json.loads((out / "report.json").read_text())
-    retrain = [k for k in TRAIN_KEYS if k in options] + (["epochs"] if args.epochs is not None else [])
+    retrain = [k for k in TRAIN_KEYS if k in options and k != "workers"] + (["epochs"] if args.epochs is not None else [])
     if retrain:  # the weights are the run's: a training option would be recorded, not applied
         raise ValueError(f"--evaluate-only: {', '.join(dict.fromkeys(retrain))} change(s) training, not evaluation; "
                          "the weights are the run's (train a new run to change them)")

@@ -192,6 +192,15 @@ def _subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 # --- decoding and cache ----------------------------------------------------------------
+class UnreadableImages(InputError):
+    """Images that cannot be read, all of them named (count and the first three)."""
+
+    def __init__(self, errors: list[str], total: int) -> None:
+        self.errors, self.total = errors, total
+        shown = "; ".join(errors[:3]) + (f"; and {len(errors) - 3} more" if len(errors) > 3 else "")
+        super().__init__(f"{len(errors)} of {total} images cannot be read (remove or replace them): {shown}")
+
+
 def _decode_one(path: str, spec: dict[str, Any]) -> np.ndarray | InputError:
     try:
         return image_to_uint8(open_image(path), spec)
@@ -218,8 +227,7 @@ def decode_images(files: list[str], spec: dict[str, Any], cache: str | None, thr
         arrays = list(pool.map(lambda f: _decode_one(f, spec), files))
     bad = [str(a) for a in arrays if isinstance(a, InputError)]
     if bad:  # every unreadable image at once: fixing them one run at a time is slow
-        shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise InputError(f"{len(bad)} of {len(files)} images cannot be read (remove or replace them): {shown}")
+        raise UnreadableImages(bad, len(files))
     out = np.stack(arrays)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -385,7 +393,14 @@ def _bundle(name: str, spec: Any, recipe: dict[str, Any], root: Path, source: st
     # copied (decoded) into a shared folder unless you ask for it with --set cache=DIR
     cache = recipe.get("cache", "none" if name == "image_folder" else "/tmp/data/cache")  # noqa: S108
     threads = int(recipe.get("decode_threads", 2))
-    arrays = {k: decode_images(f, spec.preprocessing, cache, threads) for k, (f, _y) in splits.items()}
+    arrays, errors = {}, []
+    for k, (f, _y) in splits.items():  # the unreadable images of every split in one error
+        try:
+            arrays[k] = decode_images(f, spec.preprocessing, cache, threads)
+        except UnreadableImages as exc:
+            errors += exc.errors
+    if errors:
+        raise UnreadableImages(errors, sum(len(f) for f, _y in splits.values()))
     shape = (len(spec.input["channels"]), int(spec.input["height"]), int(spec.input["width"]))
     for a in arrays.values():
         if a.shape[1:] != shape:
