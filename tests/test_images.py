@@ -493,6 +493,10 @@ def test_image_folder_model_takes_its_size_from_set_size(tmp_path: Path, capsys:
     assert len(res) == 16 and (res.status == "ok").all()
     assert train_mod.main(["--model", "galaxy", "--set", "size=64"]) == 2
     assert re.search("model 'galaxy' takes no --set size|unknown --set key 'size'", capsys.readouterr().err)
+    # an image removed: the splits are drawn again, and held-out images could be training images
+    next((root / "dark").iterdir()).unlink()
+    assert train_mod.main([*base, "--out", str(run), "--evaluate-only", "--set", "size=40"]) == 2
+    assert "split(s) differ from the run's" in capsys.readouterr().err
 
 
 def test_transparent_pixels_show_the_cards_background() -> None:

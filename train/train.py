@@ -373,7 +373,10 @@ def evaluate_only(spec: ModelSpec, args: argparse.Namespace, options: dict[str, 
     options = {**old.get("options", {}), **options}
     spec = with_size(spec, options.get("size"))
     data = load_dataset(spec, options, args.seed)
-    before, now = old.get("data", {}).get("sha256", {}), data.provenance.get("sha256", {})
+    # image sets: which files are in which split (decoded pixels may differ by a Pillow version);
+    # stamps: the arrays themselves
+    key = "file_lists_sha256" if "file_lists_sha256" in data.provenance else "sha256"
+    before, now = old.get("data", {}).get(key, {}), data.provenance.get(key, {})
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if changed:
         # other splits (files added or removed redraw them; another --set data= replaces them): the
