@@ -511,7 +511,7 @@ def test_file_options_are_refused_for_simulated_data(tmp_path: Path, capsys: pyt
     (["--set", "batch_size=0"], "--set batch_size=0: expected an integer of at least 1"),
     (["--set", "snr_derived=abc"], "--set snr_derived=abc: expected a number"),
     (["--set", "optimizer=SGD"], "--set optimizer=SGD: expected one of adamw, sgd"),  # trained AdamW as 'SGD'
-    (["--set", "class_weights=balanced"], "--set class_weights=balanced: expected a list of positive numbers"),
+    (["--set", "class_weights=heavy"], "--set class_weights=heavy: expected a list of positive numbers"),
     (["--set", "class_weights=[1,-2]"], "--set class_weights=[1, -2]: expected a list of positive numbers"),
     (["--device", "gpu"], "--device gpu: not a torch device"),
 ])
@@ -531,6 +531,17 @@ def test_training_mistakes_found_with_the_data_are_one_line(trained: dict[str, P
     assert train_mod.main([*base, "--out", str(tmp_path / "w"), "--set", "class_weights=[1,2,3]"]) == 2
     err = capsys.readouterr().err
     assert "--set class_weights=[1, 2, 3]: 3 weight(s) for 2 classes ['bogus', 'real']" in err and "Traceback" not in err
+    # balanced: N / (K n_c) from the training split, the numbers used kept in the report
+    assert train_mod.main([*base, "--out", str(tmp_path / "b"), "--set", "class_weights=balanced",
+                           "--set", "batch_size=256"]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    import h5py
+
+    with h5py.File(trained["test"].parent / "train.h5") as f:
+        counts = np.bincount(f["labels"][()], minlength=2)
+    want = [counts.sum() / (2 * c) for c in counts]
+    np.testing.assert_allclose(report["recipe"]["class_weights_balanced"], want, rtol=1e-5)
+    assert report["recipe"]["class_weights"] == "balanced"
     # --evaluate-only on other data: its test figures would not be held out from the weights
     import shutil
 
@@ -595,7 +606,7 @@ def test_a_model_that_gives_every_row_one_class_is_named() -> None:
     always = np.tile([0.9, 0.1], (100, 1))
     assert train_mod.one_class_note(["bogus", "real"], always, y) == (
         "the model calls every test row 'bogus' (test class counts [95, 5]): more epochs, or "
-        "--set class_weights=[...] (one weight per class: ['bogus', 'real'])"
+        "--set class_weights=balanced (or one weight per class: ['bogus', 'real'])"
     )
     mixed = always.copy()
     mixed[-1] = [0.2, 0.8]

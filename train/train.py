@@ -13,7 +13,8 @@ matrix and ROC curve.
 
 Recipe keys (the registry's ``recipe``, each overridable with ``--set``): ``epochs``,
 ``batch_size``, ``optimizer`` (``adamw`` | ``sgd``: Nesterov), ``lr`` (one-cycle peak),
-``momentum``, ``weight_decay``, ``pct_start``, ``label_smoothing``, ``class_weights``,
+``momentum``, ``weight_decay``, ``pct_start``, ``label_smoothing``, ``class_weights`` (one
+weight per class, or ``balanced``: N / (K n_c) from the training split),
 ``channels_last`` (NHWC tensors, faster convolutions on CPU), ``init_from_data`` (N: call
 every submodule's ``init_from_data(x)`` with N training inputs before training),
 ``ema`` (a decay such as 0.999: validate, select and save an exponential moving average
@@ -219,6 +220,11 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     on_device = bool(getattr(data.augment, "on_device", False))  # batched tensor augmentation after the transfer
     smoothing = float(recipe.get("label_smoothing", 0.0))
     class_weights = recipe.get("class_weights")
+    if class_weights == "balanced":  # N / (K n_c) from the training split, recorded as the numbers used
+        counts = torch.bincount(data.train.tensors[-1].long(), minlength=len(spec.classes)).double()
+        class_weights = (counts.sum() / (len(spec.classes) * counts.clamp(min=1))).tolist()
+        recipe["class_weights_balanced"] = [round(w, 6) for w in class_weights]
+        print(f"[train] class_weights=balanced: {recipe['class_weights_balanced']}", flush=True)
     if class_weights and len(class_weights) != len(spec.classes):
         raise ValueError(f"--set class_weights={json.dumps(class_weights)}: {len(class_weights)} weight(s) for "
                          f"{len(spec.classes)} classes {list(spec.classes)}")
@@ -405,7 +411,7 @@ def one_class_note(classes: list[str] | tuple[str, ...], proba: np.ndarray, y: n
         return None
     counts = np.bincount(y, minlength=len(classes)).tolist()
     return (f"the model calls every test row {classes[int(predicted[0])]!r} (test class counts {counts}): more "
-            f"epochs, or --set class_weights=[...] (one weight per class: {list(classes)})")
+            f"epochs, or --set class_weights=balanced (or one weight per class: {list(classes)})")
 
 
 def write_figures(out: Path, spec: ModelSpec, history: dict[str, list[float]], test_m: dict[str, Any],
@@ -614,12 +620,12 @@ def check_options(spec: ModelSpec, options: dict[str, Any]) -> None:
             raise OptionError(f"--set {key}={shown}: expected a number")
         if key == "optimizer" and value not in OPTIMIZERS:  # another name trained AdamW under that name
             raise OptionError(f"--set optimizer={shown}: expected one of {', '.join(OPTIMIZERS)}")
-        if key == "class_weights" and value is not None and not (
+        if key == "class_weights" and value not in (None, "balanced") and not (
             isinstance(value, list) and value
             and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in value)
         ):
             raise OptionError(f"--set class_weights={shown}: expected a list of positive numbers, one per class "
-                              "(e.g. class_weights=[1,19])")
+                              "(e.g. class_weights=[1,19]), or balanced")
 
 
 def check_device(device: str) -> None:
