@@ -510,6 +510,7 @@ def test_file_options_are_refused_for_simulated_data(tmp_path: Path, capsys: pyt
     (["--set", "root="], "--set root= names no file or folder"),
     (["--set", "batch_size=0"], "--set batch_size=0: expected an integer of at least 1"),
     (["--set", "snr_derived=abc"], "--set snr_derived=abc: expected a number"),
+    (["--set", "snr_derived=2"], "--set snr_derived=2: expected a probability from 0 to 1"),
     (["--set", "optimizer=SGD"], "--set optimizer=SGD: expected one of adamw, sgd"),  # trained AdamW as 'SGD'
     (["--set", "class_weights=heavy"], "--set class_weights=heavy: expected a list of positive numbers"),
     (["--set", "class_weights=[1,-2]"], "--set class_weights=[1, -2]: expected a list of positive numbers"),

@@ -618,6 +618,8 @@ def check_options(spec: ModelSpec, options: dict[str, Any]) -> None:
             raise OptionError(f"--set {key}={shown}: expected an integer of at least {least}")
         if key in NUMBER_KEYS and (not isinstance(value, (int, float)) or (isinstance(value, bool) and key != "ema")):
             raise OptionError(f"--set {key}={shown}: expected a number")
+        if key == "snr_derived" and not 0 <= value <= 1:  # a probability per stamp
+            raise OptionError(f"--set snr_derived={shown}: expected a probability from 0 to 1")
         if key == "optimizer" and value not in OPTIMIZERS:  # another name trained AdamW under that name
             raise OptionError(f"--set optimizer={shown}: expected one of {', '.join(OPTIMIZERS)}")
         if key == "class_weights" and value not in (None, "balanced") and not (
