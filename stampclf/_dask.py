@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ._card import read_card, resolve_threshold
-from ._errors import InputError, StampclfError
+from ._errors import InputError, StampclfError, check_choice
 from ._registry import resolve_model
 from ._run import ROW_INPUTS, RunSummary, finish, row_errors, row_inputs, status_counts, unscored_input
 from .classifier import PREPS, Classifier, Predictions
@@ -342,8 +342,7 @@ def classify_dask(
     """
     if chunk_rows < 1:
         raise InputError(f"chunk_rows must be at least 1, got {chunk_rows}")
-    if layout not in LAYOUTS:
-        raise InputError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    check_choice("layout", layout, LAYOUTS)
     t0 = time.perf_counter()
     card, sha, data = _load_model(client, model)
     threshold = resolve_threshold(card, threshold)  # before any task: every worker would fail the same way
@@ -488,8 +487,7 @@ def _worker_options(
     device: str, threads: int, threshold: Any, batch_size: int | None, precision: str, prep: str
 ) -> dict[str, Any]:
     """The keyword arguments of each worker's `Classifier` (a bad *prep* fails here, before any task)."""
-    if prep not in PREPS:
-        raise InputError(f"unknown prep {prep!r}; choose one of {', '.join(PREPS)}")
+    check_choice("prep", prep, PREPS)
     return {"device": device, "threads": threads, "threshold": threshold, "batch_size": batch_size,
             "precision": precision, "prep": prep}  # fmt: skip
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["StampclfError", "InputError", "OutputError", "ModelError", "DeviceError", "open_failure"]
+__all__ = ["StampclfError", "InputError", "OutputError", "ModelError", "DeviceError", "open_failure", "check_choice"]
 
 
 class StampclfError(Exception):
@@ -36,6 +36,12 @@ class DeviceError(StampclfError):
     """The requested execution device cannot be used (exit code 2)."""
 
     exit_code = 2
+
+
+def check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise `InputError` naming *value* unless it is one of *choices* (``unknown prep 'gpu'; choose one of ...``)."""
+    if value not in choices:
+        raise InputError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
 def open_failure(

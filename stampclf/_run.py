@@ -10,7 +10,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ._errors import InputError, OutputError, StampclfError
+from ._errors import InputError, OutputError, StampclfError, check_choice
 from .classifier import _NO_LABELS, Classifier, _positive_int, _why_no_labels
 from .io import LAYOUTS, open_inputs, open_writer, run_attrs
 from .preprocess import OK
@@ -165,8 +165,7 @@ def classify_files(
     """
     if not paths:
         raise InputError("no input files given")
-    if layout not in LAYOUTS:
-        raise InputError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    check_choice("layout", layout, LAYOUTS)
     batch_size = clf.batch_size if batch_size is None else _positive_int("batch_size", batch_size)
     _check_output(output, paths)
     summary = RunSummary(output=output)

@@ -233,6 +233,7 @@ class BatchRunner:
         self.row_shape = tuple(int(d) for d in row_shape)
         self.n_out = int(n_out)
         self.device = info.device
+        self._ort_device = "cuda" if self.device == "cuda" else "cpu"  # bound buffers live there (tests: the CPU)
         self.prep = prep
         self.prep_cm = prep_cm if prep is not None else None
         self._prep_args = dict(prep_args or {})
@@ -249,8 +250,7 @@ class BatchRunner:
         import numpy as np
         import onnxruntime as ort
 
-        # the same code on either device: tests run the chained graphs on the CPU
-        dev = "cuda" if self.device == "cuda" else "cpu"
+        dev = self._ort_device  # the same code on either device: tests run the chained graphs on the CPU
         shape = (self.batch_size, *self.row_shape)
         self._stage = np.zeros(shape, dtype=np.float32)  # host buffer for padded short batches
         # buffers of their own (on the CPU, ortvalue_from_numpy would share _stage's memory)
@@ -292,7 +292,7 @@ class BatchRunner:
 
             assert self.prep_cm is not None
             shape = (self.row_shape[0], self.batch_size, *self.row_shape[1:])
-            raw = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda" if self.device == "cuda" else "cpu", 0)
+            raw = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self._ort_device, 0)
             self._cm = (raw, np.zeros(shape, np.float32), self._bind_prep(self.prep_cm, raw))
         return self._cm
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ._card import ModelCard, read_card, resolve_threshold
-from ._errors import DeviceError, InputError, ModelError
+from ._errors import DeviceError, InputError, ModelError, check_choice
 from ._registry import resolve_model, shadowing_notice
 from ._session import PRECISIONS, BatchRunner, cpu_count, create_session, to_fp16
 from .io import InputBatch, open_inputs
@@ -333,10 +333,8 @@ class Classifier:
         cuda_graph: bool = False,
         prep: str = "auto",
     ) -> None:
-        if prep not in PREPS:
-            raise InputError(f"unknown prep {prep!r}; choose one of {', '.join(PREPS)}")
-        if precision not in PRECISIONS:
-            raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        check_choice("prep", prep, PREPS)
+        check_choice("precision", precision, PRECISIONS)
         for name, value in (("batch_size", batch_size), ("threads", threads)):
             if value is not None:
                 _positive_int(name, value)

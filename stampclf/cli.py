@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import __version__
-from ._errors import InputError, StampclfError
+from ._errors import InputError, StampclfError, check_choice
 
 __all__ = ["app", "main"]
 
@@ -25,6 +25,13 @@ app = typer.Typer(
 )
 
 _state: dict[str, bool] = {"debug": False}
+
+
+_PREP_HELP = (
+    "Where stamps are normalised: auto (on the GPU with CUDA, else on the host), host (numpy) or device "
+    "(an ONNX graph on the inference device); stamp models only (alert and FITS cut-outs are normalised "
+    "on the host)."
+)
 
 
 def _fail(message: str, code: int) -> None:
@@ -122,9 +129,7 @@ def classify(
         str, typer.Option("--precision", help="fp32, or fp16 (GPU; needs onnxconverter-common; docs/benchmarks.md).")
     ] = "fp32",
     prep: Annotated[
-        str, typer.Option("--prep", help="Where stamps are normalised: auto (on the GPU with CUDA, else on the host), "
-                          "host (numpy) or device (an ONNX graph on the inference device); stamp models "
-                          "only (alert and FITS cut-outs are normalised on the host).")
+        str, typer.Option("--prep", help=_PREP_HELP)
     ] = "auto",
     scheduler: Annotated[
         Optional[str],
@@ -185,10 +190,8 @@ def _classify_on_dask(
 
     if evaluate:
         raise InputError("--evaluate is not available with --scheduler (run it without one)")
-    if precision not in PRECISIONS:  # before a cluster starts, not on every worker
-        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if prep not in PREPS:
-        raise InputError(f"unknown prep {prep!r}; choose one of {', '.join(PREPS)}")
+    check_choice("precision", precision, PRECISIONS)  # before a cluster starts, not on every worker
+    check_choice("prep", prep, PREPS)
     card, _ = read_card(resolve_model(model), verify=False)  # a bad model fails before a cluster starts
     threshold = resolve_threshold(card, threshold)
     with connect(scheduler) as client:
@@ -308,9 +311,7 @@ def bench(
     precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16 (converted on load).")] = "fp32",
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="CUDA: capture and replay a CUDA graph.")] = False,
     prep: Annotated[
-        str, typer.Option("--prep", help="Where stamps are normalised: auto (on the GPU with CUDA, else on the host), "
-                          "host (numpy) or device (an ONNX graph on the inference device); stamp models "
-                          "only (alert and FITS cut-outs are normalised on the host).")
+        str, typer.Option("--prep", help=_PREP_HELP)
     ] = "auto",
 ) -> None:
     """Print rows/s: the model alone, classify in memory, and classify of an HDF5 file to CSV."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import InputError, StampclfError, open_failure
+from .._errors import InputError, StampclfError, check_choice, open_failure
 from ..preprocess import OK, merge_status
 from ._base import DUPLICATE_ID, InputBatch, duplicate_rows
 from ._cutouts import DERIVED_SNR, derive_snr_rows
@@ -74,8 +74,7 @@ class HDF5Reader:
         duplicates: np.ndarray | None = None, hints: dict[str, str] | None = None,
     ) -> None:
         self._hints = hints or CLI_HINTS
-        if layout not in LAYOUTS:
-            raise InputError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        check_choice("layout", layout, LAYOUTS)
         self.path = str(path)
         self._fd: int | None = None  # own descriptor, for read-ahead hints only
         #: set by the caller (``--keep-going``): unreadable rows become failed rows, listed in `damaged`
@@ -196,6 +195,11 @@ class HDF5Reader:
         for d in self._datasets:
             if d.dtype.kind not in "fiu":
                 raise InputError(f"{self.path}: dataset {d.name!r} has dtype {d.dtype}; expected numbers")
+        # each dataset's channel in a block (the derived SNR channel has no dataset), and the block's dtype
+        at = self._derive[0] if self._derive is not None else len(self._datasets)
+        self._slots = [k if k < at else k + 1 for k in range(len(self._datasets))]
+        derived = [np.dtype(np.float32)] if self._derive is not None else []
+        self._block_dtype = np.result_type(*(d.dtype for d in self._datasets), *derived)
         self.n_rows = int(self._datasets[0].shape[0])
         self._ids = self._find(_ID_NAMES, "ids")
         try:
@@ -283,12 +287,9 @@ class HDF5Reader:
             # HDF5Reader.batches, 200,000 HiTS stamps: 500,000-720,000 stamps/s against
             # 130,000-210,000 reading into a scratch buffer and copying into (N, C) order.
             # Blocks are recycled (`_block_buffer`): no fresh pages per block.
-            n, derive = stop - start, self._derive
-            slots = [k if derive is None or k < derive[0] else k + 1 for k in range(len(self._datasets))]
-            dtypes = [d.dtype for d in self._datasets] + ([np.dtype(np.float32)] if derive else [])
-            dtype = np.result_type(*dtypes)
+            n, dtype = stop - start, self._block_dtype
             block = self._block_buffer((self._row_shape[0], n, *self._row_shape[1:]), dtype)
-            for k, d in zip(slots, self._datasets, strict=True):
+            for k, d in zip(self._slots, self._datasets, strict=True):
                 self._reading = d.name
                 dest = block[k].reshape(n, *d.shape[1:])  # a view: the slab is contiguous
                 if d.dtype == dtype:
@@ -298,8 +299,8 @@ class HDF5Reader:
                     self._scratch = part if part.base is None else part.base
                     dest[...] = part
             stamps = block.transpose(1, 0, 2, 3)
-            if derive is not None:
-                at, diff = derive
+            if self._derive is not None:
+                at, diff = self._derive
                 stamps[:, at] = derive_snr_rows(stamps[:, diff])
         return self._batch(start, stop, stamps)
 
