@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from stampclf import metrics as M
 from train.data import DataBundle, dataset_options, load_dataset
-from train.registry import ModelSpec, create_model, get_spec, list_models, with_classes, with_size
+from train.registry import SIZE_RANGE, ModelSpec, create_model, get_spec, list_models, with_classes, with_size
 
 __all__ = ["train", "main", "predict_logits", "fit_temperature", "reproduce_command", "check_options", "OptionError",
            "parse_options", "one_class_note", "check_device", "json_safe",
@@ -607,7 +607,7 @@ def check_options(spec: ModelSpec, options: dict[str, Any]) -> None:
     if "size" in options:
         try:
             if options["size"] is None:  # e.g. size=$UNSET: not a reason to train at the default
-                raise ValueError("--set size=null: expected a whole number of pixels from 16 to 1024")
+                raise ValueError("--set size=null: expected a whole number of pixels from {} to {}".format(*SIZE_RANGE))
             with_size(spec, options["size"])
         except ValueError as exc:
             raise OptionError(str(exc)) from None
@@ -639,6 +639,11 @@ def check_device(device: str) -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OptionError(f"--device {device}: this torch has no usable CUDA (torch {torch.__version__}); "
                           "use --device cpu") from None
+
+
+def _absolute(paths: str) -> str:
+    """A ``--set data=``/``root=`` value (comma-separated paths) with every path made absolute."""
+    return ",".join(os.path.abspath(p.strip()) if p.strip() else p for p in paths.split(","))
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
@@ -674,7 +679,7 @@ def reproduce_command(argv: list[str]) -> str:
                 i += 1 if eq else 2
                 continue
             if key in ("data", "root") and paths:  # the files again from any folder, as the report's data section
-                kv = f"{key}=" + ",".join(os.path.abspath(q.strip()) if q.strip() else q for q in paths.split(","))
+                kv = f"{key}={_absolute(paths)}"
                 keep += [f"--set={kv}"] if eq else ["--set", kv]
                 i += 1 if eq else 2
                 continue
@@ -691,22 +696,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train: error: {exc.args[0]}", file=sys.stderr)
         return 2
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the report's command
-    try:
+    try:  # before any data is read or output written; the usage errors' exit code
         options = parse_options(args.options)
-    except OptionError as exc:
-        print(f"train: error: {exc}", file=sys.stderr)
-        return 2
-    for key in ("data", "root"):  # the report must find the files again from any folder (--evaluate-only)
-        if key in options and (not isinstance(options[key], str) or not options[key].strip()):
-            # e.g. --set data=$UNSET or data=null: not a reason to train on the default data
-            print(f"train: error: --set {key}= names no file or folder ({options[key]!r})", file=sys.stderr)
-            return 2
-        if isinstance(options.get(key), str):
-            options[key] = ",".join(os.path.abspath(p.strip()) if p.strip() else p for p in options[key].split(","))
-    try:
+        for key in ("data", "root"):  # the report must find the files again from any folder (--evaluate-only)
+            if key in options and (not isinstance(options[key], str) or not options[key].strip()):
+                # e.g. --set data=$UNSET or data=null: not a reason to train on the default data
+                raise OptionError(f"--set {key}= names no file or folder ({options[key]!r})")
+            if isinstance(options.get(key), str):
+                options[key] = _absolute(options[key])
         check_options(spec, options)
         check_device(args.device)
-    except OptionError as exc:  # before any data is read or output written; the usage errors' exit code
+    except OptionError as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
     try:
