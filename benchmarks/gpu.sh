@@ -12,7 +12,8 @@
 #   data/wheels/ortgpu.part* (joined in name order) + data/wheels/ortgpu.sha256 (cp312), or
 #   data/wheels/cp3XX/<wheel>.part-aa .. + <wheel>.sha256               (any python)
 # and onnxconverter-common (fp16) from data/wheels/onnxconverter_common-*.whl when missing.
-# Parts carried in earlier calls stay on the machine while it is warm. INSTALL_ONLY=1: stop
+# Parts carried in earlier calls stay on the machine while it is warm. A gzipped py-spy at
+# data/tools/py-spy.gz, when carried, profiles one end-to-end run (per thread). INSTALL_ONLY=1: stop
 # after the install (a short check); FORCE_INSTALL=1: install even if CUDA is importable. The CUDA/cuDNN
 # libraries come from the image's NVIDIA pip packages (onnxruntime.preload_dlls()).
 set -euo pipefail
@@ -70,6 +71,12 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 [[ ${INSTALL_ONLY:-0} == 1 ]] && exit 0
 
 set -o pipefail
-"$PY" benchmarks/gpu_bench.py --out "$OUT" --workdir "${WORKDIR:-/tmp/stampclf_bench}" "$@" 2>&1 | tee "$OUT/gpu_bench.log"
+spy=()
+if [[ -f data/tools/py-spy.gz ]]; then  # optional: a per-thread profile of one end-to-end run
+  gunzip -c data/tools/py-spy.gz > /tmp/py-spy && chmod +x /tmp/py-spy && spy=(--py-spy /tmp/py-spy)
+fi
+"$PY" benchmarks/gpu_bench.py --out "$OUT" --workdir "${WORKDIR:-/tmp/stampclf_bench}" "${spy[@]}" "$@" 2>&1 | tee "$OUT/gpu_bench.log"
+# the user-facing command on this GPU
+"$PY" -m stampclf bench --device cuda --n 500000 2>&1 | tee -a "$OUT/gpu_bench.log" || true
 # the CUDA-path tests, which skip without a GPU, run here for real
 "$PY" -m pytest -q -p no:cacheprovider tests/test_throughput_paths.py -m gpu 2>&1 | tail -5 | tee -a "$OUT/gpu_bench.log" || true
