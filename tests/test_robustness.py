@@ -210,8 +210,10 @@ def _patch_mid_read(mp: pytest.MonkeyPatch) -> None:
 def _fail_row_reads(mp: pytest.MonkeyPatch, when: Callable[[Any, slice], bool], message: str) -> None:
     """h5py raises OSError(*message*) for a slice of rows for which *when(dataset, rows)* holds.
 
-    Both ways the reader reads rows are patched: indexing and ``read_direct``.
+    Both ways h5py reads rows are patched: indexing and ``read_direct``; the reader's own
+    reads of plain datasets (``os.preadv``) are turned off, so that h5py reads everything.
     """
+    mp.setattr("stampclf.io._hdf5._DIRECT", False)
     real, real_direct = h5py.Dataset.__getitem__, h5py.Dataset.read_direct
 
     def fake(self: Any, key: Any) -> Any:

@@ -7,6 +7,7 @@ preprocessing pool, the vectorised CSV writer, and (with a GPU) IOBinding, CUDA 
 from __future__ import annotations
 
 import csv
+import os
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from conftest import HITS_INPUT, make_stamps, write_hits_h5
 
 from stampclf import Classifier
+from stampclf._errors import InputError
 from stampclf._session import BatchRunner, _bucket, create_session
 from stampclf.classifier import _ordered_map, _prefetch
 from stampclf.io import HDF5Reader
@@ -126,6 +128,67 @@ def test_chunk_aligned_blocks_give_the_same_batches(tmp_path: Path, chunks: tupl
         gs = g.status if g.status is not None else np.full(len(g), "ok", dtype=object)
         ws = w.status if w.status is not None else np.full(len(w), "ok", dtype=object)
         assert list(gs) == list(ws)
+    reader.close()
+
+
+def _h5py_batches(path: Path, bs: int, monkeypatch: pytest.MonkeyPatch) -> list:
+    """What the reader gives when h5py reads everything."""
+    with monkeypatch.context() as mp:
+        mp.setattr("stampclf.io._hdf5._DIRECT", False)
+        reader = HDF5Reader(str(path), HITS_INPUT)
+        out = [b.stamps.copy() for b in reader.batches(bs)]
+        reader.close()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("options", "direct"),
+    [({}, True), ({"chunks": (10, 21, 21)}, True), ({"chunks": (7, 21, 21)}, True),
+     ({"chunks": (10, 21, 21), "compression": "gzip"}, False), ({"chunks": (10, 7, 21)}, False),
+     ({"dtype": ">f4"}, False), ({"fillvalue": 7.0, "chunks": (10, 21, 21), "unwritten": True}, True)],
+)  # fmt: skip
+def test_plain_datasets_are_read_past_h5py_with_the_same_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: dict, direct: bool
+) -> None:
+    import h5py
+
+    x = make_stamps(53, seed=21)
+    options = dict(options)
+    unwritten, dtype = options.pop("unwritten", False), options.pop("dtype", "<f4")
+    path = tmp_path / "plain.h5"
+    with h5py.File(path, "w") as f:
+        for c, name in enumerate(HITS_INPUT["hdf5_datasets"]):
+            d = f.create_dataset(name, (53, 21, 21), dtype, **options)
+            if unwritten:  # chunks 2 and 4 never written: h5py gives the fill value there
+                d[:20], d[30:40], d[50:] = x[:20, c], x[30:40, c], x[50:, c]
+            else:
+                d[...] = x[:, c]
+    reader = HDF5Reader(str(path), HITS_INPUT)
+    assert all((d is not None) == direct for d in reader._direct), reader._direct
+    reads = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda *a: reads.append(a[2]) or real(*a))
+    got = [b.stamps for b in reader.batches(16)]
+    assert bool(reads) == direct
+    want = _h5py_batches(path, 16, monkeypatch)
+    assert len(got) == len(want) == 4
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    if not unwritten:
+        np.testing.assert_array_equal(np.concatenate(got), x)
+    else:
+        assert (np.concatenate(got)[[20, 29, 40, 49]] == 7.0).all()
+    reader.close()
+
+
+def test_a_plain_dataset_cut_short_is_a_read_error_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_hits_h5(tmp_path / "short.h5", n=40, seed=3, chunks=(10, 21, 21))
+    reader = HDF5Reader(str(path), HITS_INPUT)
+    monkeypatch.setattr(os, "preadv", lambda *a: 0)  # the file ends here (as a file truncated after opening)
+    with pytest.raises(InputError, match=r"short\.h5: cannot read rows 0-19 of dataset 'temp_images' \(truncated or corrupt HDF5: the file ends before byte"):
+        list(reader.batches(16))
     reader.close()
 
 

@@ -198,6 +198,7 @@ class HDF5Reader:
         # each dataset's channel in a block (the derived SNR channel has no dataset), and the block's dtype
         at = self._derive[0] if self._derive is not None else len(self._datasets)
         self._slots = [k if k < at else k + 1 for k in range(len(self._datasets))]
+        self._direct = [_direct_layout(self._file, d) for d in self._datasets]
         derived = [np.dtype(np.float32)] if self._derive is not None else []
         self._block_dtype = np.result_type(*(d.dtype for d in self._datasets), *derived)
         self.n_rows = int(self._datasets[0].shape[0])
@@ -289,11 +290,11 @@ class HDF5Reader:
             # Blocks are recycled (`_block_buffer`): no fresh pages per block.
             n, dtype = stop - start, self._block_dtype
             block = self._block_buffer((self._row_shape[0], n, *self._row_shape[1:]), dtype)
-            for k, d in zip(self._slots, self._datasets, strict=True):
+            for k, d, direct in zip(self._slots, self._datasets, self._direct, strict=True):
                 self._reading = d.name
                 dest = block[k].reshape(n, *d.shape[1:])  # a view: the slab is contiguous
                 if d.dtype == dtype:
-                    _read_rows(d, start, stop, out=dest)
+                    self._read_into(d, direct, start, stop, dest)
                 else:  # read as stored, cast by numpy: the same conversion as for arrays in memory
                     part = _read_rows(d, start, stop, self._scratch)
                     self._scratch = part if part.base is None else part.base
@@ -303,6 +304,34 @@ class HDF5Reader:
                 at, diff = self._derive
                 stamps[:, at] = derive_snr_rows(stamps[:, diff])
         return self._batch(start, stop, stamps)
+
+    def _read_into(self, ds: Any, direct: tuple[int, int] | None, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows ``start:stop`` of *ds* into *out* (C-contiguous, the dataset's dtype).
+
+        Where the rows lie in the file as they are in memory (`_direct_layout`), they are
+        read with ``os.preadv``, which lets go of the GIL while it copies: h5py holds it
+        for the whole of a read, and the writer and inference threads then wait (on a GPU
+        the reader and the CSV writer took turns). Elsewhere, and for a chunk never
+        written (h5py gives its fill value), h5py reads.
+        """
+        if direct is None or not _DIRECT:
+            _read_rows(ds, start, stop, out=out)
+            return
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        rows, row_bytes = direct
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        if not rows:  # contiguous: one range
+            _pread_exact(self._fd, buf, ds.id.get_offset() + start * row_bytes)
+            return
+        for c0 in range(start - start % rows, stop, rows):
+            a, b = max(start, c0), min(stop, c0 + rows)
+            info = ds.id.get_chunk_info_by_coord((c0,) + (0,) * (ds.ndim - 1))
+            if info.byte_offset is None:
+                ds.read_direct(out, np.s_[a:b], np.s_[a - start : b - start])
+            else:
+                piece = buf[(a - start) * row_bytes : (b - start) * row_bytes]
+                _pread_exact(self._fd, piece, int(info.byte_offset) + (a - c0) * row_bytes)
 
     def _block_buffer(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """An array to fill with a block: a recycled one when nothing refers to it any more.
@@ -461,6 +490,44 @@ class HDF5Reader:
 def _row_bytes(ds: Any) -> int:
     """Bytes of one row (first-axis index) of a dataset."""
     return int(ds.dtype.itemsize * math.prod(ds.shape[1:]))
+
+
+#: Read plain datasets with ``os.preadv`` (`HDF5Reader._read_into`); off: h5py reads everything
+_DIRECT = True
+
+
+def _direct_layout(file: Any, ds: Any) -> tuple[int, int] | None:
+    """``(rows per chunk, bytes per row)`` when rows of *ds* lie in the file as they do in memory, else None.
+
+    That is: a plain file (default driver, no user block), no filters, a native
+    dtype, contiguous (rows per chunk 0) or chunked by whole rows. Only then are
+    its bytes at the offsets HDF5 reports the values themselves.
+    """
+    import h5py
+
+    try:
+        if file.driver != "sec2" or file.userblock_size or ds.is_virtual or not ds.dtype.isnative:
+            return None
+        dcpl = ds.id.get_create_plist()
+        if dcpl.get_nfilters() or dcpl.get_external_count():
+            return None
+        layout = dcpl.get_layout()
+        if layout == h5py.h5d.CONTIGUOUS and ds.id.get_offset() is not None:
+            return 0, _row_bytes(ds)
+        if layout == h5py.h5d.CHUNKED and tuple(ds.chunks[1:]) == tuple(ds.shape[1:]):
+            return int(ds.chunks[0]), _row_bytes(ds)
+    except Exception:  # noqa: BLE001 - an HDF5 library without these calls: h5py reads
+        return None
+    return None
+
+
+def _pread_exact(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill *buf* from *fd* at *offset*; a file that ends first is an error (truncated)."""
+    while len(buf):
+        n = os.preadv(fd, [buf], offset)
+        if n <= 0:
+            raise OSError(f"the file ends before byte {offset + len(buf)}")
+        buf, offset = buf[n:], offset + n
 
 
 def _read_rows(
