@@ -272,6 +272,14 @@ def main() -> None:
                     f[name][s : s + 65_536]
         read_rate = ARGS.n_file / (time.perf_counter() - t0)
         record(out, "h5py reading the file alone: stamps/s", read_rate)
+        from stampclf.io import HDF5Reader
+
+        t0 = time.perf_counter()
+        reader = HDF5Reader(str(path), clf.card.input)
+        for _ in reader.batches(bs):
+            pass
+        reader.close()
+        record(out, f"stampclf's HDF5 reader alone (batch {bs}): stamps/s", ARGS.n_file / (time.perf_counter() - t0))
         csv = work / "gpu_e2e.csv"
         h5 = work / "gpu_e2e_out.h5"
         base = [*_common.stampclf_cmd(), "classify", str(path), "--no-progress", "--device", ARGS.device,

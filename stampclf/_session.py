@@ -243,6 +243,11 @@ class BatchRunner:
         self.parallel = info.threads if self.device == "cpu" else 1
         self._replicas: list[Any] = []
         self._pool: Any = None
+        # CUDA: one thread of its own uploads and runs while the caller writes the previous
+        # batch (ONNX Runtime lets go of the GIL while it runs); on a GPU, CSV formatting and
+        # inference took turns in one thread (py-spy)
+        self.background = self.device == "cuda"
+        self._device_thread: Any = None
         if self.device == "cuda" or prep is not None:
             self._bind()
 
@@ -355,15 +360,15 @@ class BatchRunner:
     def submit(self, x: Any) -> Callable[[], Any]:
         """Start inference of *x*; the returned function waits and gives the probabilities.
 
-        On CPU with several sessions the work runs in the background, so a caller can
-        write the previous batch's results meanwhile; elsewhere it runs here, now.
+        On CPU with several sessions, and on CUDA (`background`), the work runs in the
+        background, so a caller can write the previous batch's results meanwhile;
+        elsewhere it runs here, now.
         """
         import numpy as np
 
         piece = self._piece_rows(len(x)) if self.device == "cpu" else 0  # CPU: bound buffers are prep's only
         if not piece:
-            done = self._run_here(x)
-            return lambda: done
+            return self._later(self._run_here, x)
         out = np.empty((len(x), self.n_out), dtype=np.float32)
         futures = self._start_parallel(x, out, piece)
 
@@ -374,11 +379,28 @@ class BatchRunner:
 
         return result
 
+    def _later(self, fn: Callable[[Any], Any], x: Any) -> Callable[[], Any]:
+        """``fn(x)`` on the device thread (`background`), else now; the returned function gives its result."""
+        if not self.background:
+            done = fn(x)
+            return lambda: done
+        if self._device_thread is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._device_thread = ThreadPoolExecutor(1, thread_name_prefix="stampclf-device")
+        return self._device_thread.submit(fn, x).result  # re-raises its error in the caller
+
+    def drain(self) -> None:
+        """Wait until the device thread has nothing in hand."""
+        if self._device_thread is not None:
+            self._device_thread.submit(lambda: None).result()
+
     def close(self) -> None:
-        """Stop the CPU worker threads (also done at interpreter exit)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        """Stop the worker threads (also done at interpreter exit)."""
+        for pool in (self._pool, self._device_thread):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._device_thread = None
         self._replicas = []
 
     def __call__(self, x: Any) -> Any:
@@ -392,12 +414,15 @@ class BatchRunner:
         The returned function gives ``(probabilities, bad, constant)``; ``bad`` and
         ``constant`` are the ``(N, C)`` arrays that `stamp_status` turns into statuses.
         """
+        if self.prep is None:
+            raise DeviceError("this runner has no device preprocessing graph")
+        return self._later(self._run_raw, x)
+
+    def _run_raw(self, x: Any) -> tuple[Any, Any, Any]:
         import numpy as np
 
         from .preprocess import channel_major
 
-        if self.prep is None:
-            raise DeviceError("this runner has no device preprocessing graph")
         # A channel-major batch (the HDF5 reader's) goes to the graph's variant for it: no host
         # copy when it is a whole block, one per channel slab otherwise. One row is the same
         # bytes either way: it goes there too, so that a file's 1-row tail does not bring the
@@ -422,7 +447,7 @@ class BatchRunner:
                 out[start : start + m] = self._y_dev.numpy()[:m]
                 bad[start : start + m] = self._bad_dev.numpy()[:m]
                 constant[start : start + m] = self._const_dev.numpy()[:m]
-        return lambda: (out, bad, constant)
+        return out, bad, constant
 
     def _upload(self, target: Any, chunk: Any, stage: Any = None, axis: int = 0) -> None:
         """*chunk* into a bound device buffer, zero-padded along *axis* to the batch (callers hold the lock).

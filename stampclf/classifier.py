@@ -874,6 +874,9 @@ class Classifier:
             x, status = self._prepare(batch, what)
             return batch, x, status
 
+        runner = self._runner_now() if self.device == "cuda" and self.prep == "device" else None
+        if runner is not None and hasattr(reader, "pin_blocks"):  # its blocks go up as they lie: DMA, no staging
+            reader.pin_blocks = True
         if self.prep_workers <= 1:  # one thread reads and preprocesses ahead of inference
             stream = _prefetch(prepared())
         else:  # one thread reads, a pool preprocesses
@@ -887,6 +890,8 @@ class Classifier:
                 ))
         finally:
             stream.close()  # its threads first: the file must not be closed under a read
+            if runner is not None:
+                runner.drain()  # and no upload of its (pinned) blocks in flight
             reader.close()
 
     def _check_labels(self, reader: Any) -> None:

@@ -121,6 +121,23 @@ def test_device_prep_of_a_file_equals_host(
     np.testing.assert_allclose(a.proba, b.proba, rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("prep", ["host", "device"])
+def test_the_device_thread_gives_the_same_rows_in_order(tmp_path: Path, prep: str) -> None:
+    """CUDA runs each batch on a thread of its own (`BatchRunner.background`); here the same code on the CPU."""
+    path = write_model(tmp_path / "m.onnx", _card("robust_asinh"))
+    h5 = write_hits_h5(tmp_path / "in.h5", stamps=_awkward(90, seed=12), chunks=(16, 21, 21))
+    ref = Predictions.concat(list(Classifier(path, device="cpu", prep=prep, batch_size=16).classify_file(h5)))
+    clf = Classifier(path, device="cpu", prep=prep, batch_size=16, threads=1)
+    runner = clf._runner_now()
+    runner.background = True
+    got = Predictions.concat(list(clf.classify_file(h5)))
+    assert runner._device_thread is not None  # the batches went through it
+    assert list(got.ids) == list(ref.ids) and list(got.status) == list(ref.status)
+    np.testing.assert_array_equal(got.proba, ref.proba)
+    clf.close()
+    assert runner._device_thread is None
+
+
 def test_a_one_row_batch_stays_on_the_channel_major_graph(tmp_path: Path) -> None:
     # one row is the same bytes in either layout: a file's 1-row tail must not bring the (N, C)
     # graph's session, and its memory, into a run

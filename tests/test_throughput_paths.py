@@ -192,6 +192,25 @@ def test_a_plain_dataset_cut_short_is_a_read_error_naming_the_file(
     reader.close()
 
 
+def test_pinned_blocks_are_the_kept_ones_and_are_unpinned_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stampclf.io._hdf5 as h5mod
+    from stampclf import _pinned
+
+    assert not _pinned.pin(np.zeros(10, np.float32))  # no CUDA runtime in this process: nothing pinned
+    pinned: list[int] = []
+    monkeypatch.setattr(h5mod, "pin", lambda a: pinned.append(id(a)) or True)
+    monkeypatch.setattr(h5mod, "unpin", lambda a: pinned.remove(id(a)))
+    path = write_hits_h5(tmp_path / "p.h5", n=200, seed=4, chunks=(10, 21, 21))
+    reader = HDF5Reader(str(path), HITS_INPUT)
+    reader.pin_blocks = True
+    kept = list(reader.batches(10))  # every batch held: a new block each time, the first few kept
+    assert sorted(pinned) == sorted(id(b) for b in reader._blocks) and len(pinned) == h5mod._RECYCLED_BLOCKS
+    reader.close()
+    assert pinned == [] and len(kept) == 20
+
+
 def test_huge_chunks_fall_back_to_batch_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import stampclf.io._hdf5 as h5mod
 
@@ -609,16 +628,24 @@ def test_prep_on_gpu_matches_host(tiny_model_path: Path, cuda_graph: bool) -> No
 
 @gpu
 @pytest.mark.skipif(not _CUDA, reason="no usable CUDA execution provider on this machine")
-def test_prep_on_gpu_of_a_file_matches_host(tmp_path: Path, tiny_model_path: Path) -> None:
+def test_prep_on_gpu_of_a_file_matches_host(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from stampclf import Predictions
 
     x = make_stamps(300, seed=18)
     x[:20, :, :3] = np.nan
     h5 = write_hits_h5(tmp_path / "g.h5", stamps=x, chunks=(64, 21, 21))
     ref = Predictions.concat(list(Classifier(tiny_model_path, device="cpu", batch_size=128).classify_file(h5)))
+    import stampclf.io._hdf5 as h5mod
+
+    pinned: list[bool] = []
+    real_pin = h5mod.pin
+    monkeypatch.setattr(h5mod, "pin", lambda a: pinned.append(real_pin(a)) or pinned[-1])
     clf = Classifier(tiny_model_path, device="cuda", batch_size=128)
     got = Predictions.concat(list(clf.classify_file(h5)))
     assert clf._runner is not None and clf._runner._cm is not None  # the reader's channel-major blocks went up as read
+    assert pinned and all(pinned)  # page-locked through the CUDA runtime ONNX Runtime loaded
     assert list(got.status) == list(ref.status)
     assert np.allclose(got.proba, ref.proba, atol=1e-4)  # TF32 on H100-class GPUs
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputError, StampclfError, check_choice, open_failure
+from .._pinned import pin, unpin
 from ..preprocess import OK, merge_status
 from ._base import DUPLICATE_ID, InputBatch, duplicate_rows
 from ._cutouts import DERIVED_SNR, derive_snr_rows
@@ -90,6 +91,10 @@ class HDF5Reader:
         self._scratch: np.ndarray | None = None  # reused read buffer (see _read_block)
         self._blocks: list[np.ndarray] = []  # recycled block arrays (see _block_buffer)
         self._unused = [np.empty(0)]  # an array nothing refers to: the baseline of _block_buffer's count
+        #: page-lock the recycled blocks (`stampclf._pinned`): set by a caller that uploads the
+        #: batches to a GPU as they are; undone at `close`
+        self.pin_blocks = False
+        self._pinned: list[np.ndarray] = []
         self._file = _open(self.path)
         try:
             self._setup(card_input, layout, channels_last, duplicates)
@@ -352,6 +357,8 @@ class HDF5Reader:
         buf = np.empty(shape, dtype)
         if len(self._blocks) < _RECYCLED_BLOCKS:
             self._blocks.append(buf)
+            if self.pin_blocks and pin(buf):  # only kept blocks: they live until close() unpins them
+                self._pinned.append(buf)
         return buf
 
     def _batch(self, start: int, stop: int, stamps: np.ndarray, failed: str | None = None) -> InputBatch:
@@ -480,7 +487,9 @@ class HDF5Reader:
             pass
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the file (and unpin the blocks: the caller has no upload of them in flight)."""
+        while self._pinned:
+            unpin(self._pinned.pop())
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
