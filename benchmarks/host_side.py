@@ -13,6 +13,7 @@ at which h5py alone reads the same file (the disk/page-cache floor) and the rati
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -27,6 +28,9 @@ def main() -> None:
     p.add_argument("--block", type=int, default=16_384, help="distinct stamps, cycled (default 16384)")
     p.add_argument("--output", choices=("csv", "h5"), default="csv")
     p.add_argument("--rounds", type=int, default=3, help="best of this many runs")
+    p.add_argument("--device-rate", type=float, default=0.0,
+                   help="stamps/s of a pretend GPU, run on the runner's device thread (0: instant, in line)")  # fmt: skip
+    p.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (s) for the runs")
     p.set_defaults(batch_size=16_384)  # a GPU's batch (gpu_bench.py's best on the H100)
     args = p.parse_args()
 
@@ -41,12 +45,20 @@ def main() -> None:
     path = _common.stamp_file(args.workdir, clf, args.n, block)
 
     def instant(self: BatchRunner, x: Any) -> Any:
-        n, c = len(x), self.row_shape[0]
-        proba = np.full((n, self.n_out), 1.0 / self.n_out, np.float32)
-        return lambda: (proba, np.zeros((n, c), np.int64), np.zeros((n, c), bool))
+        def run(x: Any) -> Any:
+            n, c = len(x), self.row_shape[0]
+            if args.device_rate:  # a GPU's time, the GIL let go (as ONNX Runtime does)
+                time.sleep(n / args.device_rate)
+            proba = np.full((n, self.n_out), 1.0 / self.n_out, np.float32)
+            return proba, np.zeros((n, c), np.int64), np.zeros((n, c), bool)
+
+        self.background = bool(args.device_rate)  # as on CUDA: a device thread of its own
+        return self._later(run, x)
 
     BatchRunner.submit_raw = instant  # type: ignore[method-assign]
     rates = []
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         out = os.path.join(tmp, f"out.{args.output}")
         for _ in range(args.rounds):

@@ -181,6 +181,20 @@ def test_plain_datasets_are_read_past_h5py_with_the_same_values(
     reader.close()
 
 
+def test_chunks_that_follow_each_other_in_the_file_are_one_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_hits_h5(tmp_path / "seq.h5", n=60, seed=5, chunks=(10, 21, 21))  # each dataset written whole
+    reader = HDF5Reader(str(path), HITS_INPUT)
+    sizes: list[int] = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: sizes.append(len(bufs[0])) or real(fd, bufs, off))
+    got = np.concatenate([b.stamps for b in reader.batches(30)])  # blocks of 30 rows: 3 chunks each
+    assert sizes == [30 * 441 * 4] * 8  # 2 blocks x 4 datasets, one read each
+    np.testing.assert_array_equal(got, np.concatenate(_h5py_batches(path, 30, monkeypatch)))
+    reader.close()
+
+
 def test_a_plain_dataset_cut_short_is_a_read_error_naming_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -329,14 +329,22 @@ class HDF5Reader:
         if not rows:  # contiguous: one range
             _pread_exact(self._fd, buf, ds.id.get_offset() + start * row_bytes)
             return
+        # (file offset, first byte in buf, bytes): chunks that follow each other in the file are
+        # one read, since each read gives the GIL back and must wait to take it again
+        pieces: list[list[int]] = []
         for c0 in range(start - start % rows, stop, rows):
             a, b = max(start, c0), min(stop, c0 + rows)
             info = ds.id.get_chunk_info_by_coord((c0,) + (0,) * (ds.ndim - 1))
             if info.byte_offset is None:
                 ds.read_direct(out, np.s_[a:b], np.s_[a - start : b - start])
+                continue
+            offset, first, size = int(info.byte_offset) + (a - c0) * row_bytes, (a - start) * row_bytes, (b - a) * row_bytes
+            if pieces and pieces[-1][0] + pieces[-1][2] == offset and pieces[-1][1] + pieces[-1][2] == first:
+                pieces[-1][2] += size
             else:
-                piece = buf[(a - start) * row_bytes : (b - start) * row_bytes]
-                _pread_exact(self._fd, piece, int(info.byte_offset) + (a - c0) * row_bytes)
+                pieces.append([offset, first, size])
+        for offset, first, size in pieces:
+            _pread_exact(self._fd, buf[first : first + size], offset)
 
     def _block_buffer(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """An array to fill with a block: a recycled one when nothing refers to it any more.
@@ -573,11 +581,15 @@ def _byte_ranges(ds: Any, start: int, stop: int) -> list[tuple[int, int]]:
     rows = ds.chunks[0]
     if any(c != n for c, n in zip(ds.chunks[1:], ds.shape[1:], strict=True)):
         return []  # chunks split rows: not worth working out
-    out = []
+    out: list[tuple[int, int]] = []
     for r in range(start - start % rows, stop, rows):
         info = ds.id.get_chunk_info_by_coord((r,) + (0,) * (ds.ndim - 1))
         if info.byte_offset is not None and info.size:
-            out.append((int(info.byte_offset), int(info.size)))
+            offset, size = int(info.byte_offset), int(info.size)
+            if out and sum(out[-1]) == offset:  # chunks one after another in the file: one range
+                out[-1] = (out[-1][0], out[-1][1] + size)
+            else:
+                out.append((offset, size))
     return out
 
 

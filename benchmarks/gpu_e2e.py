@@ -1,0 +1,113 @@
+"""End to end on a GPU only: ``stampclf classify`` of one HiTS-layout file, in a few settings.
+
+The short companion of ``gpu_bench.py`` (which measures everything): the file is
+written once, read once by h5py and once by stampclf's reader (the floors), then
+classified with each ``--prep`` and each Python thread switch interval given, each
+setting ``--rounds`` times. The rate of a run is the one its own summary line gives
+(start-up excluded); the best of the rounds is recorded. Figures go to
+``--out/gpu_e2e.json`` as they are measured.
+
+    python benchmarks/gpu_e2e.py --n 1000000 --out $OUT [--switch 0.005,0.0005] [--py-spy /tmp/py-spy]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import _common
+
+RESULTS: dict[str, Any] = {}
+
+
+def record(out: Path, key: str, value: Any) -> None:
+    RESULTS[key] = value
+    print(f"{key:>64}: {value:,.4g}" if isinstance(value, float) else f"{key:>64}: {value}", flush=True)
+    (out / "gpu_e2e.json").write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
+
+
+def main() -> None:
+    import h5py
+
+    from stampclf import Classifier
+    from stampclf._bench import describe_machine, synthetic_stamps, write_stamp_file
+    from stampclf.io import HDF5Reader
+
+    out = Path(ARGS.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record(out, "machine", describe_machine())
+    clf = Classifier(ARGS.model, device=ARGS.device, batch_size=ARGS.batch_size)
+    record(out, "model", f"{clf.name} v{clf.version} on {clf.device}, batch {clf.batch_size}")
+    work = Path(ARGS.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"gpu_e2e_{ARGS.n}.h5"
+    names = clf.card.input.get("hdf5_datasets")
+    write_stamp_file(str(path), synthetic_stamps(16_384, clf.card.shape), ARGS.n, names)
+    t0 = time.perf_counter()
+    with h5py.File(path, "r") as f:
+        for s in range(0, ARGS.n, 65_536):
+            for name in names or ["stamps"]:
+                f[name][s : s + 65_536]
+    h5 = ARGS.n / (time.perf_counter() - t0)
+    record(out, "h5py reading the file alone: stamps/s", h5)
+    t0 = time.perf_counter()
+    reader = HDF5Reader(str(path), clf.card.input)
+    for _ in reader.batches(clf.batch_size):
+        pass
+    reader.close()
+    own = ARGS.n / (time.perf_counter() - t0)
+    record(out, "stampclf's reader alone: stamps/s", own)
+    csv = work / "gpu_e2e.csv"
+
+    def command(prep: str, switch: float, target: Path) -> list[str]:
+        code = f"import sys; sys.setswitchinterval({switch}); sys.argv[0] = 'stampclf'; from stampclf.cli import main; main()"
+        return [sys.executable, "-c", code, "classify", str(path), "-o", str(target), "--no-progress",
+                "--device", ARGS.device, "-b", str(clf.batch_size), "-m", str(clf.path), "--prep", prep]  # fmt: skip
+
+    for prep in ARGS.prep.split(","):
+        for switch in (float(v) for v in ARGS.switch.split(",")):
+            for target in (csv, work / "gpu_e2e_out.h5") if ARGS.h5 else (csv,):
+                tag = f"--prep {prep}, switch interval {switch * 1e3:g} ms, {target.suffix[1:]} out"
+                rates = []
+                for _ in range(ARGS.rounds):
+                    r = subprocess.run(command(prep, switch, target), capture_output=True, text=True, check=False)
+                    found = re.search(r" in ([0-9.]+) s \(", r.stderr)
+                    if r.returncode or not found:
+                        record(out, f"{tag}: failed", r.stderr[-500:])
+                        break
+                    rates.append(ARGS.n / float(found[1]))
+                if rates:
+                    record(out, f"{tag}: stamps/s (best of {len(rates)})", max(rates))
+                    record(out, f"{tag}: runs", [round(v) for v in rates])
+                    record(out, f"{tag} / h5py read rate", max(rates) / h5)
+                    record(out, f"{tag} / stampclf reader rate", max(rates) / own)
+    if ARGS.py_spy:
+        switch = float(ARGS.switch.split(",")[-1])
+        prof = out / "gpu_e2e_pyspy.txt"
+        r = subprocess.run([ARGS.py_spy, "record", "--format", "raw", "--threads", "--idle", "--rate", "200",
+                            "-o", str(prof), "--", *command("device", switch, csv)],
+                           capture_output=True, text=True, check=False)  # fmt: skip
+        record(out, f"py-spy, --prep device, switch {switch * 1e3:g} ms", r.stderr.strip()[-200:])
+    for f in (path, csv, work / "gpu_e2e_out.h5"):
+        f.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    p = _common.parser(__doc__)
+    p.set_defaults(batch_size=16_384)
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_e2e_out"))
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--prep", default="device", help="comma-separated: host, device")
+    p.add_argument("--switch", default="0.005", help="comma-separated thread switch intervals, s (Python's default 0.005)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--h5", action="store_true", help="also HDF5 output")
+    p.add_argument("--py-spy", default=None, help="py-spy binary: profile one run (the last switch interval)")
+    ARGS = p.parse_args()
+    main()
