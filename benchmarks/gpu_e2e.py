@@ -12,6 +12,7 @@ setting ``--rounds`` times. The rate of a run is the one its own summary line gi
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -63,26 +64,47 @@ def main() -> None:
     reader.close()
     own = ARGS.n / (time.perf_counter() - t0)
     record(out, "stampclf's reader alone: stamps/s", own)
+    # the writer's work alone, one thread: what the main thread costs per row on this CPU
+    import numpy as np
+
+    from stampclf.io._writers import _csv_text
+    from stampclf.preprocess import stamp_status
+
+    n = clf.batch_size
+    proba = np.random.default_rng(0).random((n, len(clf.classes)), dtype=np.float32)
+    labels = np.array(clf.classes * n, dtype=object)[:n]
+    t0 = time.perf_counter()
+    for _ in range(10):
+        stamp_status(np.zeros((n, 4), np.int64), np.zeros((n, 4), bool), "", "", clf.card.input, clf.card.preprocessing)
+        _csv_text(np.arange(n), labels, proba, np.full(n, "ok", dtype=object), ["hits", "1.1.0", str(path)], [])
+    record(out, "statuses + CSV text alone, one thread: rows/s", 10 * n / (time.perf_counter() - t0))
     csv = work / "gpu_e2e.csv"
 
-    def command(prep: str, switch: float, target: Path) -> list[str]:
-        code = f"import sys; sys.setswitchinterval({switch}); sys.argv[0] = 'stampclf'; from stampclf.cli import main; main()"
+    def command(prep: str, switch: float, target: Path, tree: str | None = None) -> list[str]:
+        # another stampclf first on the path (ahead of the working folder): a side-by-side comparison
+        first = f"sys.path.insert(0, {str(Path(tree).resolve())!r}); " if tree else ""
+        code = (f"import sys; {first}sys.setswitchinterval({switch}); sys.argv[0] = 'stampclf'; "
+                "import stampclf.cli; print(stampclf.cli.__file__, file=sys.stderr); stampclf.cli.main()")  # fmt: skip
         return [sys.executable, "-c", code, "classify", str(path), "-o", str(target), "--no-progress",
                 "--device", ARGS.device, "-b", str(clf.batch_size), "-m", str(clf.path), "--prep", prep]  # fmt: skip
 
+    trees = {"this checkout": None, **({f"stampclf from {ARGS.compare}": ARGS.compare} if ARGS.compare else {})}
     for prep in ARGS.prep.split(","):
         for switch in (float(v) for v in ARGS.switch.split(",")):
-            for target in (csv, work / "gpu_e2e_out.h5") if ARGS.h5 else (csv,):
-                tag = f"--prep {prep}, switch interval {switch * 1e3:g} ms, {target.suffix[1:]} out"
+            for target, (label, tree) in itertools.product(
+                (csv, work / "gpu_e2e_out.h5") if ARGS.h5 else (csv,), trees.items()
+            ):
+                tag = f"{label}: --prep {prep}, switch interval {switch * 1e3:g} ms, {target.suffix[1:]} out"
                 rates = []
                 for _ in range(ARGS.rounds):
-                    r = subprocess.run(command(prep, switch, target), capture_output=True, text=True, check=False)
+                    r = subprocess.run(command(prep, switch, target, tree), capture_output=True, text=True, check=False)
                     found = re.search(r" in ([0-9.]+) s \(", r.stderr)
                     if r.returncode or not found:
                         record(out, f"{tag}: failed", r.stderr[-500:])
                         break
                     rates.append(ARGS.n / float(found[1]))
                 if rates:
+                    record(out, f"{tag}: code", r.stderr.splitlines()[0])
                     record(out, f"{tag}: stamps/s (best of {len(rates)})", max(rates))
                     record(out, f"{tag}: runs", [round(v) for v in rates])
                     record(out, f"{tag} / h5py read rate", max(rates) / h5)
@@ -90,7 +112,7 @@ def main() -> None:
     if ARGS.py_spy:
         switch = float(ARGS.switch.split(",")[-1])
         prof = out / "gpu_e2e_pyspy.txt"
-        r = subprocess.run([ARGS.py_spy, "record", "--format", "raw", "--threads", "--idle", "--rate", "200",
+        r = subprocess.run([ARGS.py_spy, "record", "--format", "raw", "--threads", "--idle", "--rate", "50",
                             "-o", str(prof), "--", *command("device", switch, csv)],
                            capture_output=True, text=True, check=False)  # fmt: skip
         record(out, f"py-spy, --prep device, switch {switch * 1e3:g} ms", r.stderr.strip()[-200:])
@@ -108,6 +130,8 @@ if __name__ == "__main__":
     p.add_argument("--switch", default="0.005", help="comma-separated thread switch intervals, s (Python's default 0.005)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--h5", action="store_true", help="also HDF5 output")
+    p.add_argument("--compare", default=None,
+                   help="a folder holding another stampclf package (e.g. `git archive REV stampclf`): timed too")  # fmt: skip
     p.add_argument("--py-spy", default=None, help="py-spy binary: profile one run (the last switch interval)")
     ARGS = p.parse_args()
     main()
