@@ -33,6 +33,45 @@ def record(out: Path, key: str, value: Any) -> None:
     (out / "gpu_e2e.json").write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
 
 
+def upload_probe(out: Path, clf: Any) -> None:
+    """One batch of raw stamps to the GPU (`OrtValue.update_inplace`) from pageable and from pinned memory."""
+    import threading
+
+    import numpy as np
+
+    from stampclf import Classifier, _pinned
+
+    dev = Classifier(clf.path, device="cuda", prep="device", batch_size=clf.batch_size)
+    runner = dev._runner_now()
+    runner.warmup()
+    target, stage, _ = runner._channel_major()
+    for kind in ("pageable", "pinned"):
+        a = np.ones(stage.shape, np.float32)
+        if kind == "pinned" and not _pinned.pin(a):
+            record(out, "upload probe: pin", "failed")
+            continue
+        spins, stop = [0], [False]
+
+        def spin(spins: list[int] = spins, stop: list[bool] = stop) -> None:
+            while not stop[0]:
+                spins[0] += 1
+
+        thread = threading.Thread(target=spin)
+        thread.start()
+        target.update_inplace(a)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            target.update_inplace(a)
+        dt = (time.perf_counter() - t0) / 20
+        stop[0] = True
+        thread.join()
+        record(out, f"upload probe, {kind}: GB/s", a.nbytes / dt / 1e9)
+        record(out, f"upload probe, {kind}: ms per batch", dt * 1e3)
+        record(out, f"upload probe, {kind}: other thread's Python steps per ms meanwhile", spins[0] / (20 * dt * 1e3))
+        if kind == "pinned":
+            _pinned.unpin(a)
+
+
 def main() -> None:
     import h5py
 
@@ -78,6 +117,8 @@ def main() -> None:
         stamp_status(np.zeros((n, 4), np.int64), np.zeros((n, 4), bool), "", "", clf.card.input, clf.card.preprocessing)
         _csv_text(np.arange(n), labels, proba, np.full(n, "ok", dtype=object), ["hits", "1.1.0", str(path)], [])
     record(out, "statuses + CSV text alone, one thread: rows/s", 10 * n / (time.perf_counter() - t0))
+    if clf.device == "cuda":
+        upload_probe(out, clf)
     csv = work / "gpu_e2e.csv"
 
     def command(prep: str, switch: float, target: Path, tree: str | None = None) -> list[str]:
@@ -109,13 +150,14 @@ def main() -> None:
                     record(out, f"{tag}: runs", [round(v) for v in rates])
                     record(out, f"{tag} / h5py read rate", max(rates) / h5)
                     record(out, f"{tag} / stampclf reader rate", max(rates) / own)
-    if ARGS.py_spy:
+    if ARGS.py_spy:  # where each thread is (--idle), and who holds the GIL (--gil)
         switch = float(ARGS.switch.split(",")[-1])
-        prof = out / "gpu_e2e_pyspy.txt"
-        r = subprocess.run([ARGS.py_spy, "record", "--format", "raw", "--threads", "--idle", "--rate", "50",
-                            "-o", str(prof), "--", *command("device", switch, csv)],
-                           capture_output=True, text=True, check=False)  # fmt: skip
-        record(out, f"py-spy, --prep device, switch {switch * 1e3:g} ms", r.stderr.strip()[-200:])
+        for what in ("idle", "gil"):
+            prof = out / f"gpu_e2e_pyspy_{what}.txt"
+            r = subprocess.run([ARGS.py_spy, "record", "--format", "raw", "--threads", f"--{what}", "--rate", "50",
+                                "-o", str(prof), "--", *command("device", switch, csv)],
+                               capture_output=True, text=True, check=False)  # fmt: skip
+            record(out, f"py-spy --{what}, --prep device, switch {switch * 1e3:g} ms", r.stderr.strip()[-200:])
     for f in (path, csv, work / "gpu_e2e_out.h5"):
         f.unlink(missing_ok=True)
 
