@@ -72,6 +72,35 @@ def upload_probe(out: Path, clf: Any) -> None:
             _pinned.unpin(a)
 
 
+def recycling(out: Path, clf: Any, path: Path, csv: Path) -> None:
+    """In this process: classify the file with each cap on the reader's recycled blocks; blocks made new vs reused."""
+    import stampclf.io._hdf5 as h5mod
+    from stampclf import Classifier, classify_files
+
+    real = h5mod.HDF5Reader._block_buffer
+    made: list[bool] = []
+
+    def counted(self: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+        kept = {id(b) for b in self._blocks}
+        buf = real(self, shape, dtype)
+        made.append(id(buf) not in kept)
+        return buf
+
+    h5mod.HDF5Reader._block_buffer = counted
+    dev = Classifier(clf.path, device=ARGS.device, prep="device", batch_size=clf.batch_size)
+    dev._runner_now().warmup()
+    for cap in (int(c) for c in ARGS.caps.split(",")):
+        h5mod._RECYCLED_BLOCKS = cap
+        made.clear()
+        t0 = time.perf_counter()
+        s = classify_files(dev, [str(path)], str(csv), progress=False)
+        rate = s.rows / (time.perf_counter() - t0)
+        record(out, f"in process, recycled blocks cap {cap}: stamps/s", rate)
+        record(out, f"in process, recycled blocks cap {cap}: blocks made new / all", f"{sum(made)} / {len(made)}")
+    h5mod.HDF5Reader._block_buffer = real
+    h5mod._RECYCLED_BLOCKS = 6
+
+
 def main() -> None:
     import h5py
 
@@ -120,6 +149,8 @@ def main() -> None:
     if clf.device == "cuda":
         upload_probe(out, clf)
     csv = work / "gpu_e2e.csv"
+    if ARGS.caps:
+        recycling(out, clf, path, csv)
 
     def command(prep: str, switch: float, target: Path, tree: str | None = None) -> list[str]:
         # another stampclf first on the path (ahead of the working folder): a side-by-side comparison
@@ -172,6 +203,7 @@ if __name__ == "__main__":
     p.add_argument("--switch", default="0.005", help="comma-separated thread switch intervals, s (Python's default 0.005)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--h5", action="store_true", help="also HDF5 output")
+    p.add_argument("--caps", default="", help="comma-separated caps on the reader's recycled blocks, timed in process")
     p.add_argument("--compare", default=None,
                    help="a folder holding another stampclf package (e.g. `git archive REV stampclf`): timed too")  # fmt: skip
     p.add_argument("--py-spy", default=None, help="py-spy binary: profile one run (the last switch interval)")
