@@ -223,6 +223,14 @@ def test_pinned_blocks_are_the_kept_ones_and_are_unpinned_at_close(
     assert sorted(pinned) == sorted(id(b) for b in reader._blocks) and len(pinned) == h5mod._RECYCLED_BLOCKS
     reader.close()
     assert pinned == [] and len(kept) == 20
+    # pinned blocks are recycled like any other: being pinned is no use of them
+    reader = HDF5Reader(str(path), HITS_INPUT)
+    reader.pin_blocks = True
+    for _ in reader.batches(10):
+        pass
+    assert len(reader._blocks) <= 2 and len(pinned) == len(reader._blocks)
+    reader.close()
+    assert pinned == []
 
 
 def test_huge_chunks_fall_back_to_batch_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

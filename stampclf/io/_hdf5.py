@@ -19,9 +19,11 @@ from ._cutouts import DERIVED_SNR, derive_snr_rows
 
 __all__ = ["HDF5Reader", "LAYOUTS"]
 
-#: Blocks a reader keeps for reuse: the one being filled, the prefetch queue's and the
-#: batches in flight (`stampclf.classifier`: depth 2, one running, one being written).
-_RECYCLED_BLOCKS = 6
+#: Blocks a reader keeps for reuse: the one being filled, one waiting for room in the
+#: prefetch queue, the queue's two (`stampclf.classifier`), one on the device thread, one
+#: being written, one just written; and one to spare. Only as many as are ever in use at
+#: once are made.
+_RECYCLED_BLOCKS = 8
 
 LAYOUTS = ("auto", "channels", "stacked")
 _ID_NAMES = ("ID", "id", "ids", "candid")
@@ -94,7 +96,7 @@ class HDF5Reader:
         #: page-lock the recycled blocks (`stampclf._pinned`): set by a caller that uploads the
         #: batches to a GPU as they are; undone at `close`
         self.pin_blocks = False
-        self._pinned: list[np.ndarray] = []
+        self._pinned: set[int] = set()  # ids of pinned blocks (a list of them would count as a use)
         self._file = _open(self.path)
         try:
             self._setup(card_input, layout, channels_last, duplicates)
@@ -366,7 +368,7 @@ class HDF5Reader:
         if len(self._blocks) < _RECYCLED_BLOCKS:
             self._blocks.append(buf)
             if self.pin_blocks and pin(buf):  # only kept blocks: they live until close() unpins them
-                self._pinned.append(buf)
+                self._pinned.add(id(buf))
         return buf
 
     def _batch(self, start: int, stop: int, stamps: np.ndarray, failed: str | None = None) -> InputBatch:
@@ -496,8 +498,10 @@ class HDF5Reader:
 
     def close(self) -> None:
         """Close the file (and unpin the blocks: the caller has no upload of them in flight)."""
-        while self._pinned:
-            unpin(self._pinned.pop())
+        for buf in self._blocks:
+            if id(buf) in self._pinned:
+                unpin(buf)
+        self._pinned.clear()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
