@@ -7,6 +7,7 @@ preprocessing pool, the vectorised CSV writer, and (with a GPU) IOBinding, CUDA 
 from __future__ import annotations
 
 import csv
+import io
 import os
 import threading
 import time
@@ -752,3 +753,37 @@ def test_large_in_memory_classify_streams_with_identical_results(tiny_model_path
     small = Classifier(tiny_model_path, device="cpu", batch_size=4096).classify(stamps, ids)  # one piece
     assert np.array_equal(got.proba, small.proba, equal_nan=True)
     assert list(got.status) == list(small.status) and list(got.labels) == list(small.labels)
+
+
+@pytest.mark.parametrize("case", ["plain", "odd probabilities", "text ids", "quoting", "percent and extra"])
+def test_csv_text_is_what_csv_writer_writes(case: str) -> None:
+    from stampclf.io._writers import _csv_text
+
+    rng = np.random.default_rng(len(case))
+    n = 300
+    ids: np.ndarray = np.arange(n) * 7
+    proba = rng.random((n, 3)).astype(np.float32)
+    proba[::13, 0] = rng.random(len(proba[::13])).astype(np.float32) * 1e-6  # exponent notation
+    labels = np.array(["real", "bogus", "x"] * 100, dtype=object)
+    status = np.array(["ok"] * n, dtype=object)
+    fixed, more = ["hits", "1.1.0", "f.h5"], []
+    if case == "odd probabilities":
+        proba[5] = np.nan
+        proba[9, 1] = np.inf
+    if case == "text ids":
+        ids = np.array([f"cand{i}" if i % 2 else i for i in range(n)], dtype=object)
+    if case == "quoting":
+        status[3] = 'flagged: a, "b"'
+    if case == "percent and extra":
+        fixed = ["hits", "1.1.0", "/data/100%/f.h5"]
+        more = [[f"e{i}" for i in range(n)]]
+    text = _csv_text(ids, labels, proba, status, fixed, more)
+    if case == "quoting":
+        assert text is None  # the writer then quotes through csv.writer itself
+        return
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    for i in range(n):
+        p = ["" if not np.isfinite(v) else f"{v:.7g}" for v in proba[i].tolist()]
+        w.writerow([ids[i], labels[i], *p, status[i], *fixed, *(m[i] for m in more)])
+    assert text == buf.getvalue()

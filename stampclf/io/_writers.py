@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import os
 import re
 import sys
@@ -38,7 +39,10 @@ def _as_text(values: Any) -> tuple[list[Any], bool]:
     if arr.dtype.kind in "iu":
         return arr.tolist(), False  # Python ints print as str(np.int64) does; digits never need quoting
     if arr.dtype.kind in "OU":
-        return [v if type(v) is str else str(v) for v in arr.tolist()], True
+        out = arr.tolist()
+        if set(map(type, out)) <= {str}:  # labels and statuses: str already (no Python call per value)
+            return out, True
+        return [v if type(v) is str else str(v) for v in out], True
     return [str(v) for v in values], True  # e.g. float ids: keep numpy's own str()
 
 
@@ -47,8 +51,9 @@ def _csv_text(
 ) -> str | None:
     """One batch as CSV lines, the same text as ``csv.writer`` writes, or None if a field needs quoting.
 
-    One ``%`` format per row instead of a list of formatted fields: several times
-    faster, so writing a million rows stays hidden behind inference.
+    One ``%`` format for the whole batch (a row's format repeated) instead of a list
+    of formatted fields per row: several times faster, so writing a million rows
+    stays hidden behind inference.
     """
     cols = [_as_text(ids), _as_text(labels), _as_text(status), (fixed, True), *((m, True) for m in more)]
     if any(check and _CSV_SPECIAL.search("".join(col)) for col, check in cols):
@@ -56,8 +61,12 @@ def _csv_text(
     (id_s, _), (lab_s, _), (st_s, _) = cols[:3]
     tail = ",".join(f.replace("%", "%%") for f in fixed)
     line = "%s,%s," + "%.7g," * proba.shape[1] + "%s," + tail + "".join(",%s" for _ in more) + "\n"
-    rows = list(map(line.__mod__, zip(id_s, lab_s, *proba.T.tolist(), st_s, *more, strict=True)))
-    for i in np.flatnonzero(~np.isfinite(proba).all(axis=1)).tolist():  # NaN/inf: empty fields
+    fields = zip(id_s, lab_s, *proba.T.tolist(), st_s, *more, strict=True)
+    odd = np.flatnonzero(~np.isfinite(proba).all(axis=1)).tolist()
+    if not odd:  # one format call: no Python call per row (a quarter faster; the GPU path's main thread)
+        return (line * len(id_s)) % tuple(itertools.chain.from_iterable(fields))
+    rows = list(map(line.__mod__, fields))
+    for i in odd:  # NaN/inf: empty fields
         p = ["" if not np.isfinite(v) else f"{v:.7g}" for v in proba[i].tolist()]
         rows[i] = ",".join([str(id_s[i]), lab_s[i], *p, st_s[i], *fixed, *(m[i] for m in more)]) + "\n"
     return "".join(rows)
