@@ -513,8 +513,9 @@ def _row_bytes(ds: Any) -> int:
     return int(ds.dtype.itemsize * math.prod(ds.shape[1:]))
 
 
-#: Read plain datasets with ``os.preadv`` (`HDF5Reader._read_into`); off: h5py reads everything
-_DIRECT = True
+#: Read plain datasets with ``os.preadv`` (`HDF5Reader._read_into`); off (or no preadv, as on
+#: Windows): h5py reads everything
+_DIRECT = hasattr(os, "preadv")
 
 
 def _direct_layout(file: Any, ds: Any) -> tuple[int, int] | None:
