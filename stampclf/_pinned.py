@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import weakref
 from typing import Any
 
 __all__ = ["pin", "unpin"]
@@ -24,6 +25,8 @@ _PORTABLE = 1
 _lock = threading.Lock()
 _lib: Any = None
 _looked = False
+#: the finalizers of pinned arrays, by id (an entry goes when its array does: the finalizer removes it)
+_pinned: dict[int, Any] = {}
 
 
 def _cudart() -> Any:
@@ -48,22 +51,36 @@ def _cudart() -> Any:
 
 
 def pin(array: Any) -> bool:
-    """Page-lock *array*'s memory (C-contiguous, owned by the caller until `unpin`); False if not done.
+    """Page-lock *array*'s memory (C-contiguous); False if not done.
 
-    Best effort: a failure leaves the array as it was, and clears the CUDA
-    runtime's last error so that no later kernel launch check reports it.
+    Undone by `unpin`, or else when the array is freed (a finalizer: registered
+    memory must never go back to the allocator still registered). Best effort: a
+    failure leaves the array as it was, and clears the CUDA runtime's last error so
+    that no later kernel launch check reports it.
     """
     lib = _cudart()
-    if lib is None or not array.nbytes or not array.flags.c_contiguous:
+    if lib is None or not array.nbytes or not array.flags.c_contiguous or not array.flags.owndata:
+        return False  # (a view: its memory's lifetime is another array's)
+    if id(array) in _pinned:
         return False
-    if lib.cudaHostRegister(array.ctypes.data, array.nbytes, _PORTABLE) == 0:
-        return True
-    lib.cudaGetLastError()
-    return False
+    ptr = array.ctypes.data
+    if lib.cudaHostRegister(ptr, array.nbytes, _PORTABLE) != 0:
+        lib.cudaGetLastError()
+        return False
+    done = weakref.finalize(array, _unregister, lib, ptr, id(array))
+    done.atexit = False  # the process's end frees it all; no CUDA calls while CUDA shuts down
+    _pinned[id(array)] = done
+    return True
 
 
 def unpin(array: Any) -> None:
-    """Undo `pin` (before the memory is freed)."""
-    lib = _cudart()
-    if lib is not None and lib.cudaHostUnregister(array.ctypes.data) != 0:
+    """Undo `pin` now."""
+    done = _pinned.get(id(array))
+    if done is not None:
+        done()
+
+
+def _unregister(lib: Any, ptr: int, key: int) -> None:
+    _pinned.pop(key, None)
+    if lib.cudaHostUnregister(ptr) != 0:
         lib.cudaGetLastError()

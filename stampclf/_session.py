@@ -248,6 +248,8 @@ class BatchRunner:
         # inference took turns in one thread (py-spy)
         self.background = self.device == "cuda"
         self._device_thread: Any = None
+        self._last: Any = None  # the device thread's latest piece of work (see drain)
+        self._thread_lock = threading.Lock()
         if self.device == "cuda" or prep is not None:
             self._bind()
 
@@ -384,23 +386,28 @@ class BatchRunner:
         if not self.background:
             done = fn(x)
             return lambda: done
-        if self._device_thread is None:
-            from concurrent.futures import ThreadPoolExecutor
+        with self._thread_lock:  # one device thread, also when several threads (Dask tasks) submit
+            if self._device_thread is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-            self._device_thread = ThreadPoolExecutor(1, thread_name_prefix="stampclf-device")
-        return self._device_thread.submit(fn, x).result  # re-raises its error in the caller
+                self._device_thread = ThreadPoolExecutor(1, thread_name_prefix="stampclf-device")
+            self._last = self._device_thread.submit(fn, x)
+            return self._last.result  # re-raises its error in the caller
 
     def drain(self) -> None:
-        """Wait until the device thread has nothing in hand."""
-        if self._device_thread is not None:
-            self._device_thread.submit(lambda: None).result()
+        """Wait until the device thread has finished what it was given (one thread: in order)."""
+        from concurrent.futures import wait
+
+        last = self._last
+        if last is not None:
+            wait([last])
 
     def close(self) -> None:
         """Stop the worker threads (also done at interpreter exit)."""
         for pool in (self._pool, self._device_thread):
             if pool is not None:
                 pool.shutdown(wait=True)
-        self._pool = self._device_thread = None
+        self._pool = self._device_thread = self._last = None
         self._replicas = []
 
     def __call__(self, x: Any) -> Any:

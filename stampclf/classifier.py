@@ -875,7 +875,10 @@ class Classifier:
             return batch, x, status
 
         runner = self._runner_now() if self.device == "cuda" and self.prep == "device" else None
-        if runner is not None and hasattr(reader, "pin_blocks"):  # its blocks go up as they lie: DMA, no staging
+        # its blocks go up as they lie: DMA, no staging. Not while a CUDA graph may be being
+        # captured on the device thread: page-locking from the reader thread meanwhile could
+        # break the capture
+        if runner is not None and hasattr(reader, "pin_blocks") and not self._cuda_graph:
             reader.pin_blocks = True
         if self.prep_workers <= 1:  # one thread reads and preprocesses ahead of inference
             stream = _prefetch(prepared())
@@ -889,10 +892,12 @@ class Classifier:
                     file, batch.extra,
                 ))
         finally:
-            stream.close()  # its threads first: the file must not be closed under a read
-            if runner is not None:
-                runner.drain()  # and no upload of its (pinned) blocks in flight
-            reader.close()
+            try:
+                stream.close()  # its threads first: the file must not be closed under a read
+                if runner is not None:
+                    runner.drain()  # and no upload of its (pinned) blocks in flight
+            finally:
+                reader.close()
 
     def _check_labels(self, reader: Any) -> None:
         """Raise `InputError` unless the reader's whole labels column (if any) is this model's classes."""

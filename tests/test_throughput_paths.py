@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -788,3 +789,153 @@ def test_csv_text_is_what_csv_writer_writes(case: str) -> None:
         p = ["" if not np.isfinite(v) else f"{v:.7g}" for v in proba[i].tolist()]
         w.writerow([ids[i], labels[i], *p, status[i], *fixed, *(m[i] for m in more)])
     assert text == buf.getvalue()
+
+
+class _FakeCudart:
+    """The two CUDA runtime calls `stampclf._pinned` makes, recorded."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.registered: set[int] = set()
+        self.errors_cleared = 0
+        self.fail = fail
+
+    def cudaHostRegister(self, ptr: int, size: int, flags: int) -> int:  # noqa: N802 - CUDA's name
+        if self.fail:
+            return 1
+        self.registered.add(ptr)
+        return 0
+
+    def cudaHostUnregister(self, ptr: int) -> int:  # noqa: N802
+        self.registered.remove(ptr)
+        return 0
+
+    def cudaGetLastError(self) -> int:  # noqa: N802
+        self.errors_cleared += 1
+        return 0
+
+
+def test_pinned_memory_is_unregistered_by_unpin_or_when_freed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from stampclf import _pinned
+
+    lib = _FakeCudart()
+    monkeypatch.setattr(_pinned, "_cudart", lambda: lib)
+    a, b = np.zeros(1000, np.float32), np.zeros(1000, np.float32)
+    assert _pinned.pin(a) and _pinned.pin(b) and not _pinned.pin(a)  # twice: no
+    assert not _pinned.pin(b[10:])  # a view: its memory is b's
+    assert lib.registered == {a.ctypes.data, b.ctypes.data}
+    _pinned.unpin(a)
+    _pinned.unpin(a)  # a second time: nothing
+    assert lib.registered == {b.ctypes.data}
+    del b  # freed while pinned: unregistered first
+    gc.collect()
+    assert lib.registered == set() and _pinned._pinned == {}
+    failing = _FakeCudart(fail=True)
+    monkeypatch.setattr(_pinned, "_cudart", lambda: failing)
+    assert not _pinned.pin(a) and failing.errors_cleared == 1  # the runtime's last error is not left set
+
+
+def test_pixels_come_from_the_file_h5py_opened(tmp_path: Path) -> None:
+    a = write_hits_h5(tmp_path / "a.h5", n=40, seed=1, chunks=(10, 21, 21))
+    b = write_hits_h5(tmp_path / "b.h5", n=40, seed=2, chunks=(10, 21, 21))
+    link = tmp_path / "current.h5"
+    link.symlink_to(a)
+    reader = HDF5Reader(str(link), HITS_INPUT)
+    link.unlink()
+    link.symlink_to(b)  # retargeted after opening (a pipeline's "current" file)
+    got = np.concatenate([x.stamps for x in reader.batches(16)])
+    reader.close()
+    want = HDF5Reader(str(a), HITS_INPUT)
+    np.testing.assert_array_equal(got, np.concatenate([x.stamps for x in want.batches(16)]))
+    want.close()
+
+
+def test_a_type_not_stored_as_numpy_lays_it_out_is_read_by_h5py(tmp_path: Path) -> None:
+    import h5py
+
+    t = h5py.h5t.STD_U16LE.copy()
+    t.set_precision(12)
+    t.set_offset(4)  # 12 bits at bit 4: h5py shows uint16, the bytes are not the values
+    path = tmp_path / "bits.h5"
+    values = np.arange(40 * 441, dtype=np.uint16).reshape(40, 21, 21) % 4096
+    with h5py.File(path, "w") as f:
+        for name in HITS_INPUT["hdf5_datasets"]:
+            space = h5py.h5s.create_simple((40, 21, 21))
+            h5py.h5d.create(f.id, name.encode(), t, space)
+            f[name][...] = values
+    reader = HDF5Reader(str(path), HITS_INPUT)
+    assert reader._direct == [None] * 4
+    got = np.concatenate([x.stamps for x in reader.batches(16)])
+    reader.close()
+    np.testing.assert_array_equal(got[:, 0], values)
+
+
+def test_one_device_thread_whatever_the_threads_that_submit(
+    tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import concurrent.futures
+
+    class Slow(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self, *a: Any, **k: Any) -> None:
+            time.sleep(0.05)  # a slow start: the other threads arrive meanwhile
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", Slow)
+    clf = Classifier(tiny_model_path, device="cpu", batch_size=8, threads=1)
+    runner = clf._runner_now()
+    runner.background = True
+    made = []
+    real = runner._later
+
+    def spy(fn, x):  # noqa: ANN001, ANN202
+        out = real(fn, x)
+        made.append(id(runner._device_thread))
+        return out
+
+    runner._later = spy  # type: ignore[method-assign]
+    x = make_stamps(8, seed=3).astype(np.float32)
+    threads = [threading.Thread(target=lambda: runner.submit(x)()) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(made)) == 1 and len(made) == 8
+    runner.drain()
+    clf.close()
+    runner.drain()  # after close: nothing to wait for, no error
+
+
+@pytest.mark.parametrize("stop_after", [None, 1])  # the whole file; a consumer that stops after one batch
+def test_pinned_blocks_are_unpinned_only_after_the_last_upload(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch, stop_after: int | None
+) -> None:
+    """The CUDA path's order (pin, uploads on the device thread, drain, unpin), run on the CPU."""
+    import stampclf.io._hdf5 as h5mod
+
+    events: list[str] = []
+    monkeypatch.setattr(h5mod, "pin", lambda a: events.append("pin") or True)
+    monkeypatch.setattr(h5mod, "unpin", lambda a: events.append("unpin"))
+    h5 = write_hits_h5(tmp_path / "in.h5", stamps=make_stamps(100, seed=8), chunks=(10, 21, 21))
+    clf = Classifier(tiny_model_path, device="cpu", prep="device", batch_size=10, threads=1)
+    runner = clf._runner_now()
+    runner.background = True
+    real = runner._run_raw
+
+    def slow_upload(x: Any) -> Any:
+        time.sleep(0.3)  # still uploading when the consumer stops (and the reader thread has ended)
+        out = real(x)
+        events.append("upload")
+        return out
+
+    runner._run_raw = slow_upload  # type: ignore[method-assign]
+    monkeypatch.setattr(clf, "device", "cuda")  # what turns pinning on
+    stream = clf.classify_file(h5)
+    got = [next(stream)] if stop_after else list(stream)
+    stream.close()
+    clf.close()  # the device thread's last piece of work ends before this returns
+    assert "pin" in events and "unpin" in events and "upload" in events
+    last_upload = max(i for i, e in enumerate(events) if e == "upload")
+    assert min(i for i, e in enumerate(events) if e == "unpin") > last_upload, events
+    assert events.count("pin") == events.count("unpin")
+    assert sum(len(p) for p in got) == (10 if stop_after else 100)

@@ -79,7 +79,7 @@ class HDF5Reader:
         self._hints = hints or CLI_HINTS
         check_choice("layout", layout, LAYOUTS)
         self.path = str(path)
-        self._fd: int | None = None  # own descriptor, for read-ahead hints only
+        self._fd: int | None = None  # a duplicate of h5py's descriptor (`_own_fd`): direct reads, read-ahead hints
         #: set by the caller (``--keep-going``): unreadable rows become failed rows, listed in `damaged`
         self.salvage = False
         # (channel position, position of the difference channel) when the file has no
@@ -324,12 +324,14 @@ class HDF5Reader:
         if direct is None or not _DIRECT:
             _read_rows(ds, start, stop, out=out)
             return
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        fd = self._own_fd()
+        if fd is None:
+            _read_rows(ds, start, stop, out=out)
+            return
         rows, row_bytes = direct
         buf = memoryview(out.reshape(-1).view(np.uint8))
         if not rows:  # contiguous: one range
-            _pread_exact(self._fd, buf, ds.id.get_offset() + start * row_bytes)
+            _pread_exact(fd, buf, ds.id.get_offset() + start * row_bytes)
             return
         # (file offset, first byte in buf, bytes): chunks that follow each other in the file are
         # one read, since each read gives the GIL back and must wait to take it again
@@ -346,7 +348,20 @@ class HDF5Reader:
             else:
                 pieces.append([offset, first, size])
         for offset, first, size in pieces:
-            _pread_exact(self._fd, buf[first : first + size], offset)
+            _pread_exact(fd, buf[first : first + size], offset)
+
+    def _own_fd(self) -> int | None:
+        """A duplicate of the descriptor h5py opened (None where there is none to have).
+
+        Not the path opened again: a symbolic link retargeted, a file renamed over it or a
+        changed working folder would give another file's bytes under this file's ids.
+        """
+        if self._fd is None:
+            try:
+                self._fd = os.dup(self._file.id.get_vfd_handle())
+            except Exception:  # noqa: BLE001 - a driver without one descriptor: h5py reads everything
+                self._fd = -1
+        return None if self._fd < 0 else self._fd
 
     def _block_buffer(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """An array to fill with a block: a recycled one when nothing refers to it any more.
@@ -488,11 +503,12 @@ class HDF5Reader:
         if start >= stop or not hasattr(os, "posix_fadvise"):
             return
         try:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
+            fd = self._own_fd()
+            if fd is None:
+                return
             for ds in self._datasets:
                 for offset, size in _byte_ranges(ds, start, stop):
-                    os.posix_fadvise(self._fd, offset, size, os.POSIX_FADV_WILLNEED)
+                    os.posix_fadvise(fd, offset, size, os.POSIX_FADV_WILLNEED)
         except Exception:  # noqa: BLE001, S110 - only a hint; reading itself reports real errors
             pass
 
@@ -502,9 +518,9 @@ class HDF5Reader:
             if id(buf) in self._pinned:
                 unpin(buf)
         self._pinned.clear()
-        if self._fd is not None:
+        if self._fd is not None and self._fd >= 0:
             os.close(self._fd)
-            self._fd = None
+        self._fd = None
         self._file.close()
 
 
@@ -529,6 +545,9 @@ def _direct_layout(file: Any, ds: Any) -> tuple[int, int] | None:
 
     try:
         if file.driver != "sec2" or file.userblock_size or ds.is_virtual or not ds.dtype.isnative:
+            return None
+        # the file's type, bit for bit numpy's (not, e.g., 12 bits of precision at an offset)
+        if not ds.id.get_type().equal(h5py.h5t.py_create(ds.dtype)):
             return None
         dcpl = ds.id.get_create_plist()
         if dcpl.get_nfilters() or dcpl.get_external_count():
