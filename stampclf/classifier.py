@@ -892,11 +892,17 @@ class Classifier:
                     file, batch.extra,
                 ))
         finally:
+            drained = False
             try:
                 stream.close()  # its threads first: the file must not be closed under a read
                 if runner is not None:
                     runner.drain()  # and no upload of its (pinned) blocks in flight
+                drained = True
             finally:
+                if not drained and getattr(reader, "pin_blocks", False):
+                    # interrupted (Ctrl-C) with an upload maybe in flight: each block is unpinned
+                    # when it is freed instead, after the device thread has let go of it
+                    reader.pin_blocks = False
                 reader.close()
 
     def _check_labels(self, reader: Any) -> None:

@@ -357,10 +357,12 @@ class HDF5Reader:
         changed working folder would give another file's bytes under this file's ids.
         """
         if self._fd is None:
-            try:
-                self._fd = os.dup(self._file.id.get_vfd_handle())
-            except Exception:  # noqa: BLE001 - a driver without one descriptor: h5py reads everything
-                self._fd = -1
+            self._fd = -1  # other drivers (core, stdio...) have no descriptor of their own: h5py reads
+            if self._file.driver == "sec2":
+                try:
+                    self._fd = os.dup(self._file.id.get_vfd_handle())
+                except Exception:  # noqa: BLE001, S110 - e.g. out of descriptors: h5py reads everything
+                    pass
         return None if self._fd < 0 else self._fd
 
     def _block_buffer(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -513,10 +515,15 @@ class HDF5Reader:
             pass
 
     def close(self) -> None:
-        """Close the file (and unpin the blocks: the caller has no upload of them in flight)."""
-        for buf in self._blocks:
-            if id(buf) in self._pinned:
-                unpin(buf)
+        """Close the file.
+
+        While `pin_blocks` is set the blocks are unpinned too (the caller has no upload
+        of them in flight); otherwise each is unpinned when it is freed.
+        """
+        if self.pin_blocks:
+            for buf in self._blocks:
+                if id(buf) in self._pinned:
+                    unpin(buf)
         self._pinned.clear()
         if self._fd is not None and self._fd >= 0:
             os.close(self._fd)
