@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,40 @@ def report(name: str, figures: dict[str, Any], args: argparse.Namespace, extra: 
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+def recorder(name: str, width: int = 58) -> Callable[[Path, str, Any], None]:
+    """``record(out, key, value)``: add one figure, print it, and rewrite ``out/name`` (JSON) with
+    every figure so far, so that a run cut short still leaves what it measured."""
+    results: dict[str, Any] = {}
+
+    def record(out: Path, key: str, value: Any) -> None:
+        results[key] = value
+        print(f"{key:>{width}}: {value:,.4g}" if isinstance(value, float) else f"{key:>{width}}: {value}", flush=True)
+        (out / name).write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+    return record
+
+
+def read_rates(path: str, card_input: dict[str, Any], n: int, batch: int) -> tuple[float, float]:
+    """Stamps/s of h5py alone reading every stamp dataset of a file (65,536 rows a call), and of
+    stampclf's `HDF5Reader` giving its batches: the floors an end-to-end run is measured against."""
+    import h5py
+
+    from stampclf.io import HDF5Reader
+
+    t0 = time.perf_counter()
+    with h5py.File(path, "r") as f:
+        for s in range(0, n, 65_536):
+            for name in card_input.get("hdf5_datasets") or ["stamps"]:
+                f[name][s : s + 65_536]
+    h5 = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    reader = HDF5Reader(str(path), card_input)
+    for _ in reader.batches(batch):
+        pass
+    reader.close()
+    return h5, n / (time.perf_counter() - t0)
 
 
 def median(xs: list[float]) -> float:

@@ -37,15 +37,7 @@ from typing import Any
 import _common
 import numpy as np
 
-RESULTS: dict[str, Any] = {}
-
-
-def record(out: Path, key: str, value: Any) -> None:
-    """Add one figure, print it, rewrite the JSON."""
-    RESULTS[key] = value
-    shown = f"{value:,.4g}" if isinstance(value, float) else value
-    print(f"{key:>58}: {shown}", flush=True)
-    (out / "gpu_bench.json").write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
+record = _common.recorder("gpu_bench.json", width=58)
 
 
 def gpu_name() -> str:
@@ -255,7 +247,6 @@ def main() -> None:
 
     # 5. end to end, next to reading the same file with h5py alone
     if ARGS.n_file:
-        import h5py
 
         work = Path(ARGS.workdir)
         work.mkdir(parents=True, exist_ok=True)
@@ -264,22 +255,9 @@ def main() -> None:
         write_stamp_file(str(path), raw[:16_384], ARGS.n_file, clf.card.input.get("hdf5_datasets"))
         record(out, "end-to-end file", f"{ARGS.n_file:,} rows, {path.stat().st_size / 2**30:.2f} GiB, "
                                         f"written in {time.perf_counter() - t0:.1f} s")  # fmt: skip
-        t0 = time.perf_counter()
-        with h5py.File(path, "r") as f:
-            names = clf.card.input.get("hdf5_datasets") or ["stamps"]
-            for s in range(0, ARGS.n_file, 65_536):
-                for name in names:
-                    f[name][s : s + 65_536]
-        read_rate = ARGS.n_file / (time.perf_counter() - t0)
+        read_rate, own = _common.read_rates(str(path), clf.card.input, ARGS.n_file, bs)
         record(out, "h5py reading the file alone: stamps/s", read_rate)
-        from stampclf.io import HDF5Reader
-
-        t0 = time.perf_counter()
-        reader = HDF5Reader(str(path), clf.card.input)
-        for _ in reader.batches(bs):
-            pass
-        reader.close()
-        record(out, f"stampclf's HDF5 reader alone (batch {bs}): stamps/s", ARGS.n_file / (time.perf_counter() - t0))
+        record(out, f"stampclf's HDF5 reader alone (batch {bs}): stamps/s", own)
         csv = work / "gpu_e2e.csv"
         h5 = work / "gpu_e2e_out.h5"
         base = [*_common.stampclf_cmd(), "classify", str(path), "--no-progress", "--device", ARGS.device,

@@ -13,7 +13,6 @@ setting ``--rounds`` times. The rate of a run is the one its own summary line gi
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import subprocess
@@ -24,13 +23,7 @@ from typing import Any
 
 import _common
 
-RESULTS: dict[str, Any] = {}
-
-
-def record(out: Path, key: str, value: Any) -> None:
-    RESULTS[key] = value
-    print(f"{key:>64}: {value:,.4g}" if isinstance(value, float) else f"{key:>64}: {value}", flush=True)
-    (out / "gpu_e2e.json").write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
+record = _common.recorder("gpu_e2e.json", width=64)
 
 
 def upload_probe(out: Path, clf: Any) -> None:
@@ -102,11 +95,9 @@ def recycling(out: Path, clf: Any, path: Path, csv: Path) -> None:
 
 
 def main() -> None:
-    import h5py
 
     from stampclf import Classifier
     from stampclf._bench import describe_machine, synthetic_stamps, write_stamp_file
-    from stampclf.io import HDF5Reader
 
     out = Path(ARGS.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,19 +109,8 @@ def main() -> None:
     path = work / f"gpu_e2e_{ARGS.n}.h5"
     names = clf.card.input.get("hdf5_datasets")
     write_stamp_file(str(path), synthetic_stamps(16_384, clf.card.shape), ARGS.n, names)
-    t0 = time.perf_counter()
-    with h5py.File(path, "r") as f:
-        for s in range(0, ARGS.n, 65_536):
-            for name in names or ["stamps"]:
-                f[name][s : s + 65_536]
-    h5 = ARGS.n / (time.perf_counter() - t0)
+    h5, own = _common.read_rates(str(path), clf.card.input, ARGS.n, clf.batch_size)
     record(out, "h5py reading the file alone: stamps/s", h5)
-    t0 = time.perf_counter()
-    reader = HDF5Reader(str(path), clf.card.input)
-    for _ in reader.batches(clf.batch_size):
-        pass
-    reader.close()
-    own = ARGS.n / (time.perf_counter() - t0)
     record(out, "stampclf's reader alone: stamps/s", own)
     # the writer's work alone, one thread: what the main thread costs per row on this CPU
     import numpy as np

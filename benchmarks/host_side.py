@@ -34,7 +34,6 @@ def main() -> None:
     p.set_defaults(batch_size=16_384)  # a GPU's batch (gpu_bench.py's best on the H100)
     args = p.parse_args()
 
-    import h5py
 
     from stampclf import Classifier, classify_files
     from stampclf._bench import synthetic_stamps
@@ -65,12 +64,7 @@ def main() -> None:
             t0 = time.perf_counter()
             s = classify_files(clf, [path], out, progress=False)
             rates.append(s.rows / (time.perf_counter() - t0))
-    t0 = time.perf_counter()
-    with h5py.File(path, "r") as f:
-        for name in clf.card.input.get("hdf5_datasets") or ["stamps"]:
-            for a in range(0, args.n, 65_536):
-                f[name][a : a + 65_536]
-    read = args.n / (time.perf_counter() - t0)
+    read, own = _common.read_rates(path, clf.card.input, args.n, clf.batch_size)
     _common.report("host side of a GPU run (instant device)", {
         "rows in file": args.n,
         "batch": clf.batch_size,
@@ -78,6 +72,7 @@ def main() -> None:
         f"host side, instant device, best of {args.rounds}: stamps/s": max(rates),
         "host side runs: stamps/s": [round(r) for r in rates],
         "h5py reading the file alone: stamps/s": read,
+        "stampclf's reader alone: stamps/s": own,
         "host side / h5py read rate (ratio)": max(rates) / read,
     }, args)  # fmt: skip
 
