@@ -74,7 +74,7 @@ def pin(array: Any) -> bool:
 
 
 def unpin(array: Any) -> None:
-    """Undo `pin` now."""
+    """Undo `pin` now (nothing for an array that is not pinned)."""
     done = _pinned.get(id(array))
     if done is not None:
         done()

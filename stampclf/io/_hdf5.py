@@ -96,7 +96,6 @@ class HDF5Reader:
         #: page-lock the recycled blocks (`stampclf._pinned`): set by a caller that uploads the
         #: batches to a GPU as they are; undone at `close`
         self.pin_blocks = False
-        self._pinned: set[int] = set()  # ids of pinned blocks (a list of them would count as a use)
         self._file = _open(self.path)
         try:
             self._setup(card_input, layout, channels_last, duplicates)
@@ -321,10 +320,7 @@ class HDF5Reader:
         the reader and the CSV writer took turns). Elsewhere, and for a chunk never
         written (h5py gives its fill value), h5py reads.
         """
-        if direct is None or not _DIRECT:
-            _read_rows(ds, start, stop, out=out)
-            return
-        fd = self._own_fd()
+        fd = self._own_fd() if direct is not None and _DIRECT else None
         if fd is None:
             _read_rows(ds, start, stop, out=out)
             return
@@ -384,8 +380,8 @@ class HDF5Reader:
         buf = np.empty(shape, dtype)
         if len(self._blocks) < _RECYCLED_BLOCKS:
             self._blocks.append(buf)
-            if self.pin_blocks and pin(buf):  # only kept blocks: they live until close() unpins them
-                self._pinned.add(id(buf))
+            if self.pin_blocks:  # only kept blocks: they live until close() unpins them
+                pin(buf)
         return buf
 
     def _batch(self, start: int, stop: int, stamps: np.ndarray, failed: str | None = None) -> InputBatch:
@@ -522,9 +518,7 @@ class HDF5Reader:
         """
         if self.pin_blocks:
             for buf in self._blocks:
-                if id(buf) in self._pinned:
-                    unpin(buf)
-        self._pinned.clear()
+                unpin(buf)  # nothing for a block that could not be pinned
         if self._fd is not None and self._fd >= 0:
             os.close(self._fd)
         self._fd = None
