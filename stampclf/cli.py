@@ -52,8 +52,8 @@ def _guard(fn: Callable[[], Any], printed: Callable[[], bool] = lambda: False) -
         got.append(signum)
         raise KeyboardInterrupt
 
-    def interrupted() -> str:
-        return "the CSV on stdout is incomplete" if printed() else "no output written"
+    def partial() -> str:
+        return "the CSV on stdout is incomplete" if printed() else ""
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
@@ -61,9 +61,9 @@ def _guard(fn: Callable[[], Any], printed: Callable[[], bool] = lambda: False) -
     except StampclfError as exc:
         if _state["debug"]:
             traceback.print_exc()
-        _fail(f"{exc}; the CSV on stdout is incomplete" if printed() else str(exc), exc.exit_code)
+        _fail("; ".join(filter(None, [str(exc), partial()])), exc.exit_code)
     except KeyboardInterrupt:
-        typer.echo(f"stampclf: interrupted; {interrupted()}", err=True)
+        typer.echo(f"stampclf: interrupted; {partial() or 'no output written'}", err=True)
         # the shell's convention, 128 + signal number: 130 for Ctrl-C, 143 for SIGTERM
         raise typer.Exit(128 + (got[0] if got else signal.SIGINT)) from None
     except BrokenPipeError:
@@ -75,8 +75,8 @@ def _guard(fn: Callable[[], Any], printed: Callable[[], bool] = lambda: False) -
     except Exception as exc:  # noqa: BLE001 - last line of defence
         if _state["debug"]:
             traceback.print_exc()
-        partial = "; the CSV on stdout is incomplete" if printed() else ""
-        _fail(f"internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for a traceback){partial}", 1)
+        internal = f"internal error: {exc.__class__.__name__}: {exc} (rerun with --debug for a traceback)"
+        _fail("; ".join(filter(None, [internal, partial()])), 1)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
