@@ -20,7 +20,16 @@ from ._session import PRECISIONS, BatchRunner, cpu_count, create_session, to_fp1
 from .io import InputBatch, open_inputs
 from .io._base import DUPLICATE_ID, duplicate_rows
 from .metrics import label_indices
-from .preprocess import OK, fit_stamps, image_to_array, merge_status, prepare_stamps, scale_pixels, stamp_status
+from .preprocess import (
+    OK,
+    fit_stamps,
+    image_to_array,
+    merge_status,
+    prepare_stamps,
+    scale_pixels,
+    stamp_status,
+    text_column,
+)
 
 __all__ = ["Classifier", "Predictions"]
 
@@ -112,7 +121,7 @@ class Predictions:
         keys = list(dict.fromkeys(k for p in parts for k in (p.extra or {})))  # every part's, in order
 
         def extra(p: Predictions, k: str) -> np.ndarray:  # a column a part lacks is empty there, as in the files
-            return p.extra[k] if p.extra and k in p.extra else np.full(len(p), "", dtype=object)
+            return p.extra[k] if p.extra and k in p.extra else text_column(len(p), "")
 
         return cls(
             np.concatenate([p.ids for p in parts]),
@@ -127,7 +136,7 @@ class Predictions:
 
     def _files(self) -> np.ndarray:
         """The input of each row (``file`` is one name for all rows, or one per row)."""
-        return np.full(len(self), self.file, dtype=object) if isinstance(self.file, str) else np.asarray(self.file, object)
+        return text_column(len(self), self.file) if isinstance(self.file, str) else np.asarray(self.file, object)
 
     def to_dict(self) -> dict[str, np.ndarray]:
         """The rows as named columns, in the order of ``stampclf classify``'s output.
@@ -139,8 +148,8 @@ class Predictions:
         cols: dict[str, np.ndarray] = {"id": self.ids, "label": self.labels}
         cols.update({f"p_{c}": self.proba[:, k] for k, c in enumerate(self.classes)})
         cols["status"] = self.status
-        cols["model"] = np.full(n, self.model, dtype=object)
-        cols["model_version"] = np.full(n, self.model_version, dtype=object)
+        cols["model"] = text_column(n, self.model)
+        cols["model_version"] = text_column(n, self.model_version)
         cols["file"] = self._files()
         cols.update(self.extra or {})
         return cols
@@ -510,7 +519,7 @@ class Classifier:
 
     def _prepare(self, batch: InputBatch, what: str) -> tuple[np.ndarray, Any]:
         if batch.x is not None:
-            status = batch.status if batch.status is not None else np.full(len(batch), OK, dtype=object)
+            status = batch.status if batch.status is not None else text_column(len(batch))
             return batch.x, status
         return self._prepare_stamps(batch.stamps, what, batch.status)  # type: ignore[arg-type]
 
@@ -621,10 +630,10 @@ class Classifier:
             ids = _check_ids(ids, len(stamps) if hasattr(stamps, "__len__") else -1)
         if preprocessed:
             x = self._model_input(stamps)
-            status = np.full(len(x), OK, dtype=object)
+            status = text_column(len(x))
         elif self.card.kind != "stamp":
             x = self._image_input(stamps)
-            status = np.full(len(x), OK, dtype=object)
+            status = text_column(len(x))
         elif isinstance(stamps, (list, tuple)) and any(hasattr(i, "getbands") for i in stamps):
             raise InputError(f"model {self.name!r} classifies stamps {self.card.shape} in the channels "
                              f"{self.card.channels}, not images")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputError, open_failure
-from ..preprocess import OK, merge_status
+from ..preprocess import merge_status, text_column
 from ._base import DUPLICATE_ID, InputBatch
 from ._cutouts import card_channels, cutouts_to_input
 
@@ -223,7 +223,7 @@ class AlertReader:
             positions=[r["position"] if z else None for r, z in zip(rows, is_ztf, strict=True)],
         )
         ids = np.array([f"record{start + i}" if r["id"] is None else r["id"] for i, r in enumerate(rows)], object)
-        notes = np.full(len(rows), OK, dtype=object)
+        notes = text_column(len(rows))
         for i, r in enumerate(rows):
             if r["id"] is None:
                 notes[i] = NO_ID

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputError
-from ..preprocess import OK, _robust_centre_scale, merge_status, prepare_stamps
+from ..preprocess import _robust_centre_scale, merge_status, prepare_stamps, text_column
 
 __all__ = [
     "CHANNEL_ALIASES",
@@ -319,8 +319,8 @@ def cutouts_to_input(
     n = len(next(iter(cutouts.values()))) if cutouts else 0
     c, height, width = len(channels), int(card.input["height"]), int(card.input["width"])
     x = np.zeros((n, c, height, width), dtype=np.float32)
-    status = np.full(n, OK, dtype=object)
-    notes = np.full(n, OK, dtype=object)
+    status = text_column(n)
+    notes = text_column(n)
     groups: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
     for i in range(n):
         row = {k: v[i] for k, v in cutouts.items()}

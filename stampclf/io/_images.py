@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputError
-from ..preprocess import OK, image_upscale, load_image_and_size, merge_status
+from ..preprocess import OK, image_upscale, load_image_and_size, merge_status, text_column
 from ._base import DUPLICATE_ID, InputBatch, duplicate_rows
 
 __all__ = ["ImageReader", "IMAGE_SUFFIXES", "expand_image_paths", "image_files"]
@@ -157,7 +157,7 @@ class ImageReader:
         for start in range(0, len(self.files), batch_size):
             names = self.files[start : start + batch_size]
             x = np.zeros((len(names),) + self._shape, dtype=np.float32)
-            status = np.full(len(names), OK, dtype=object)
+            status = text_column(len(names))
             for i, (arr, st) in enumerate(load(self._load, names)):  # map keeps input order
                 status[i] = st
                 if arr is not None:
