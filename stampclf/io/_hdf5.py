@@ -13,7 +13,7 @@ import numpy as np
 
 from .._errors import InputError, StampclfError, check_choice, open_failure
 from .._pinned import pin, unpin
-from ..preprocess import OK, merge_status
+from ..preprocess import OK, merge_status, text_column
 from ._base import DUPLICATE_ID, InputBatch, duplicate_rows
 from ._cutouts import DERIVED_SNR, derive_snr_rows
 
@@ -90,6 +90,7 @@ class HDF5Reader:
         #: a damaged labels chunk cannot fail rows it does not concern
         self.with_labels = True
         self._reading: str | None = None  # the dataset being read, for error messages
+        self._names: dict[int, str] = {}  # h5py asks HDF5 for a name each time (~3 us); asked once a block
         self._scratch: np.ndarray | None = None  # reused read buffer (see _read_block)
         self._blocks: list[np.ndarray] = []  # recycled block arrays (see _block_buffer)
         self._unused = [np.empty(0)]  # an array nothing refers to: the baseline of _block_buffer's count
@@ -283,7 +284,7 @@ class HDF5Reader:
 
     def _read_block(self, start: int, stop: int) -> InputBatch:
         if self.layout == "stacked":
-            self._reading = self._datasets[0].name
+            self._reading = self._name(self._datasets[0])
             block = self._datasets[0][start:stop]
             stamps = np.moveaxis(block, 3, 1) if self._channels_last else block
         else:
@@ -297,7 +298,7 @@ class HDF5Reader:
             n, dtype = stop - start, self._block_dtype
             block = self._block_buffer((self._row_shape[0], n, *self._row_shape[1:]), dtype)
             for k, d, direct in zip(self._slots, self._datasets, self._direct, strict=True):
-                self._reading = d.name
+                self._reading = self._name(d)
                 dest = block[k].reshape(n, *d.shape[1:])  # a view: the slab is contiguous
                 if d.dtype == dtype:
                     self._read_into(d, direct, start, stop, dest)
@@ -310,6 +311,13 @@ class HDF5Reader:
                 at, diff = self._derive
                 stamps[:, at] = derive_snr_rows(stamps[:, diff])
         return self._batch(start, stop, stamps)
+
+    def _name(self, ds: Any) -> str:
+        """The path of a dataset of this file, asked of HDF5 once."""
+        name = self._names.get(id(ds))
+        if name is None:
+            name = self._names[id(ds)] = ds.name
+        return name
 
     def _read_into(self, ds: Any, direct: tuple[int, int] | None, start: int, stop: int, out: np.ndarray) -> None:
         """Rows ``start:stop`` of *ds* into *out* (C-contiguous, the dataset's dtype).
@@ -332,9 +340,10 @@ class HDF5Reader:
         # (file offset, first byte in buf, bytes): chunks that follow each other in the file are
         # one read, since each read gives the GIL back and must wait to take it again
         pieces: list[list[int]] = []
+        rest = (0,) * (len(ds.shape) - 1)  # not ds.ndim: h5py's takes ~9 us, twice a chunk's lookup
         for c0 in range(start - start % rows, stop, rows):
             a, b = max(start, c0), min(stop, c0 + rows)
-            info = ds.id.get_chunk_info_by_coord((c0,) + (0,) * (ds.ndim - 1))
+            info = ds.id.get_chunk_info_by_coord((c0, *rest))
             if info.byte_offset is None:
                 ds.read_direct(out, np.s_[a:b], np.s_[a - start : b - start])
                 continue
@@ -387,7 +396,7 @@ class HDF5Reader:
     def _batch(self, start: int, stop: int, stamps: np.ndarray, failed: str | None = None) -> InputBatch:
         """Rows ``start:stop`` with *stamps*: ids, labels and statuses read beside them."""
         if self._ids is not None:
-            self._reading = self._ids.name
+            self._reading = self._name(self._ids)
             ids = self._ids[start:stop]
             if ids.dtype.kind in "SO":
                 ids = np.array(
@@ -397,15 +406,15 @@ class HDF5Reader:
             ids = np.arange(start, stop)
         labels = None
         if self._labels is not None and self.with_labels:
-            self._reading = self._labels.name
+            self._reading = self._name(self._labels)
             labels = self._labels[start:stop]
         status = None
         if failed is not None:
-            status = np.full(stop - start, f"failed: {failed}", dtype=object)
+            status = text_column(stop - start, f"failed: {failed}")
         elif self._dup is not None and self._dup[start:stop].any():
             status = np.where(self._dup[start:stop], DUPLICATE_ID, OK).astype(object)
         if self._derive is not None and failed is None:
-            derived = np.full(stop - start, f"flagged: {DERIVED_SNR}", dtype=object)
+            derived = text_column(stop - start, f"flagged: {DERIVED_SNR}")
             status = derived if status is None else merge_status(status, derived)
         return InputBatch(ids=ids, stamps=stamps, labels=labels, status=status)
 
@@ -600,15 +609,17 @@ def _read_rows(
 
 def _byte_ranges(ds: Any, start: int, stop: int) -> list[tuple[int, int]]:
     """File byte ranges holding rows ``start:stop`` of a dataset (stored chunks or the contiguous block)."""
-    if ds.chunks is None:
+    chunks, shape = ds.chunks, ds.shape  # h5py asks HDF5 each time
+    if chunks is None:
         offset, row_bytes = ds.id.get_offset(), _row_bytes(ds)
         return [] if offset is None else [(offset + start * row_bytes, (stop - start) * row_bytes)]
-    rows = ds.chunks[0]
-    if any(c != n for c, n in zip(ds.chunks[1:], ds.shape[1:], strict=True)):
+    rows = chunks[0]
+    if any(c != n for c, n in zip(chunks[1:], shape[1:], strict=True)):
         return []  # chunks split rows: not worth working out
     out: list[tuple[int, int]] = []
+    rest = (0,) * (len(shape) - 1)
     for r in range(start - start % rows, stop, rows):
-        info = ds.id.get_chunk_info_by_coord((r,) + (0,) * (ds.ndim - 1))
+        info = ds.id.get_chunk_info_by_coord((r, *rest))
         if info.byte_offset is not None and info.size:
             offset, size = int(info.byte_offset), int(info.size)
             if out and sum(out[-1]) == offset:  # chunks one after another in the file: one range
@@ -638,7 +649,7 @@ def _join(a: InputBatch, b: InputBatch) -> InputBatch:
 
     status = None
     if a.status is not None or b.status is not None:
-        parts = [s if s is not None else np.full(len(t), OK, dtype=object) for s, t in ((a.status, a), (b.status, b))]
+        parts = [s if s is not None else text_column(len(t)) for s, t in ((a.status, a), (b.status, b))]
         status = np.concatenate(parts)
     extra = None
     if a.extra is not None and b.extra is not None:
