@@ -68,25 +68,54 @@ def recorder(name: str, width: int = 58) -> Callable[[Path, str, Any], None]:
     return record
 
 
-def read_rates(path: str, card_input: dict[str, Any], n: int, batch: int) -> tuple[float, float]:
+def read_rates(path: str, card_input: dict[str, Any], n: int, batch: int, cold: bool = False) -> tuple[float, float]:
     """Stamps/s of h5py alone reading every stamp dataset of a file (65,536 rows a call), and of
-    stampclf's `HDF5Reader` giving its batches: the floors an end-to-end run is measured against."""
+    stampclf's `HDF5Reader` giving its batches: the floors an end-to-end run is measured against.
+    *cold*: each from the disk (the file evicted from the page cache first)."""
     import h5py
 
     from stampclf.io import HDF5Reader
 
+    if cold:
+        evict(path)
     t0 = time.perf_counter()
     with h5py.File(path, "r") as f:
         for s in range(0, n, 65_536):
             for name in card_input.get("hdf5_datasets") or ["stamps"]:
                 f[name][s : s + 65_536]
     h5 = n / (time.perf_counter() - t0)
+    if cold:
+        evict(path)
     t0 = time.perf_counter()
     reader = HDF5Reader(str(path), card_input)
     for _ in reader.batches(batch):
         pass
     reader.close()
     return h5, n / (time.perf_counter() - t0)
+
+
+def evict(path: str | Path) -> None:
+    """Drop a file's pages from the page cache (``POSIX_FADV_DONTNEED``; no root needed): the next read is the disk's."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def disk_rate(path: str | Path, n: int) -> float:
+    """Stamps/s (*n* rows in the file) of reading the whole file from the disk, in order, 64 MiB a call:
+    the floor "limited by the disk" means."""
+    evict(path)
+    buf = memoryview(bytearray(64 * 2**20))
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while os.readv(fd, [buf]) > 0:
+            pass
+    finally:
+        os.close(fd)
+    return n / (time.perf_counter() - t0)
 
 
 def median(xs: list[float]) -> float:

@@ -2,12 +2,15 @@
 
 On a GPU with the normalisation on the device (``prep="device"``), the CPU reads the
 HDF5 file, stacks the channels, builds the statuses and writes the output; the GPU does
-the rest. This script replaces the device call with one that returns at once (fixed
-probabilities, no non-finite pixels), so the rate it prints is the ceiling the host
-side puts on end-to-end throughput, on any machine, no GPU needed. Next to it, the rate
-at which h5py alone reads the same file (the disk/page-cache floor) and the ratio.
+the rest. This script replaces the device call with one that returns at once (a trained
+model's probabilities, no non-finite pixels; ``--device-rate``: after a GPU's time, on a
+device thread), so the rate it prints is the ceiling the host side puts on end-to-end
+throughput, on any machine, no GPU needed. Next to it, the rate at which h5py alone reads
+the same file (the page-cache floor) and the ratio. ``--cold``: every run and floor from
+the disk (the file evicted from the page cache first), with the rate of reading the file
+in order: "limited only by the disk" is a ratio near 1 against that.
 
-    python benchmarks/host_side.py --model hits --n 1000000 [--output csv|h5] [-b 16384]
+    python benchmarks/host_side.py --model hits --n 1000000 [--output csv|h5] [-b 16384] [--device-rate R] [--cold]
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def main() -> None:
     p.add_argument("--device-rate", type=float, default=0.0,
                    help="stamps/s of a pretend GPU, run on the runner's device thread (0: instant, in line)")  # fmt: skip
     p.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (s) for the runs")
+    p.add_argument("--cold", action="store_true",
+                   help="each run from the disk: the file evicted from the page cache first (and the floors measured so)")  # fmt: skip
     p.set_defaults(batch_size=16_384)  # a GPU's batch (gpu_bench.py's best on the H100)
     args = p.parse_args()
 
@@ -67,19 +72,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         out = os.path.join(tmp, f"out.{args.output}")
         for _ in range(args.rounds):
+            if args.cold:
+                _common.evict(path)
             t0 = time.perf_counter()
             s = classify_files(clf, [path], out, progress=False)
             rates.append(s.rows / (time.perf_counter() - t0))
-    read, own = _common.read_rates(path, clf.card.input, args.n, clf.batch_size)
+    read, own = _common.read_rates(path, clf.card.input, args.n, clf.batch_size, cold=args.cold)
+    disk = {"the disk, reading the file in order: stamps/s": _common.disk_rate(path, args.n)} if args.cold else {}
     _common.report("host side of a GPU run (instant device)", {
         "rows in file": args.n,
         "batch": clf.batch_size,
         "output": args.output,
+        "page cache": "cold (evicted before each run)" if args.cold else "warm",
+        **disk,
         f"host side, instant device, best of {args.rounds}: stamps/s": max(rates),
         "host side runs: stamps/s": [round(r) for r in rates],
         "h5py reading the file alone: stamps/s": read,
         "stampclf's reader alone: stamps/s": own,
         "host side / h5py read rate (ratio)": max(rates) / read,
+        **({"host side / the disk (ratio)": max(rates) / disk[next(iter(disk))]} if disk else {}),
     }, args)  # fmt: skip
 
 
