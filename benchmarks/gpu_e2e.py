@@ -4,10 +4,12 @@ The short companion of ``gpu_bench.py`` (which measures everything): the file is
 written once, read once by h5py and once by stampclf's reader (the floors), then
 classified with each ``--prep`` and each Python thread switch interval given, each
 setting ``--rounds`` times. The rate of a run is the one its own summary line gives
-(start-up excluded); the best of the rounds is recorded. Figures go to
+(start-up excluded); the best of the rounds is recorded. ``--cold``: each run reads the
+file from the disk (evicted from the page cache first), and the disk's own in-order read
+rate is the floor. Figures go to
 ``--out/gpu_e2e.json`` as they are measured.
 
-    python benchmarks/gpu_e2e.py --n 1000000 --out $OUT [--switch 0.005,0.0005] [--py-spy /tmp/py-spy]
+    python benchmarks/gpu_e2e.py --n 1000000 --out $OUT [--switch 0.005,0.0005] [--py-spy /tmp/py-spy] [--cold]
 """
 
 from __future__ import annotations
@@ -112,6 +114,12 @@ def main() -> None:
     h5, own = _common.read_rates(str(path), clf.card.input, ARGS.n, clf.batch_size)
     record(out, "h5py reading the file alone: stamps/s", h5)
     record(out, "stampclf's reader alone: stamps/s", own)
+    if ARGS.cold:  # the floors from the disk: "limited only by the disk" is a ratio near 1 against them
+        disk = _common.disk_rate(path, ARGS.n)
+        record(out, "cold: the disk, reading the file in order: stamps/s", disk)
+        h5_cold, own_cold = _common.read_rates(str(path), clf.card.input, ARGS.n, clf.batch_size, cold=True)
+        record(out, "cold: h5py reading the file alone: stamps/s", h5_cold)
+        record(out, "cold: stampclf's reader alone: stamps/s", own_cold)
     # the writer's work alone, one thread: what the main thread costs per row on this CPU
     import numpy as np
 
@@ -146,9 +154,11 @@ def main() -> None:
             for target, (label, tree) in itertools.product(
                 (csv, work / "gpu_e2e_out.h5") if ARGS.h5 else (csv,), trees.items()
             ):
-                tag = f"{label}: --prep {prep}, switch interval {switch * 1e3:g} ms, {target.suffix[1:]} out"
+                tag = f"{label}: --prep {prep}, switch interval {switch * 1e3:g} ms, {target.suffix[1:]} out{', cold' * ARGS.cold}"
                 rates = []
                 for _ in range(ARGS.rounds):
+                    if ARGS.cold:
+                        _common.evict(path)
                     r = subprocess.run(command(prep, switch, target, tree), capture_output=True, text=True, check=False)
                     found = re.search(r" in ([0-9.]+) s \(", r.stderr)
                     if r.returncode or not found:
@@ -161,6 +171,8 @@ def main() -> None:
                     record(out, f"{tag}: runs", [round(v) for v in rates])
                     record(out, f"{tag} / h5py read rate", max(rates) / h5)
                     record(out, f"{tag} / stampclf reader rate", max(rates) / own)
+                    if ARGS.cold:
+                        record(out, f"{tag} / the disk", max(rates) / disk)
     if ARGS.py_spy:  # where each thread is (--idle), and who holds the GIL (--gil)
         switch = float(ARGS.switch.split(",")[-1])
         for what in ("idle", "gil"):
@@ -186,6 +198,8 @@ if __name__ == "__main__":
     p.add_argument("--caps", default="", help="comma-separated caps on the reader's recycled blocks, timed in process")
     p.add_argument("--compare", default=None,
                    help="a folder holding another stampclf package (e.g. `git archive REV stampclf`): timed too")  # fmt: skip
+    p.add_argument("--cold", action="store_true",
+                   help="also from the disk: each run with the file evicted from the page cache, and the floors so")  # fmt: skip
     p.add_argument("--py-spy", default=None, help="py-spy binary: profile one run (the last switch interval)")
     ARGS = p.parse_args()
     main()
