@@ -145,6 +145,20 @@ def test_evaluate_hits_runs_through_the_runtime(tiny_model_path, tmp_path, capsy
     assert "| `tiny` |" in capsys.readouterr().out
 
 
+def test_evaluate_hits_counts_the_flops_of_a_renamed_model(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import card_dict, write_model
+
+    from train import evaluate_hits
+
+    card = card_dict(name="my-hits")
+    card["training"] = {**card["training"], "architecture": "hits", "parameters": 123}
+    path = write_model(tmp_path / "my-hits.onnx", card)
+    asked: list[tuple[str, int | None]] = []
+    monkeypatch.setattr(evaluate_hits, "mflop_per_stamp", lambda name, params=None: asked.append((name, params)) or 1.0)
+    r = evaluate_hits.evaluate(str(path), None, None, None, threads=1)
+    assert asked == [("hits", 123)] and r["name"] == "my-hits" and r["mflop_per_stamp"] == 1.0
+
+
 def test_cache_round_trip(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     sizes = ["--set", "n_train=40", "--set", "n_val=8", "--set", "n_test=8", "--set", "sim_workers=1"]
     assert hits_data.main(["--cache", str(tmp_path), "--epochs", "1", *sizes]) == 0

@@ -150,7 +150,9 @@ def evaluate(
     thr = float(clf.threshold)
     out: dict[str, Any] = {"model": str(model), "name": card.name, "version": card.version, "threshold": thr}
     out["parameters"] = (card.training or {}).get("parameters")
-    out["mflop_per_stamp"] = mflop_per_stamp(card.name, out["parameters"])
+    # a model exported under another name (export --name) keeps its registered one as the architecture
+    architecture = (card.training or {}).get("architecture", card.name)
+    out["mflop_per_stamp"] = mflop_per_stamp(architecture, out["parameters"])
     ops = dict(card.operating_points or {})
     if sim is not None:
         t0 = time.time()
