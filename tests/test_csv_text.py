@@ -97,7 +97,21 @@ def test_a_batch_is_what_csv_writer_writes() -> None:
     assert text == reference(ids, labels, proba, status, fixed, more)
 
 
-@pytest.mark.parametrize("case", ["text ids", "float ids", "quoting", "many distinct", "not text", "quoting in fixed"])
+def test_a_file_name_that_is_not_utf8_keeps_its_bytes() -> None:
+    import os
+
+    name = os.fsdecode(b"/data/st\xffamps.h5")  # a lone surrogate, as Linux file names come
+    n = 3
+    args = (np.arange(n), np.array(["a"] * n, object), np.full((n, 1), 0.5), np.array(["ok"] * n, object))
+    text = csv_rows(*args, ["m", "1", name], [], ["a"])
+    assert text == reference(*args, ["m", "1", name], [])
+    assert text.encode("utf-8", "surrogateescape").splitlines()[0] == b"0,a,0.5,ok,m,1,/data/st\xffamps.h5"
+
+
+@pytest.mark.parametrize(
+    "case", ["text ids", "float ids", "quoting", "many distinct", "not text", "quoting in fixed", "2-D ids",
+             "long double", "one long status"],
+)  # fmt: skip
 def test_other_batches_go_the_general_way(case: str) -> None:
     n = 300
     ids: np.ndarray = np.arange(n)
@@ -117,9 +131,18 @@ def test_other_batches_go_the_general_way(case: str) -> None:
         more = [[i % 3 for i in range(n)]]
     if case == "quoting in fixed":
         fixed = ["m", "a,b"]
+    if case == "2-D ids":
+        ids = ids[:, None]
+    if case == "long double":  # past float64's range: "inf", not empty as a float64 cast would make it
+        proba = proba.astype(np.longdouble)
+        proba[0, 0] = np.longdouble("1e4000") if np.finfo(np.longdouble).max > 1e4000 else np.inf
+    if case == "one long status":  # every row would take its room
+        status[7] = "failed: " + "x" * 4000
     assert csv_rows(ids, labels, proba, status, fixed, more, ["a", "b"]) is None
     text = _csv_text(ids, labels, proba, status, fixed, [[str(v) for v in m] for m in more], ["a", "b"])
     if case in ("quoting", "quoting in fixed"):
         assert text is None  # the writer then quotes through csv.writer itself
+    elif case == "2-D ids":
+        assert text is not None and text.startswith("[0],a,")
     else:
         assert text == reference(ids, labels, proba, status, fixed, [[str(v) for v in m] for m in more])

@@ -21,6 +21,11 @@ __all__: list[str] = []
 _DIGITS = 7  # significant digits, as "%.7g"
 _MAX_DISTINCT = 256  # a text column with more distinct values in a batch goes the general way
 _QUOTED = ',"\r\n'  # a field with one of these needs CSV quoting: the general way
+# every row of a text column takes the room of its longest value: past this, the general way
+_MAX_WIDTH = 128
+# a file name that is not UTF-8 comes as lone surrogates (os.fsdecode): kept through the bytes, for
+# stdout's surrogateescape to write the file's own bytes back, as the general way does
+_LONE = "surrogatepass"
 _EXP_NONE = 2 * 400 + 1  # exponent-table row of a field without an exponent (its comma only)
 _U8 = np.uint8
 
@@ -201,8 +206,10 @@ def _text_field(values: Any, likely: list[str], before: str = "", after: str = "
         codes[rest] = [lookup[s] for s in others]
     if not all(type(s) is str and not any(c in s for c in _QUOTED) for s in distinct):
         return None
-    encoded = [(before + s + after).encode("utf-8") for s in distinct]
+    encoded = [(before + s + after).encode("utf-8", _LONE) for s in distinct]
     width = max(-(-max(map(len, encoded)) // 8) * 8, 8)
+    if width > _MAX_WIDTH:
+        return None
     chars = _bytes(encoded, width).view(np.uint64)[codes].view(_U8)
     mask = _mask([list(range(len(e))) for e in encoded], width).view(np.uint64)[codes].view(bool)
     return chars, mask
@@ -218,8 +225,11 @@ def csv_rows(
     *likely_labels* (the model's classes) are looked for first.
     """
     ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or not len(ids):
+        return None
     n = len(ids)
-    if ids.dtype.kind not in "iu" or proba.dtype.kind != "f" or proba.shape[:1] != (n,) or proba.ndim != 2 or not n:
+    # float16-64 (a long double past float64's range would print as inf, not as empty)
+    if proba.dtype.kind != "f" or proba.dtype.itemsize > 8 or proba.ndim != 2 or len(proba) != n:
         return None
     if any(c in f for f in fixed for c in _QUOTED):
         return None
@@ -238,11 +248,11 @@ def csv_rows(
         c, m = _float_field(proba[:, k], t)
         chars += c
         masks += m
-    tail = np.frombuffer("".join("," + f for f in fixed).encode("utf-8"), _U8)
+    tail = np.frombuffer("".join("," + f for f in fixed).encode("utf-8", _LONE), _U8)
     for field in [texts[1], (np.broadcast_to(tail, (n, len(tail))), None), *texts[2:]]:
         chars.append(field[0])  # type: ignore[index]
         masks.append(field[1] if field[1] is not None else np.ones((n, len(tail)), bool))  # type: ignore[index]
     chars.append(np.full((n, 1), ord("\n"), _U8))
     masks.append(np.ones((n, 1), bool))
     keep = np.concatenate(masks, axis=1).ravel()
-    return np.compress(keep, np.concatenate(chars, axis=1).ravel()).tobytes().decode("utf-8")
+    return np.compress(keep, np.concatenate(chars, axis=1).ravel()).tobytes().decode("utf-8", _LONE)
