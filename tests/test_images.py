@@ -625,6 +625,7 @@ def test_tiny_train_export_classify(tmp_path: Path) -> None:
     assert after["evaluated_from"].startswith(f"weights of the run of {before['date']}")
     assert after["metrics"]["test"]["accuracy"] == before["metrics"]["test"]["accuracy"]
     assert after["history"] == before["history"] and after["command"] == before["command"]
+    assert after.get("code") == before.get("code")  # the code that trained the weights, not the re-evaluation's
 
 
 def test_whiten_init_decorrelates_patches_and_stays_frozen() -> None:

@@ -93,6 +93,16 @@ def test_training_writes_report_and_figures(trained: dict[str, Path]) -> None:
     assert report["metrics"]["test"]["accuracy"] > 0.9  # the bump is easy to see
     assert "fpr_1pct" in report["operating_points"]
     assert 0.05 <= report["temperature"] <= 20
+    # the training code's commit (none outside a git checkout), carried into the card
+    assert report.get("code") == (train_mod.code_state() or None)
+    assert read_card(trained["onnx"])[0].training.get("code") == report.get("code")
+
+
+def test_code_state_outside_a_checkout_is_empty(tmp_path: Path) -> None:
+    assert train_mod.code_state(tmp_path) == {}
+    state = train_mod.code_state()
+    if state:  # in a checkout: a commit, and whether tracked files differ from it
+        assert len(state["git_commit"]) == 40 and isinstance(state["uncommitted_changes"], bool)
 
 
 def test_export_card_round_trip(trained: dict[str, Path]) -> None:

@@ -240,6 +240,7 @@ def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str, versio
             "train_seconds": round(float(report.get("train_seconds", 0.0)), 1),
             "data": report["data"],
             "parameters": report.get("parameters"),
+            **({"code": report["code"]} if report.get("code") else {}),
             **({"architecture": spec.name} if name != spec.name else {}),
             **({"evaluated_from": report["evaluated_from"]} if "evaluated_from" in report else {}),
         },

@@ -344,6 +344,10 @@ def finish(spec: ModelSpec, model: nn.Module, data: DataBundle, run: dict[str, A
         "date": run.get("date") or _utc_now(),
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
     }
+    # the code that trained the weights: a re-evaluation keeps the run's (none for a run from before it was kept)
+    code = run["code"] if "code" in run else code_state()
+    if code:
+        report["code"] = code
     report["figures"] = write_figures(out, spec, history, test_m, tproba, ty)
     (out / "report.json").write_text(json.dumps(json_safe(report), indent=2, sort_keys=True, allow_nan=False, default=float))
     print("[train] test: " + ", ".join(f"{k} {test_m[k]:.4f}" for k in ("accuracy", "precision", "recall", "f1", "roc_auc")), flush=True)
@@ -395,6 +399,7 @@ def evaluate_only(spec: ModelSpec, args: argparse.Namespace, options: dict[str, 
     model.load_state_dict(state)
     run = {k: old[k] for k in ("history", "best_epoch", "command", "recipe", "device", "train_seconds")}
     run["date"] = old["date"]
+    run["code"] = old.get("code", {})
     run["evaluated_from"] = (f"weights of the run of {old['date']} ({old['command']}), re-evaluated "
                              f"{_utc_now()} with "
                              f"{reproduce_command(_argv(args))}; history figures are from that run")
@@ -498,6 +503,28 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 
 def _utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def code_state(root: Path = Path(__file__).resolve().parent.parent) -> dict[str, Any]:
+    """The git commit of the training code and whether tracked files differ from it ({} outside a checkout).
+
+    With the command, seed and data sha256 in the card, this is what it takes to train
+    the same weights again.
+    """
+    import shutil
+    import subprocess
+
+    git = shutil.which("git")
+    if git is None:
+        return {}
+    def ask(*args: str) -> str:  # fixed arguments, git from PATH: nothing from input
+        return subprocess.run([git, *args], cwd=root, capture_output=True, text=True, check=True, timeout=30).stdout  # noqa: S603
+
+    try:
+        commit, changed = ask("rev-parse", "HEAD"), ask("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit.strip(), "uncommitted_changes": bool(changed.strip())}
 
 
 def _model_for(spec: ModelSpec, data: DataBundle, device: str) -> tuple[ModelSpec, nn.Module]:
