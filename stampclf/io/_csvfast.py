@@ -32,10 +32,7 @@ _U8 = np.uint8
 
 def _bytes(rows: list[bytes], width: int) -> np.ndarray:
     """``(len(rows), width)`` bytes, each row zero-padded."""
-    out = np.zeros((len(rows), width), _U8)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = np.frombuffer(r, _U8)
-    return out
+    return np.frombuffer(b"".join(r.ljust(width, b"\0") for r in rows), _U8).reshape(len(rows), width)
 
 
 def _mask(rows: list[list[int]], width: int) -> np.ndarray:
