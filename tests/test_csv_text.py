@@ -146,3 +146,28 @@ def test_other_batches_go_the_general_way(case: str) -> None:
         assert text is not None and text.startswith("[0],a,")
     else:
         assert text == reference(ids, labels, proba, status, fixed, [[str(v) for v in m] for m in more])
+
+
+def test_the_writer_uses_numpy_for_a_large_batch(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stampclf.io import _writers
+    from stampclf.io._writers import ResultWriter
+
+    calls: list[int] = []
+    real = _writers.csv_rows
+    monkeypatch.setattr(_writers, "csv_rows", lambda ids, *a: calls.append(len(ids)) or real(ids, *a))
+    rng = np.random.default_rng(5)
+    batches = [5000, 10, 3000]  # numpy, %, numpy
+    out = tmp_path / "out.csv"
+    w = ResultWriter(str(out), ["bogus", "real"], "hits", "1.1.0")
+    rows = []
+    for k, n in enumerate(batches):
+        ids = rng.integers(0, 10**15, n)
+        proba = rng.random((n, 2)).astype(np.float32) ** 5
+        labels = np.asarray(["bogus", "real"], dtype=object)[(proba[:, 1] > 0.5).astype(int)]
+        status = np.full(n, "ok", dtype=object)
+        status[::97] = "flagged: 2 non-finite pixels replaced"
+        w.write(ids, labels, proba, status, f"night{k}.h5")
+        rows.append(reference(ids, labels, proba, status, ["hits", "1.1.0", f"night{k}.h5"], []))
+    w.commit()
+    header = "id,label,p_bogus,p_real,status,model,model_version,file\n"
+    assert calls == [5000, 3000] and out.read_text() == header + "".join(rows)
