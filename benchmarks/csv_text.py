@@ -61,8 +61,7 @@ def main() -> None:
     args = p.parse_args()
 
     from stampclf import Classifier
-    from stampclf.io._csvfast import csv_rows
-    from stampclf.io._writers import _csv_percent
+    from stampclf.io._csvtext import _csv_percent, csv_rows
 
     card = Classifier(args.model, device="cpu").card
     n, classes = args.batch_size, list(card.classes)

@@ -123,7 +123,7 @@ def main() -> None:
     # the writer's work alone, one thread: what the main thread costs per row on this CPU
     import numpy as np
 
-    from stampclf.io._writers import _csv_text
+    from stampclf.io._csvtext import _csv_text
     from stampclf.preprocess import stamp_status
 
     n = clf.batch_size

@@ -1,4 +1,4 @@
-"""CSV text built by numpy (`stampclf.io._csvfast`) is exactly what ``csv.writer`` writes with ``%.7g``."""
+"""CSV text built by numpy (`stampclf.io._csvtext`) is exactly what ``csv.writer`` writes with ``%.7g``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import io
 import numpy as np
 import pytest
 
-from stampclf.io._csvfast import csv_rows
-from stampclf.io._writers import _csv_text
+from stampclf.io._csvtext import _csv_text, csv_rows
 
 
 def reference(ids, labels, proba, status, fixed, more) -> str:  # type: ignore[no-untyped-def]
@@ -149,12 +148,12 @@ def test_other_batches_go_the_general_way(case: str) -> None:
 
 
 def test_the_writer_uses_numpy_for_a_large_batch(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stampclf.io import _writers
+    from stampclf.io import _csvtext
     from stampclf.io._writers import ResultWriter
 
     calls: list[int] = []
-    real = _writers.csv_rows
-    monkeypatch.setattr(_writers, "csv_rows", lambda ids, *a: calls.append(len(ids)) or real(ids, *a))
+    real = _csvtext.csv_rows
+    monkeypatch.setattr(_csvtext, "csv_rows", lambda ids, *a: calls.append(len(ids)) or real(ids, *a))
     rng = np.random.default_rng(5)
     batches = [5000, 10, 3000]  # numpy, %, numpy
     out = tmp_path / "out.csv"

@@ -759,7 +759,7 @@ def test_large_in_memory_classify_streams_with_identical_results(tiny_model_path
 
 @pytest.mark.parametrize("case", ["plain", "odd probabilities", "text ids", "quoting", "percent and extra"])
 def test_csv_text_is_what_csv_writer_writes(case: str) -> None:
-    from stampclf.io._writers import _csv_text
+    from stampclf.io._csvtext import _csv_text
 
     rng = np.random.default_rng(len(case))
     n = 300

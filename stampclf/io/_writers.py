@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import itertools
 import os
 import re
 import sys
@@ -19,7 +18,7 @@ from typing import IO, Any
 import numpy as np
 
 from .._errors import InputError, OutputError
-from ._csvfast import csv_rows
+from ._csvtext import _csv_text
 
 __all__ = ["ResultWriter", "open_writer", "run_attrs", "OUTPUT_FORMATS", "columns_for"]
 
@@ -29,62 +28,6 @@ OUTPUT_FORMATS = ("csv", "h5")
 def columns_for(classes: list[str], extra: tuple[str, ...] | list[str] = ()) -> list[str]:
     """Output column names for a model with these classes (plus reader-specific *extra* columns at the end)."""
     return ["id", "label", *[f"p_{c}" for c in classes], "status", "model", "model_version", "file", *extra]
-
-
-_CSV_SPECIAL = re.compile(r'[,"\r\n]')
-
-
-def _as_text(values: Any) -> tuple[list[Any], bool]:
-    """Values to print with ``%s`` (the same text as ``str``) and whether they may need quoting."""
-    arr = np.asarray(values)
-    if arr.dtype.kind in "iu":
-        return arr.tolist(), False  # Python ints print as str(np.int64) does; digits never need quoting
-    if arr.dtype.kind in "OU":
-        out = arr.tolist()
-        if set(map(type, out)) <= {str}:  # labels and statuses: str already (no Python call per value)
-            return out, True
-        return [v if type(v) is str else str(v) for v in out], True
-    return [str(v) for v in values], True  # e.g. float ids: keep numpy's own str()
-
-
-def _csv_text(
-    ids: Any, labels: Any, proba: np.ndarray, status: Any, fixed: list[str], more: list[list[str]],
-    classes: list[str] | tuple[str, ...] = (),
-) -> str | None:
-    """One batch as CSV lines, the same text as ``csv.writer`` writes, or None if a field needs quoting.
-
-    Built by numpy where it can (`csv_rows`: integer ids, few distinct texts; *classes*
-    are the labels looked for first) in a batch of at least `_NUMPY_ROWS` rows, else by
-    `_csv_percent`.
-    """
-    text = csv_rows(ids, labels, proba, status, fixed, more, list(classes)) if len(ids) >= _NUMPY_ROWS else None
-    return text if text is not None else _csv_percent(ids, labels, proba, status, fixed, more)
-
-
-#: numpy's fixed cost (~0.25 ms a batch) pays from about 1,000 rows; a GPU's batches are 16,384
-_NUMPY_ROWS = 2048
-
-
-def _csv_percent(
-    ids: Any, labels: Any, proba: np.ndarray, status: Any, fixed: list[str], more: list[list[str]]
-) -> str | None:
-    """`_csv_text` for any batch: one ``%`` format for the whole batch (a row's format
-    repeated) instead of a list of formatted fields per row, several times faster."""
-    cols = [_as_text(ids), _as_text(labels), _as_text(status), (fixed, True), *((m, True) for m in more)]
-    if any(check and _CSV_SPECIAL.search("".join(col)) for col, check in cols):
-        return None
-    (id_s, _), (lab_s, _), (st_s, _) = cols[:3]
-    tail = ",".join(f.replace("%", "%%") for f in fixed)
-    line = "%s,%s," + "%.7g," * proba.shape[1] + "%s," + tail + "".join(",%s" for _ in more) + "\n"
-    fields = zip(id_s, lab_s, *proba.T.tolist(), st_s, *more, strict=True)
-    odd = np.flatnonzero(~np.isfinite(proba).all(axis=1)).tolist()
-    if not odd:  # one format call: no Python call per row (a quarter faster; the GPU path's main thread)
-        return (line * len(id_s)) % tuple(itertools.chain.from_iterable(fields))
-    rows = list(map(line.__mod__, fields))
-    for i in odd:  # NaN/inf: empty fields
-        p = ["" if not np.isfinite(v) else f"{v:.7g}" for v in proba[i].tolist()]
-        rows[i] = ",".join([str(id_s[i]), lab_s[i], *p, st_s[i], *fixed, *(m[i] for m in more)]) + "\n"
-    return "".join(rows)
 
 
 # 8,192-row chunks keep a small output small; gzip level 1 (any HDF5 reader has it)

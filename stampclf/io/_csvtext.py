@@ -1,17 +1,20 @@
-"""CSV rows built by numpy: the same text as ``csv.writer`` with ``"%.7g"`` floats, no Python call per row.
+"""A batch's CSV text: the same as ``csv.writer`` writes with ``"%.7g"`` floats, made fast.
 
-Each field of a row becomes a few fixed-width words, looked up in tables, with a mask
-of the bytes that are really there; the masked bytes, read row by row, are the CSV
-text. ``%.7g`` rounding is computed in float64 and checked: the rare value next to a
-rounding tie is formatted by Python. This is the writer's main path. On a GPU the
-main thread writes the output while the device and the reader work: with numpy
-doing the work, the GIL is free for them (``"%" % rows`` holds it throughout), and
-the text takes about half the time.
+`csv_rows` builds it with numpy, no Python call per row: each field of a row becomes a
+few fixed-width words, looked up in tables, with a mask of the bytes that are really
+there; the masked bytes, read row by row, are the CSV text. ``%.7g`` rounding is
+computed in float64 and checked: the rare value next to a rounding tie is formatted by
+Python. On a GPU the main thread writes the output while the device and the reader
+work: with numpy doing the work, the GIL is free for them (``"%" % rows`` holds it
+throughout), and the text takes about 30 % less time. `_csv_percent` is the way for
+any batch (one ``%`` format); `_csv_text` chooses.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import re
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -253,3 +256,59 @@ def csv_rows(
     masks.append(np.ones((n, 1), bool))
     keep = np.concatenate(masks, axis=1).ravel()
     return np.compress(keep, np.concatenate(chars, axis=1).ravel()).tobytes().decode("utf-8", _LONE)
+
+
+_CSV_SPECIAL = re.compile(r'[,"\r\n]')
+
+
+def _as_text(values: Any) -> tuple[list[Any], bool]:
+    """Values to print with ``%s`` (the same text as ``str``) and whether they may need quoting."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iu":
+        return arr.tolist(), False  # Python ints print as str(np.int64) does; digits never need quoting
+    if arr.dtype.kind in "OU":
+        out = arr.tolist()
+        if set(map(type, out)) <= {str}:  # labels and statuses: str already (no Python call per value)
+            return out, True
+        return [v if type(v) is str else str(v) for v in out], True
+    return [str(v) for v in values], True  # e.g. float ids: keep numpy's own str()
+
+
+def _csv_text(
+    ids: Any, labels: Any, proba: np.ndarray, status: Any, fixed: list[str], more: list[list[str]],
+    classes: list[str] | tuple[str, ...] = (),
+) -> str | None:
+    """One batch as CSV lines, the same text as ``csv.writer`` writes, or None if a field needs quoting.
+
+    Built by numpy where it can (`csv_rows`: integer ids, few distinct texts; *classes*
+    are the labels looked for first) in a batch of at least `_NUMPY_ROWS` rows, else by
+    `_csv_percent`.
+    """
+    text = csv_rows(ids, labels, proba, status, fixed, more, list(classes)) if len(ids) >= _NUMPY_ROWS else None
+    return text if text is not None else _csv_percent(ids, labels, proba, status, fixed, more)
+
+
+#: numpy's fixed cost (~0.25 ms a batch) pays from about 1,000 rows; a GPU's batches are 16,384
+_NUMPY_ROWS = 2048
+
+
+def _csv_percent(
+    ids: Any, labels: Any, proba: np.ndarray, status: Any, fixed: list[str], more: list[list[str]]
+) -> str | None:
+    """`_csv_text` for any batch: one ``%`` format for the whole batch (a row's format
+    repeated) instead of a list of formatted fields per row, several times faster."""
+    cols = [_as_text(ids), _as_text(labels), _as_text(status), (fixed, True), *((m, True) for m in more)]
+    if any(check and _CSV_SPECIAL.search("".join(col)) for col, check in cols):
+        return None
+    (id_s, _), (lab_s, _), (st_s, _) = cols[:3]
+    tail = ",".join(f.replace("%", "%%") for f in fixed)
+    line = "%s,%s," + "%.7g," * proba.shape[1] + "%s," + tail + "".join(",%s" for _ in more) + "\n"
+    fields = zip(id_s, lab_s, *proba.T.tolist(), st_s, *more, strict=True)
+    odd = np.flatnonzero(~np.isfinite(proba).all(axis=1)).tolist()
+    if not odd:  # one format call: no Python call per row (a quarter faster; the GPU path's main thread)
+        return (line * len(id_s)) % tuple(itertools.chain.from_iterable(fields))
+    rows = list(map(line.__mod__, fields))
+    for i in odd:  # NaN/inf: empty fields
+        p = ["" if not np.isfinite(v) else f"{v:.7g}" for v in proba[i].tolist()]
+        rows[i] = ",".join([str(id_s[i]), lab_s[i], *p, st_s[i], *fixed, *(m[i] for m in more)]) + "\n"
+    return "".join(rows)
