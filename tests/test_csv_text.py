@@ -96,6 +96,31 @@ def test_a_batch_is_what_csv_writer_writes() -> None:
     assert text == reference(ids, labels, proba, status, fixed, more)
 
 
+@pytest.mark.parametrize("where", ["status", "label", "extra", "two columns", "first and last rows", "many"])
+def test_rows_with_long_text_are_written_by_python_in_place(where: str) -> None:
+    n = 2000
+    rng = np.random.default_rng(4)
+    ids = np.arange(n) * 3
+    proba = rng.random((n, 2)).astype(np.float32)
+    proba[11] = np.nan
+    labels = np.array(["a", "b"] * (n // 2), dtype=object)
+    status = np.full(n, "ok", dtype=object)
+    more = [np.array(["x", "y"] * (n // 2), dtype=object)]
+    rows = [11, 500, 501, 1999] if where != "first and last rows" else [0, n - 1]
+    if where == "many":  # over 1 in 16: every row takes their room instead
+        rows = list(range(0, n, 9))
+    for k, i in enumerate(rows):
+        long = f"failed: {'é' * (20 + k)} of 441 pixels" if where != "many" else "failed: 441 of 441 pixels not finite"
+        if where in ("status", "first and last rows", "many", "two columns"):
+            status[i] = long
+        if where in ("label", "two columns"):
+            labels[i] = "a-very-long-class-name-" + "z" * k
+        if where == "extra":
+            more[0][i] = long
+    text = csv_rows(ids, labels, proba, status, ["m", "1"], more, ["a", "b"])
+    assert text == reference(ids, labels, proba, status, ["m", "1"], more)
+
+
 def test_a_file_name_that_is_not_utf8_keeps_its_bytes() -> None:
     import os
 
@@ -109,7 +134,7 @@ def test_a_file_name_that_is_not_utf8_keeps_its_bytes() -> None:
 
 @pytest.mark.parametrize(
     "case", ["text ids", "float ids", "quoting", "many distinct", "not text", "quoting in fixed", "2-D ids",
-             "long double", "one long status"],
+             "long double", "many very long statuses"],
 )  # fmt: skip
 def test_other_batches_go_the_general_way(case: str) -> None:
     n = 300
@@ -135,8 +160,8 @@ def test_other_batches_go_the_general_way(case: str) -> None:
     if case == "long double":  # past float64's range: "inf", not empty as a float64 cast would make it
         proba = proba.astype(np.longdouble)
         proba[0, 0] = np.longdouble("1e4000") if np.finfo(np.longdouble).max > 1e4000 else np.inf
-    if case == "one long status":  # every row would take its room
-        status[7] = "failed: " + "x" * 4000
+    if case == "many very long statuses":  # every row would take their room
+        status[::10] = "failed: " + "x" * 4000
     assert csv_rows(ids, labels, proba, status, fixed, more, ["a", "b"]) is None
     text = _csv_text(ids, labels, proba, status, fixed, [[str(v) for v in m] for m in more], ["a", "b"])
     if case in ("quoting", "quoting in fixed"):

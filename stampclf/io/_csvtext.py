@@ -26,6 +26,8 @@ _MAX_DISTINCT = 256  # a text column with more distinct values in a batch goes t
 _QUOTED = ',"\r\n'  # a field with one of these needs CSV quoting: the general way
 # every row of a text column takes the room of its longest value: past this, the general way
 _MAX_WIDTH = 128
+# room every row has for a text value; longer ones, if few, are written by Python (below)
+_SHORT = 16
 # a file name that is not UTF-8 comes as lone surrogates (os.fsdecode): kept through the bytes, for
 # stdout's surrogateescape to write the file's own bytes back, as the general way does
 _LONE = "surrogatepass"
@@ -177,12 +179,17 @@ def _int_field(values: np.ndarray, t: _Tables) -> tuple[list[np.ndarray], list[n
 _INT_LIMITS = np.array([10**k for k in range(1, 20)], np.uint64)
 
 
-def _text_field(values: Any, likely: list[str], before: str = "", after: str = "") -> tuple[np.ndarray, np.ndarray] | None:
-    """Bytes and mask of ``before + v + after`` (UTF-8) for text values, looked up by value.
+def _text_field(
+    values: Any, likely: list[str], before: str = "", after: str = ""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """Bytes and mask of ``before + v + after`` (UTF-8) for text values, looked up by value, and
+    the rows left for Python (None: none).
 
     The *likely* values are found by comparison (no Python call per row), others one
-    by one. None when a value needs CSV quoting or is not text, or when there are too
-    many distinct values for a lookup to pay.
+    by one. Every row takes the room of the longest value; a few rows with a value
+    longer than `_SHORT` bytes (a ``failed: ...`` status) are left empty here, for
+    Python to write, so that the others need not. None when a value needs CSV quoting
+    or is not text, or when there are too many distinct values for a lookup to pay.
     """
     arr = values if isinstance(values, np.ndarray) and values.dtype == object else np.asarray(values, dtype=object)
     if arr.ndim != 1:
@@ -207,12 +214,18 @@ def _text_field(values: Any, likely: list[str], before: str = "", after: str = "
     if not all(type(s) is str and not any(c in s for c in _QUOTED) for s in distinct):
         return None
     encoded = [(before + s + after).encode("utf-8", _LONE) for s in distinct]
+    long = np.array([len(e) > _SHORT for e in encoded])
+    odd = long[codes] if long.any() else None
+    if odd is not None and np.count_nonzero(odd) * 16 <= len(arr):  # rare: those rows go by Python
+        encoded = [b"" if is_long else e for e, is_long in zip(encoded, long.tolist(), strict=True)]
+    elif odd is not None:
+        odd = None
     width = max(-(-max(map(len, encoded)) // 8) * 8, 8)
     if width > _MAX_WIDTH:
         return None
     chars = _bytes(encoded, width).view(np.uint64)[codes].view(_U8)
     mask = _mask([list(range(len(e))) for e in encoded], width).view(np.uint64)[codes].view(bool)
-    return chars, mask
+    return chars, mask, odd
 
 
 def csv_rows(
@@ -254,8 +267,27 @@ def csv_rows(
         masks.append(field[1] if field[1] is not None else np.ones((n, len(tail)), bool))  # type: ignore[index]
     chars.append(np.full((n, 1), ord("\n"), _U8))
     masks.append(np.ones((n, 1), bool))
-    keep = np.concatenate(masks, axis=1).ravel()
-    return np.compress(keep, np.concatenate(chars, axis=1).ravel()).tobytes().decode("utf-8", _LONE)
+    keep = np.concatenate(masks, axis=1)
+    odd = [f[2] for f in texts if f[2] is not None]  # type: ignore[index]
+    if not odd:
+        return np.compress(keep.ravel(), np.concatenate(chars, axis=1).ravel()).tobytes().decode("utf-8", _LONE)
+    rows = np.flatnonzero(np.logical_or.reduce(odd))
+    keep[rows] = False
+    text = np.compress(keep.ravel(), np.concatenate(chars, axis=1).ravel()).tobytes()
+    # the rows left for Python, each put back where it belongs
+    pick = [np.asarray(c, dtype=object)[rows] for c in (labels, status, *more)]
+    lines = _csv_percent(ids[rows], pick[0], proba[rows], pick[1], fixed, pick[2:])
+    if lines is None:
+        return None
+    flat, width = keep.ravel(), keep.shape[1]  # bytes before each of those rows, counted flat (the fast way)
+    bounds = [0, *rows.tolist()]
+    at = np.cumsum([np.count_nonzero(flat[a * width : b * width]) for a, b in itertools.pairwise(bounds)]).tolist()
+    pieces, start = [], 0
+    for end, line in zip(at, lines.encode("utf-8", _LONE).splitlines(keepends=True), strict=True):
+        pieces += [text[start:end], line]
+        start = end
+    pieces.append(text[start:])
+    return b"".join(pieces).decode("utf-8", _LONE)
 
 
 _CSV_SPECIAL = re.compile(r'[,"\r\n]')
