@@ -96,7 +96,7 @@ def test_a_batch_is_what_csv_writer_writes() -> None:
     assert text == reference(ids, labels, proba, status, fixed, more)
 
 
-@pytest.mark.parametrize("where", ["status", "label", "extra", "two columns", "first and last rows", "many"])
+@pytest.mark.parametrize("where", ["status", "label", "extra", "two columns", "first and last rows", "many", "very long"])
 def test_rows_with_long_text_are_written_by_python_in_place(where: str) -> None:
     n = 2000
     rng = np.random.default_rng(4)
@@ -111,7 +111,9 @@ def test_rows_with_long_text_are_written_by_python_in_place(where: str) -> None:
         rows = list(range(0, n, 9))
     for k, i in enumerate(rows):
         long = f"failed: {'é' * (20 + k)} of 441 pixels" if where != "many" else "failed: 441 of 441 pixels not finite"
-        if where in ("status", "first and last rows", "many", "two columns"):
+        if where == "very long":  # longer than any row's room: only Python can write it
+            long = "failed: " + "x" * 4000
+        if where in ("status", "first and last rows", "many", "two columns", "very long"):
             status[i] = long
         if where in ("label", "two columns"):
             labels[i] = "a-very-long-class-name-" + "z" * k
