@@ -123,6 +123,16 @@ def test_rows_with_long_text_are_written_by_python_in_place(where: str) -> None:
     assert text == reference(ids, labels, proba, status, ["m", "1"], more)
 
 
+@pytest.mark.parametrize("more", [[], [["x"] * 40]])
+def test_no_fixed_columns(more: list[list[str]]) -> None:
+    n = 40
+    status = ["ok"] * n
+    status[3] = "y" * 40  # written by Python
+    args = (np.arange(n), ["a"] * n, np.full((n, 1), 0.5), status, [], more)
+    assert csv_rows(*args, ["a"]) == reference(*args)
+    assert _csv_text(*args) == reference(*args)  # 40 rows: one % format
+
+
 def test_a_file_name_that_is_not_utf8_keeps_its_bytes() -> None:
     import os
 
