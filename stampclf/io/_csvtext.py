@@ -23,7 +23,7 @@ __all__: list[str] = []
 
 _DIGITS = 7  # significant digits, as "%.7g"
 _MAX_DISTINCT = 256  # a text column with more distinct values in a batch goes the general way
-_QUOTED = ',"\r\n'  # a field with one of these needs CSV quoting: the general way
+_CSV_SPECIAL = re.compile(r'[,"\r\n]')  # a field with one of these needs CSV quoting: csv.writer's way
 # every row of a text column takes the room of its longest value: past this, the general way
 _MAX_WIDTH = 128
 # room every row has for a text value; longer ones, if few, are written by Python (below)
@@ -211,15 +211,15 @@ def _text_field(
             return None
         distinct += list(lookup)
         codes[rest] = [lookup[s] for s in others]
-    if not all(type(s) is str and not any(c in s for c in _QUOTED) for s in distinct):
+    if not all(type(s) is str and not _CSV_SPECIAL.search(s) for s in distinct):
         return None
     encoded = [(before + s + after).encode("utf-8", _LONE) for s in distinct]
     long = np.array([len(e) > _SHORT for e in encoded])
     odd = long[codes] if long.any() else None
-    if odd is not None and np.count_nonzero(odd) * 16 <= len(arr):  # rare: those rows go by Python
-        encoded = [b"" if is_long else e for e, is_long in zip(encoded, long.tolist(), strict=True)]
-    elif odd is not None:
+    if odd is not None and np.count_nonzero(odd) * 16 > len(arr):  # common: every row takes their room
         odd = None
+    if odd is not None:  # rare: those rows go by Python
+        encoded = [b"" if is_long else e for e, is_long in zip(encoded, long.tolist(), strict=True)]
     width = max(-(-max(map(len, encoded)) // 8) * 8, 8)
     if width > _MAX_WIDTH:
         return None
@@ -244,7 +244,7 @@ def csv_rows(
     # float16-64 (a long double past float64's range would print as inf, not as empty)
     if proba.dtype.kind != "f" or proba.dtype.itemsize > 8 or proba.ndim != 2 or len(proba) != n:
         return None
-    if any(c in f for f in fixed for c in _QUOTED):
+    if _CSV_SPECIAL.search("".join(fixed)):
         return None
     texts = [
         _text_field(labels, [*likely_labels, ""], after=","),
@@ -262,18 +262,17 @@ def csv_rows(
         chars += c
         masks += m
     tail = np.frombuffer("".join("," + f for f in fixed).encode("utf-8", _LONE), _U8)
-    for field in [texts[1], (np.broadcast_to(tail, (n, len(tail))), None), *texts[2:]]:
-        chars.append(field[0])  # type: ignore[index]
-        masks.append(field[1] if field[1] is not None else np.ones((n, len(tail)), bool))  # type: ignore[index]
-    chars.append(np.full((n, 1), ord("\n"), _U8))
-    masks.append(np.ones((n, 1), bool))
+    newline = np.frombuffer(b"\n", _U8)
+    for c, m, _ in [texts[1], (tail, None, None), *texts[2:], (newline, None, None)]:  # type: ignore[misc]
+        chars.append(np.broadcast_to(c, (n, c.shape[-1])))
+        masks.append(m if m is not None else np.ones((n, c.shape[-1]), bool))
     keep = np.concatenate(masks, axis=1)
     odd = [f[2] for f in texts if f[2] is not None]  # type: ignore[index]
-    if not odd:
-        return np.compress(keep.ravel(), np.concatenate(chars, axis=1).ravel()).tobytes().decode("utf-8", _LONE)
-    rows = np.flatnonzero(np.logical_or.reduce(odd))
+    rows = np.flatnonzero(np.logical_or.reduce(odd)) if odd else np.zeros(0, np.intp)
     keep[rows] = False
     text = np.compress(keep.ravel(), np.concatenate(chars, axis=1).ravel()).tobytes()
+    if not len(rows):
+        return text.decode("utf-8", _LONE)
     # the rows left for Python, each put back where it belongs
     pick = [np.asarray(c, dtype=object)[rows] for c in (labels, status, *more)]
     lines = _csv_percent(ids[rows], pick[0], proba[rows], pick[1], fixed, pick[2:])
@@ -289,8 +288,6 @@ def csv_rows(
     pieces.append(text[start:])
     return b"".join(pieces).decode("utf-8", _LONE)
 
-
-_CSV_SPECIAL = re.compile(r'[,"\r\n]')
 
 
 def _as_text(values: Any) -> tuple[list[Any], bool]:
