@@ -207,3 +207,29 @@ def test_the_writer_uses_numpy_for_a_large_batch(tmp_path, monkeypatch: pytest.M
     w.commit()
     header = "id,label,p_bogus,p_real,status,model,model_version,file\n"
     assert calls == [5000, 3000] and out.read_text() == header + "".join(rows)
+
+
+@pytest.mark.parametrize(
+    "case", ["labels", "statuses", "unicode", "numpy str", "many distinct", "not text", "mixed", "empty", "2-D"],
+)  # fmt: skip
+def test_hdf5_text_is_each_value_encoded(case: str) -> None:
+    """The HDF5 writer's text (`_encode`), looked up per distinct value, is ``str(v).encode()`` of every value."""
+    from stampclf.io._writers import _encode
+
+    rng = np.random.default_rng(len(case))
+    pick = rng.integers(0, 3, 5000)
+    values = {
+        "labels": lambda: np.array(["bogus", "real", "real"], object)[pick],
+        "statuses": lambda: np.array(["ok", "flagged: 3 pixels saturated", "failed: " + "x" * 300], object)[pick],
+        "unicode": lambda: np.array(["é", "猫", "ok\0"], object)[pick],
+        "numpy str": lambda: np.array(["b", "a", "c"])[pick],  # a "U" array
+        "many distinct": lambda: np.array([f"alert{i}" for i in rng.integers(0, 10**6, 5000)], object),
+        "not text": lambda: np.array([1, True, "a"], object)[pick],  # 1 == True: a lookup would merge them
+        "mixed": lambda: np.array([np.str_("ok"), "ok", None], object)[pick],
+        "empty": lambda: np.array([], object),
+        "2-D": lambda: np.array(["x", "yy", "z"], object)[pick].reshape(50, 100),
+    }[case]()
+    got = _encode(values)
+    expected = np.array([str(v).encode("utf-8") for v in values.ravel().tolist()] or [b""], dtype="S")[: values.size]
+    assert got.dtype == expected.dtype and got.shape == values.shape
+    assert got.ravel().tolist() == expected.tolist()

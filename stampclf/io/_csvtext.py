@@ -23,6 +23,7 @@ __all__: list[str] = []
 
 _DIGITS = 7  # significant digits, as "%.7g"
 _MAX_DISTINCT = 256  # a text column with more distinct values in a batch goes the general way
+_FIRST_FOUND = 4  # values found by comparison after the likely ones (`text_codes`); then a dict
 _CSV_SPECIAL = re.compile(r'[,"\r\n]')  # a field with one of these needs CSV quoting: csv.writer's way
 # every row of a text column takes the room of its longest value: past this, the general way
 _MAX_WIDTH = 128
@@ -179,6 +180,44 @@ def _int_field(values: np.ndarray, t: _Tables) -> tuple[list[np.ndarray], list[n
 _INT_LIMITS = np.array([10**k for k in range(1, 20)], np.uint64)
 
 
+def text_codes(values: np.ndarray, likely: list[str] | tuple[str, ...] = ()) -> tuple[np.ndarray, list[str]] | None:
+    """``(codes, distinct)`` with ``distinct[codes]`` equal to the 1-D text *values*, or None.
+
+    The *likely* values, then the first values not yet found (a few), are found by
+    comparison, with no Python call per row; the rest one by one. None when a value is
+    not a ``str`` or there are more than `_MAX_DISTINCT` distinct values (a lookup
+    would not pay).
+    """
+    if values.ndim != 1:
+        return None
+    codes = np.full(len(values), -1, np.intp)
+    distinct: list[Any] = []
+    left = np.arange(len(values))
+    # labels and statuses: a handful of values, each found in one pass over the batch
+    for k in itertools.count():
+        if not len(left):
+            break
+        s = likely[k] if k < len(likely) else values[left[0]]
+        s = str(s) if type(s) is np.str_ else s  # (a "U" array's)
+        if k >= len(likely) + _FIRST_FOUND or type(s) is not str:
+            break
+        hit = values[left] == s
+        if hit.any():
+            codes[left[hit]] = len(distinct)
+            distinct.append(s)
+            left = left[~hit]
+    if len(left):
+        others = values[left].tolist()
+        lookup = {s: len(distinct) + i for i, s in enumerate(dict.fromkeys(others))}
+        if len(lookup) > _MAX_DISTINCT:
+            return None
+        distinct += list(lookup)
+        codes[left] = [lookup[s] for s in others]
+    if not all(type(s) is str for s in distinct):
+        return None
+    return codes, distinct
+
+
 def _text_field(
     values: Any, likely: list[str], before: str = "", after: str = ""
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
@@ -192,26 +231,11 @@ def _text_field(
     or is not text, or when there are too many distinct values for a lookup to pay.
     """
     arr = values if isinstance(values, np.ndarray) and values.dtype == object else np.asarray(values, dtype=object)
-    if arr.ndim != 1:
+    found = text_codes(arr, likely)
+    if found is None:
         return None
-    codes = np.full(len(arr), -1, np.intp)
-    distinct: list[Any] = []
-    for s in likely:
-        if not (codes < 0).any():
-            break
-        hit = arr == s
-        if hit.any():
-            codes[hit & (codes < 0)] = len(distinct)
-            distinct.append(s)
-    rest = np.flatnonzero(codes < 0)
-    if len(rest):
-        others = arr[rest].tolist()
-        lookup = {s: len(distinct) + i for i, s in enumerate(dict.fromkeys(others))}
-        if len(lookup) > _MAX_DISTINCT:
-            return None
-        distinct += list(lookup)
-        codes[rest] = [lookup[s] for s in others]
-    if not all(type(s) is str and not _CSV_SPECIAL.search(s) for s in distinct):
+    codes, distinct = found
+    if _CSV_SPECIAL.search("".join(distinct)):
         return None
     encoded = [(before + s + after).encode("utf-8", _LONE) for s in distinct]
     long = np.array([len(e) > _SHORT for e in encoded])

@@ -18,7 +18,7 @@ from typing import IO, Any
 import numpy as np
 
 from .._errors import InputError, OutputError
-from ._csvtext import _csv_text
+from ._csvtext import _csv_text, text_codes
 
 __all__ = ["ResultWriter", "open_writer", "run_attrs", "OUTPUT_FORMATS", "columns_for"]
 
@@ -73,6 +73,10 @@ def _encode(values: Any) -> np.ndarray:
     if arr.dtype.kind in "iu":
         return arr.astype("S")  # digits: the same text as str(), without a Python loop
     if arr.dtype.kind in "OU":
+        found = text_codes(arr.ravel())  # labels and statuses: a few distinct texts, each encoded once
+        if found is not None:
+            codes, distinct = found
+            return np.array([s.encode("utf-8") for s in distinct] or [b""], dtype="S")[codes].reshape(arr.shape)
         return np.asarray([str(v).encode("utf-8") for v in arr.tolist()], dtype="S")
     return np.asarray([str(v).encode("utf-8") for v in arr], dtype="S")  # numpy's own str(), as in the CSV
 
