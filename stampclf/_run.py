@@ -104,15 +104,17 @@ def read_path_list(source: str) -> list[str]:
     Blank lines and lines starting with ``#`` are skipped; surrounding spaces are
     stripped. For more inputs than a command line holds (``find night/ -name '*.avro'``).
     """
+    # a name that is not UTF-8 (Linux names are bytes) is read as os.fsdecode reads it, and opens
     if source == "-":
-        lines = sys.stdin.read().splitlines()
+        stdin = getattr(sys.stdin, "buffer", None)
+        lines = (stdin.read().decode("utf-8", "surrogateescape") if stdin else sys.stdin.read()).splitlines()
     else:
         try:
-            with open(source, encoding="utf-8") as fh:
+            with open(source, encoding="utf-8", errors="surrogateescape") as fh:
                 lines = fh.read().splitlines()
         except FileNotFoundError:
             raise InputError(f"--files-from {source}: file does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
+        except OSError as exc:
             raise InputError(f"--files-from {source}: cannot read the list ({exc})") from None
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 

@@ -615,6 +615,23 @@ def test_numpy_scalars_and_empty_inputs_are_ordinary_values(tiny_model_path: Pat
         clf.evaluate(clf.classify_file([path, unlabelled]))
 
 
+def test_a_file_name_that_is_not_utf8_is_written_as_its_bytes(tiny_model_path: Path, tmp_path: Path) -> None:
+    """Linux names are bytes: the CSV file and the HDF5 column name the input as the file system does."""
+    raw = bytes(tmp_path) + b"/st\xffamps.h5"
+    name = os.fsdecode(raw)
+    write_hits_h5(Path(name), 3)
+    listing = tmp_path / "inputs.txt"
+    listing.write_bytes(raw + b"\n")  # as `find` writes it
+    for out in (tmp_path / "o.csv", tmp_path / "o.h5"):
+        r = runner.invoke(app, ["classify", "--files-from", str(listing), "-m", str(tiny_model_path), "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        if out.suffix == ".csv":
+            assert [line.rsplit(b",", 1)[1] for line in out.read_bytes().splitlines()[1:]] == [raw] * 3
+        else:
+            with h5py.File(out) as h5:
+                assert h5["file"][:].tolist() == [raw] * 3
+
+
 def test_concat_keeps_every_parts_extra_columns(tiny_model_path: Path) -> None:
     from stampclf import Predictions
 

@@ -67,6 +67,16 @@ def _integer_ids(ids: Any) -> np.ndarray | None:
     return None
 
 
+# Text is UTF-8. A file name that is not (Linux names are bytes) comes as lone surrogates
+# (os.fsdecode) and is written as its own bytes, as on stdout: a CSV file and an HDF5
+# column name the input the way the file system does
+_TEXT: dict[str, str] = {"encoding": "utf-8", "errors": "surrogateescape"}
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode(**_TEXT)
+
+
 def _encode(values: Any) -> np.ndarray:
     """UTF-8 bytes (numpy ``S``) of ``str(v)`` for each value."""
     arr = np.asarray(values)
@@ -76,9 +86,9 @@ def _encode(values: Any) -> np.ndarray:
         found = text_codes(arr.ravel())  # labels and statuses: a few distinct texts, each encoded once
         if found is not None:
             codes, distinct = found
-            return np.array([s.encode("utf-8") for s in distinct] or [b""], dtype="S")[codes].reshape(arr.shape)
-        return np.asarray([str(v).encode("utf-8") for v in arr.tolist()], dtype="S")
-    return np.asarray([str(v).encode("utf-8") for v in arr], dtype="S")  # numpy's own str(), as in the CSV
+            return np.array([_utf8(s) for s in distinct] or [b""], dtype="S")[codes].reshape(arr.shape)
+        return np.asarray([_utf8(str(v)) for v in arr.tolist()], dtype="S")
+    return np.asarray([_utf8(str(v)) for v in arr], dtype="S")  # numpy's own str(), as in the CSV
 
 
 def _os_reason(exc: BaseException) -> str:
@@ -171,7 +181,7 @@ class ResultWriter:
         try:
             if self.format == "csv":
                 self._fh = (
-                    open(self._tmp, "w", newline="") if self._tmp  # noqa: SIM115 - closed by commit/abort
+                    open(self._tmp, "w", newline="", **_TEXT) if self._tmp  # noqa: SIM115 - closed by commit/abort
                     else open(os.devnull, "w") if self._devnull  # noqa: SIM115
                     else sys.stdout
                 )
@@ -313,8 +323,8 @@ class ResultWriter:
             if n == 0:
                 return
             # constant columns are encoded once and broadcast
-            const = [np.array(v.encode("utf-8")) for v in (self.model, self.version)]
-            per_file = np.array(file.encode("utf-8")) if isinstance(file, str) else _encode(files)
+            const = [np.array(_utf8(v)) for v in (self.model, self.version)]
+            per_file = np.array(_utf8(file)) if isinstance(file, str) else _encode(files)
             self._write_ids(ids)
             texts = [*map(_encode, (labels, status)), *const, per_file]
             for name, values in zip(self._text_columns[1:], [*texts, *map(_encode, more)], strict=True):
