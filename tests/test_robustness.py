@@ -758,7 +758,7 @@ def test_keep_going_drops_rows_of_a_file_that_fails_half_way(
     half = write_hits_h5(tmp_path / "half.h5", 10, seed=2)
     b = write_hits_h5(tmp_path / "b.h5", 3, seed=3)
     # every dataset, ids too: nothing of rows 4-7 can be reported
-    _fail_row_reads(monkeypatch, lambda ds, rows: ds.file.filename == str(half) and rows.start == 4,
+    _fail_row_reads(monkeypatch, lambda ds, rows: ds.file.filename == str(half) and (rows.start or 0) < 8 and (rows.stop or 10) > 4,
                     "Can't read data (truncated file)")  # fmt: skip
     for out in (tmp_path / "out.csv", tmp_path / "out.h5"):
         result = run_cli(
@@ -812,6 +812,49 @@ def test_keep_going_keeps_the_readable_rows_of_a_damaged_file(tmp_path: Path, ti
     ref = Classifier(tiny_model_path, device="cpu").classify(x[:20])
     np.testing.assert_allclose([float(r["p_real"]) for r in rows[:20]], ref.proba[:, 1], atol=1e-6)
     assert "failed 10" in stderr_of(result)
+
+
+@pytest.mark.parametrize("layout", ["chunked", "contiguous"])
+def test_keep_going_salvages_a_read_error_of_the_direct_reads(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """Uncompressed stamps are read with os.preadv, not h5py: an I/O error there fails only its rows too
+    (a chunk; contiguous stamps, the rows themselves, found by halves)."""
+    import errno
+
+    from stampclf.io import _hdf5
+
+    x = make_stamps(40, seed=7)
+    path = write_hits_h5(tmp_path / f"{layout}.h5", stamps=x, ids=np.arange(100, 140),
+                         chunks=(10, 21, 21) if layout == "chunked" else None)  # fmt: skip
+    with h5py.File(path) as f:
+        ds = f["diff_images"]
+        start = ds.id.get_chunk_info(2).byte_offset if layout == "chunked" else ds.id.get_offset() + 20 * 21 * 21 * 4
+    bad = (start, start + 10 * 21 * 21 * 4)  # the bytes of rows 20-29 of one channel
+    real, reads = os.preadv, []
+
+    def preadv(fd: int, bufs: list[memoryview], offset: int) -> int:
+        reads.append(offset)
+        if offset < bad[1] and bad[0] < offset + sum(len(b) for b in bufs):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(_hdf5.os, "preadv", preadv)
+    out = tmp_path / "out.csv"
+    result = run_cli("classify", path, "-o", out, "--model", tiny_model_path, "--device", "cpu", "--batch-size", "16",
+                     "--keep-going")  # fmt: skip
+    assert reads, "the direct reads were not used"
+    assert result.exit_code == 2
+    [line] = error_lines(stderr_of(result))
+    assert line.startswith(f"stampclf: error: {path}: cannot read rows 20-29 of dataset 'diff_images'")
+    assert "Input/output error" in line
+    rows = read_csv(out)
+    assert [int(r["id"]) for r in rows] == list(range(100, 140))  # nothing dropped
+    failed = {i for i, r in enumerate(rows) if r["status"].startswith("failed: cannot read rows")}
+    assert set(range(20, 30)) == failed and all(rows[i]["label"] == "" for i in failed)
+    ok = [i for i in range(40) if i not in failed]
+    ref = Classifier(tiny_model_path, device="cpu").classify(x[ok])
+    np.testing.assert_allclose([float(rows[i]["p_real"]) for i in ok], ref.proba[:, 1], atol=1e-6)
 
 
 @pytest.mark.parametrize("chunk", [6, 0])  # rows printed before the damaged chunk; none

@@ -421,42 +421,71 @@ class HDF5Reader:
     def read_rows(self, start: int, stop: int) -> InputBatch:
         """`read_block`, or with `salvage` set, the block with its unreadable rows as failed rows.
 
-        The block is read again a chunk at a time so that only the rows of a damaged
-        chunk fail; each damaged range is recorded in `damaged`. Where the ids or
-        labels of those rows cannot be read either, the error stands.
+        The block is read again in pieces so that only damaged rows fail: a chunk at a
+        time, or for contiguous stamps, in halves down to the rows that fail. Each
+        damaged range is recorded in `damaged`. Where the ids or labels of those rows
+        cannot be read either, the error stands.
         """
         try:
             return self.read_block(start, stop)
-        except InputError:
+        except InputError as exc:
             if not self.salvage:
                 raise
-        # pieces that never straddle a chunk of any stamp dataset: boundaries on multiples of
-        # the gcd of their chunk lengths (a contiguous dataset has none)
+            error = exc
+        # chunked: pieces that never straddle a chunk of any stamp dataset, on multiples of the
+        # gcd of their chunk lengths; a damaged chunk is named whole, whatever rows were asked for
         chunked = math.gcd(*(d.chunks[0] for d in self._datasets if d.chunks))
-        step = chunked or (stop - start)
-        bounds = [start, *range((start // step + 1) * step, stop, step), stop]
+        pieces = self._chunk_pieces(start, stop, chunked) if chunked else self._halves(start, stop, error)
         out: InputBatch | None = None
-        for a, b in itertools.pairwise(bounds):
-            try:
-                part = self.read_block(a, b)
-            except InputError as exc:
-                error = exc
-                whole = (a - a % step, min(a - a % step + step, self.n_rows)) if chunked else (a, b)
-                if whole != (a, b):  # name the whole damaged range, whatever rows the caller asked for
-                    try:
-                        self.read_block(*whole)
-                    except InputError as wider:
-                        error = wider
-                if str(error) not in self.damaged:
-                    self.damaged.append(str(error))
-                reason = str(error).removeprefix(f"{self.path}: ")
+        for a, b, part in pieces:
+            if isinstance(part, InputError):
+                if str(part) not in self.damaged:
+                    self.damaged.append(str(part))
+                reason = str(part).removeprefix(f"{self.path}: ")
                 try:
                     part = self._batch(a, b, np.zeros((b - a, *self._row_shape), np.float32), reason)
                 except _H5_ERRORS:
-                    raise error from None
+                    raise part from None
             out = part if out is None else _join(out, part)
         assert out is not None
         return out
+
+    def _chunk_pieces(self, start: int, stop: int, step: int) -> list[tuple[int, int, InputBatch | InputError]]:
+        """Rows ``start:stop`` read *step* rows at a time; the error of a damaged piece names its whole chunk."""
+        bounds = [start, *range((start // step + 1) * step, stop, step), stop]
+        pieces: list[tuple[int, int, InputBatch | InputError]] = []
+        for a, b in itertools.pairwise(bounds):
+            try:
+                pieces.append((a, b, self.read_block(a, b)))
+            except InputError as exc:
+                whole = (a - a % step, min(a - a % step + step, self.n_rows))
+                pieces.append((a, b, self._error_of(*whole) if whole != (a, b) else exc))
+        return pieces
+
+    def _halves(self, start: int, stop: int, error: InputError) -> list[tuple[int, int, InputBatch | InputError]]:
+        """Rows ``start:stop`` (which failed with *error*), read in halves down to single failing rows;
+        failing rows next to each other become one piece, its error naming them all."""
+        if stop - start == 1:
+            return [(start, stop, error)]
+        pieces: list[tuple[int, int, InputBatch | InputError]] = []
+        for a, b in ((start, (start + stop) // 2), ((start + stop) // 2, stop)):
+            try:
+                pieces.append((a, b, self.read_block(a, b)))
+            except InputError as exc:
+                for piece in self._halves(a, b, exc):
+                    if pieces and isinstance(pieces[-1][2], InputError) and isinstance(piece[2], InputError):
+                        pieces[-1] = (pieces[-1][0], piece[1], self._error_of(pieces[-1][0], piece[1]))
+                    else:
+                        pieces.append(piece)
+        return pieces
+
+    def _error_of(self, start: int, stop: int) -> InputError:
+        """The error of reading rows ``start:stop`` (that failed in part): it names them all."""
+        try:
+            self.read_block(start, stop)
+        except InputError as exc:
+            return exc
+        raise AssertionError(f"rows {start}-{stop - 1} of {self.path} read after failing")  # pragma: no cover
 
     def block_rows(self, batch_size: int) -> int:
         """Rows per read: a multiple of the file's chunking, at least *batch_size*.
