@@ -470,6 +470,75 @@ def test_a_run_folder_is_replaced_only_with_force(tmp_path: Path, capsys: pytest
     assert all(Path(f["file"]).is_absolute() for f in report["data"]["files"].values())
 
 
+def _interrupt_in_the_second_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C at the second call of `predict_logits` (the second epoch's validation, after the
+    first epoch's resume.pt); every later call runs as usual."""
+    real, calls = train_mod.predict_logits, []
+
+    def predict(*a: object, **k: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "predict_logits", predict)
+
+
+def _resume_argv(tmp_path: Path, epochs: int) -> list[str]:
+    return ["--model", "hits", "--epochs", str(epochs), "--seed", "3", "--device", "cpu", "--set", "real_sn=none",
+            "--set", "data=" + ",".join(_own_data(tmp_path)), "--set", "batch_size=8"]
+
+
+def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # EMA on: its average and counter are part of the state, as are dropout's and the shuffling's generators
+    argv = [*_resume_argv(tmp_path, 3), "--set", "ema=0.5"]
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    assert train_mod.main([*argv, "--out", str(whole)]) == 0
+    assert not (whole / "resume.pt").exists()  # removed once the run is complete
+    _interrupt_in_the_second_epoch(monkeypatch)
+    capsys.readouterr()
+    assert train_mod.main([*argv, "--out", str(run)]) == 130
+    assert capsys.readouterr().err == f"train: interrupted; {run} holds epoch 1/3 in resume.pt: continue with --resume\n"
+    state = torch.load(run / "resume.pt", map_location="cpu", weights_only=True)  # no general pickle
+    assert state["epoch"] == 1 and len(state["history"]["val_loss"]) == 1 and not (run / "checkpoint.pt").exists()
+    assert train_mod.main([*argv, "--out", str(run), "--resume"]) == 0
+    assert f"[train] resuming after epoch 1/3 ({run / 'resume.pt'})\n" in capsys.readouterr().out
+    assert not (run / "resume.pt").exists()
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (whole, run))
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert torch.equal(a["temperature"], b["temperature"])
+    a, b = (json.loads((d / "report.json").read_text()) for d in (whole, run))
+    assert a["history"] == b["history"] and a["best_epoch"] == b["best_epoch"] and a["metrics"] == b["metrics"]
+    assert b["command"] == a["command"] and "--resume" not in b["command"]
+    assert b["train_seconds"] > state["seconds"]  # both parts
+
+
+def test_resume_mistakes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    argv = [*_resume_argv(tmp_path, 2), "--out", str(run)]
+
+    def refused(extra: list[str], message: str) -> None:
+        rc = train_mod.main([*argv, *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+    refused(["--resume"], f"--resume: {run / 'resume.pt'}: no such file")
+    refused(["--resume", "--force"], "--resume and --force: --resume continues the unfinished run in --out")
+    refused(["--resume", "--evaluate-only"], "--resume and --evaluate-only")
+    _interrupt_in_the_second_epoch(monkeypatch)
+    assert train_mod.main(argv) == 130 and "continue with --resume" in capsys.readouterr().err
+    refused([], f"--out {run}: holds an unfinished run (resume.pt); give --resume to continue it, --force")
+    refused(["--resume", "--epochs", "3"], f"--resume: epochs is 3 here but 2 in {run / 'resume.pt'}")
+    refused(["--resume", "--set", "lr=0.01"], "--resume: recipe.lr is 0.01 here but 0.003 in")
+    refused(["--resume", "--set", "ema=0.5"], "--resume: recipe.ema is 0.5 here but not set in")
+    assert torch.load(run / "resume.pt", weights_only=True)["epoch"] == 1  # left as it was
+    assert train_mod.main([*argv, "--resume", "--set", "workers=1"]) == 0  # speed only: the same run
+
+
 def test_export_under_another_name_from_the_checkpoint_alone(trained: dict[str, Path], tmp_path: Path) -> None:
     rc = export_mod.main(["--checkpoint", str(trained["run"] / "checkpoint.pt"), "--name", "hits-mine",
                           "--out", str(tmp_path)])  # --model read from the run's report.json

@@ -6,10 +6,18 @@ Usage
 
     python train/train.py --model cifar10 --evaluate-only   # re-evaluate runs/cifar10 after a TTA change
 
+    python train/train.py --model galaxy --resume   # continue the interrupted run in runs/galaxy
+
 Writes ``<out>/checkpoint.pt`` (a plain state dict, loaded with ``weights_only=True``),
 ``<out>/report.json`` (history, validation and test metrics, calibration, operating
 points, provenance, the exact command) and PNG figures: learning curves, confusion
 matrix and ROC curve.
+
+After every epoch the run's state (weights, optimizer, schedule, EMA, random number
+generators, history, best epoch) is written to ``<out>/resume.pt``, removed when the run
+finishes. ``--resume`` with the interrupted run's command continues from it to the same
+weights as an uninterrupted run; another seed, recipe, epoch count, device type or data is
+refused, naming the first difference.
 
 Recipe keys (the registry's ``recipe``, each overridable with ``--set``): ``epochs``,
 ``batch_size``, ``optimizer`` (``adamw`` | ``sgd``: Nesterov), ``lr`` (one-cycle peak),
@@ -30,6 +38,7 @@ import difflib
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import shlex
@@ -56,7 +65,10 @@ from train.registry import SIZE_RANGE, ModelSpec, create_model, get_spec, list_m
 
 __all__ = ["train", "main", "predict_logits", "fit_temperature", "reproduce_command", "check_options", "OptionError",
            "parse_options", "one_class_note", "check_device", "json_safe",
-           "valid_keys", "NO_EFFECT_KEYS", "TRAIN_KEYS", "DEFAULT_EPOCHS"]
+           "valid_keys", "NO_EFFECT_KEYS", "TRAIN_KEYS", "DEFAULT_EPOCHS", "RESUME_FILE"]
+
+#: the state of an unfinished run in its ``--out``, written after every epoch (``--resume``)
+RESUME_FILE = "resume.pt"
 
 
 def seed_everything(seed: int) -> None:
@@ -177,11 +189,95 @@ def _ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor
     return update
 
 
+def _resume_state(out: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The saved state of the unfinished run in *out* with ``--resume``; None without.
+
+    Without ``--resume`` (or ``--force``) an unfinished run is refused: the new run would
+    overwrite its state after its first epoch.
+    """
+    path = out / RESUME_FILE
+    if not args.resume:
+        if path.exists() and not args.force:
+            raise ValueError(f"--out {out}: holds an unfinished run ({RESUME_FILE}); give --resume to continue it, "
+                             "--force to start it again, or another --out")
+        return None
+    if not path.is_file():
+        raise ValueError(f"--resume: {path}: no such file (no interrupted run to continue in --out {out})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
+        raise ValueError(f"--resume: {path}: not a readable run state ({exc})") from None
+
+
+def _split_digests(provenance: dict[str, Any]) -> dict[str, str]:
+    """The sha256 of each split: image sets' file lists (decoded pixels may differ by a Pillow
+    version), stamps' arrays."""
+    return provenance.get("file_lists_sha256" if "file_lists_sha256" in provenance else "sha256", {})
+
+
+def _fingerprint(spec: ModelSpec, args: argparse.Namespace, epochs: int, recipe: dict[str, Any],
+                 data: DataBundle) -> dict[str, str]:
+    """What a resumed run must share with the interrupted one to train the same weights, as JSON by key.
+
+    The speed-only keys (`NO_EFFECT_KEYS`, ``workers``) and the data's paths are left out: a
+    pre-empted job may resume on another node, with another cache or the files elsewhere
+    (their content is compared, ``data.*``).
+    """
+    skip = {*NO_EFFECT_KEYS, "workers", "epochs", "data", "root"}
+    items = {"model": spec.name, "seed": args.seed, "epochs": epochs, "device": torch.device(args.device).type,
+             **{f"recipe.{k}": v for k, v in sorted(recipe.items()) if k not in skip},
+             **{f"data.{k}.rows": len(getattr(data, k)) for k in ("train", "val", "test")},
+             **{f"data.{k}.sha256": v for k, v in sorted(_split_digests(data.provenance).items())}}
+    return {k: json.dumps(v, sort_keys=True, default=str) for k, v in items.items()}
+
+
+def _check_fingerprint(saved: dict[str, str], now: dict[str, str], path: Path) -> None:
+    """Refuse to resume the run saved in *path* with other settings, naming the first difference."""
+    for key in dict.fromkeys([*saved, *now]):
+        if saved.get(key) != now.get(key):
+            raise ValueError(f"--resume: {key} is {now.get(key, 'not set')} here but {saved.get(key, 'not set')} in "
+                             f"{path}; give the interrupted run's command, or --force to start it again")
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write *state* to *path* through a temporary file: a killed job leaves the previous epoch's, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_states(device: str) -> dict[str, Any]:
+    """The random number generators the loop draws from besides its own *gen*: torch's (dropout).
+
+    numpy's and `random`'s are not saved: nothing in the loop draws from them (the
+    augmentations take *gen*; the data splits are drawn before it, from the seed).
+    """
+    cuda = torch.device(device).type == "cuda"  # dropout on the GPU draws from CUDA's generators
+    return {"torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None}
+
+
+def _restore(state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
+             sched: torch.optim.lr_scheduler.LRScheduler, ema: AveragedModel | None, gen: torch.Generator) -> None:
+    """Load the weights, optimizer, schedule, EMA and random number generators of a saved epoch (`RESUME_FILE`)."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if ema is not None:  # the fingerprint holds ema: saved exactly when it is on
+        ema.load_state_dict(state["ema"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None:  # the fingerprint holds the device type: saved exactly on cuda
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
 def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
     """Train *spec* and write checkpoint, report and figures to ``args.out``. Returns the report."""
-    out = Path(args.out or f"runs/{spec.name}")  # made when there is something to write (`finish`)
+    out = Path(args.out or f"runs/{spec.name}")  # made when there is something to write (an epoch's state)
     _check_out(out)  # now, not after hours of training
-    if (out / "checkpoint.pt").exists() and not args.force:  # a model exported from it would lose its report
+    saved = _resume_state(out, args)
+    # a model exported from it would lose its report; with a resume.pt, finish was interrupted: --resume redoes it
+    if (out / "checkpoint.pt").exists() and not args.force and saved is None:
         raise ValueError(f"--out {out}: holds a trained run already (checkpoint.pt); give --force to replace it, "
                          "or another --out")
     seed_everything(args.seed)
@@ -238,7 +334,17 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
     gen = torch.Generator().manual_seed(args.seed)
     history: dict[str, list[float]] = {"train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": [], "lr": []}
     best_loss, best_state, best_epoch = float("inf"), None, -1
-    for epoch in range(epochs):
+    recipe = {**{k: v for k, v in recipe.items() if k not in data.ignored}, "epochs": epochs}  # as the report says
+    fingerprint = _fingerprint(spec, args, epochs, recipe, data)
+    start, before = 0, 0.0  # epochs done and training seconds of the interrupted run
+    if saved is not None:
+        _check_fingerprint(saved["fingerprint"], fingerprint, out / RESUME_FILE)
+        _restore(saved, model, opt, sched, ema, gen)
+        history, best_loss, best_epoch, best_state = (saved[k] for k in ("history", "best_loss", "best_epoch", "best_state"))
+        start, before = saved["epoch"], saved["seconds"]
+        args.saved_epoch = f"{start}/{epochs}"
+        print(f"[train] resuming after epoch {start}/{epochs} ({out / RESUME_FILE})", flush=True)
+    for epoch in range(start, epochs):
         model.train()
         t0, tot, correct, loss_sum = time.time(), 0, 0, 0.0
         for x, y in _batches(data.train, bs, True, gen, workers):
@@ -274,12 +380,20 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
             best_state = {k: v.detach().clone().cpu() for k, v in evaluated.state_dict().items()}
         print(f"[train] epoch {epoch + 1}/{epochs} loss {loss_sum / tot:.4f} acc {correct / tot:.4f} "
               f"val_loss {vloss:.4f} val_acc {vacc:.4f} ({time.time() - t0:.0f} s)", flush=True)
+        _save_state(out / RESUME_FILE, {
+            "epoch": epoch + 1, "fingerprint": fingerprint, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "generator": gen.get_state(), **_rng_states(device), "history": history, "best_loss": best_loss,
+            "best_epoch": best_epoch, "best_state": best_state, "seconds": before + time.time() - t_start})
+        args.saved_epoch = f"{epoch + 1}/{epochs}"
     assert best_state is not None
     model.load_state_dict(best_state)
     run = {"history": history, "best_epoch": best_epoch + 1, "command": reproduce_command(_argv(args)),
-           "recipe": {**{k: v for k, v in recipe.items() if k not in data.ignored}, "epochs": epochs}, "device": device if device == "cpu" else
-           f"{device} ({torch.cuda.get_device_name(0)})", "train_seconds": time.time() - t_start}
-    return finish(spec, model, data, run, out, args, options)
+           "recipe": recipe, "device": device if device == "cpu" else
+           f"{device} ({torch.cuda.get_device_name(0)})", "train_seconds": before + time.time() - t_start}
+    report = finish(spec, model, data, run, out, args, options)
+    (out / RESUME_FILE).unlink(missing_ok=True)  # the run is complete: nothing left to resume
+    return report
 
 
 def finish(spec: ModelSpec, model: nn.Module, data: DataBundle, run: dict[str, Any], out: Path,
@@ -383,10 +497,7 @@ def evaluate_only(spec: ModelSpec, args: argparse.Namespace, options: dict[str, 
     options = {**old.get("options", {}), **options}
     spec = with_size(spec, options.get("size"))
     data = load_dataset(spec, options, args.seed)
-    # image sets: which files are in which split (decoded pixels may differ by a Pillow version);
-    # stamps: the arrays themselves
-    key = "file_lists_sha256" if "file_lists_sha256" in data.provenance else "sha256"
-    before, now = old.get("data", {}).get(key, {}), data.provenance.get(key, {})
+    before, now = _split_digests(old.get("data", {})), _split_digests(data.provenance)
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if changed:
         # other splits (files added or removed redraw them; another --set data= replaces them): the
@@ -585,6 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate-only", action="store_true",
                    help="do not train: re-evaluate <out>/checkpoint.pt with the model as registered now "
                         "(after a change to its test-time augmentation) and rewrite report and figures")
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue the interrupted run in --out from its {RESUME_FILE} (written after every epoch); "
+                        "give the run's command: it ends with the weights of an uninterrupted run")
     return p
 
 
@@ -682,7 +796,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
 def reproduce_command(argv: list[str]) -> str:
     """The training command for the card, without the options that cannot change the result.
 
-    ``--out`` (the export step reads the default ``runs/<model>``), ``--threads``, ``--force`` and the
+    ``--out`` (the export step reads the default ``runs/<model>``), ``--threads``, ``--force``, ``--resume`` and the
     ``--set`` keys in ``NO_EFFECT_KEYS`` (a scratch cache path means nothing on another
     machine) are left out; the files of ``--set data=``/``root=`` are made absolute (the
     command then works from the repository root, where it starts); everything else is kept
@@ -696,7 +810,7 @@ def reproduce_command(argv: list[str]) -> str:
         if flag in ("--out", "--threads"):
             i += 1 if eq else 2
             continue
-        if a in ("--debug", "--force"):
+        if a in ("--debug", "--force", "--resume"):
             i += 1
             continue
         if flag == "--set":
@@ -733,6 +847,10 @@ def main(argv: list[str] | None = None) -> int:
                 options[key] = _absolute(options[key])
         check_options(spec, options)
         check_device(args.device)
+        for other in ("force", "evaluate_only"):
+            if args.resume and getattr(args, other):  # continue a run, or replace / re-evaluate one
+                flag = "--" + other.replace("_", "-")
+                raise OptionError(f"--resume and {flag}: --resume continues the unfinished run in --out; give one")
     except OptionError as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 2
@@ -742,8 +860,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         out = args.out or f"runs/{spec.name}"
-        # the run folder is written only at the end: until then an interrupt leaves it as it was
-        state = "its contents may be partial: train again" if getattr(args, "writing", False) else "unchanged"
+        # the run folder is written only after an epoch (its state) and at the end: until then it is as it was
+        if getattr(args, "saved_epoch", None):
+            state = f"holds epoch {args.saved_epoch} in {RESUME_FILE}: continue with --resume"
+        else:
+            state = "its contents may be partial: train again" if getattr(args, "writing", False) else "unchanged"
         print(f"train: interrupted; {out} {state}", file=sys.stderr)
         return 130
     except (ValueError, KeyError, OSError) as exc:  # bad options or data: one line
