@@ -38,7 +38,7 @@ import difflib
 import json
 import math
 import os
-import pickle
+import pickle  # its UnpicklingError only: what torch.load(weights_only=True) raises
 import platform
 import random
 import shlex
