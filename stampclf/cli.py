@@ -108,7 +108,7 @@ def classify(
     ] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Shipped model name or path to an .onnx file.")] = "hits",
     batch_size: Annotated[
-        Optional[int], typer.Option("--batch-size", "-b", min=1, help="Rows per inference call (default: the model card's; 1024 for stamps).")
+        Optional[int], typer.Option("--batch-size", "-b", min=1, help="Rows per batch: read, inferred and written together (default: the model card's; 1024 for stamps). On CPU a batch runs in calls of at most 8 MB of input.")
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads (default: all allowed).")] = None,

@@ -1308,3 +1308,43 @@ def test_hits_card_mirror() -> None:
 
     for mine, theirs in ((HITS_INPUT, hits.HITS_INPUT), (HITS_PREPROCESSING, hits.HITS_PREPROCESSING)):
         assert {k: theirs[k] for k in mine} == mine
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_reading(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A huge --batch-size is one line naming the batch size and the memory, not the kernel's OOM kill."""
+    from stampclf import _session
+
+    path = write_hits_h5(tmp_path / "a.h5", 300)
+    out = tmp_path / "out.csv"
+    row = 3 * 4 * 4 * 21 * 21  # 3 copies of a float32 row of 4 x 21 x 21
+    monkeypatch.setattr(_session, "available_memory", lambda: 100 * row)
+    monkeypatch.setattr("stampclf.classifier.available_memory", _session.available_memory)
+    args = ["classify", path, "-o", out, "--model", tiny_model_path, "--device", "cpu"]
+    result = run_cli(*args, "--batch-size", "1000")
+    assert result.exit_code == 2 and not out.exists()
+    [line] = error_lines(stderr_of(result))
+    assert line.startswith(f"stampclf: error: batch size 1,000: 300 rows of {path} (4 x 21 x 21 float32 a row)")
+    assert "more than the 0.0 GiB of memory available" in line and "Traceback" not in stderr_of(result)
+    assert run_cli(*args, "--batch-size", "100").exit_code == 0 and len(read_csv(out)) == 300  # 100 rows fit
+
+
+def test_a_large_batch_on_cpu_is_run_in_calls_of_bounded_size(tiny_model_path: Path) -> None:
+    """ONNX Runtime's memory grows with the rows of a call: a CPU batch larger than a call's
+    bytes is several calls of `cpu_rows`, with the same results."""
+    from stampclf import _session
+
+    x = make_stamps(700, seed=3)
+    ref = Classifier(tiny_model_path, device="cpu", threads=1, batch_size=64).classify(x)
+    clf = Classifier(tiny_model_path, device="cpu", threads=1, batch_size=700)
+    runner = clf._runner_now()
+    calls: list[int] = []
+    real = runner.session.run
+    runner.session = type("Spy", (), {"run": lambda self, out, feed: calls.append(len(next(iter(feed.values()))))
+                                      or real(out, feed)})()  # fmt: skip
+    runner.cpu_rows = 256  # as `_CPU_CALL_BYTES` makes it for larger rows
+    got = clf.classify(x)
+    assert calls == [256, 256, 256]  # the tail padded to a call's rows: one shape
+    np.testing.assert_allclose(got.proba, ref.proba, atol=1e-6)
+    assert _session.BatchRunner(runner.info, 10**6, (4, 21, 21), 2).cpu_rows == _session._CPU_CALL_BYTES // (4 * 4 * 21 * 21)
