@@ -36,7 +36,7 @@ from ._errors import InputError, StampclfError, check_choice
 from ._registry import resolve_model
 from ._run import ROW_INPUTS, RunSummary, finish, row_errors, row_inputs, status_counts, unscored_input
 from .classifier import PREPS, Classifier, Predictions
-from .io import LAYOUTS, HDF5Reader, InputBatch, input_kind, open_inputs, open_writer, run_attrs
+from .io import LAYOUTS, HDF5Reader, InputBatch, input_kind, input_paths, open_inputs, open_writer, run_attrs
 
 __all__ = ["classify_dask", "predict_dask", "DEFAULT_CHUNK_ROWS"]
 
@@ -295,7 +295,7 @@ def classify_dask(
     client: Any,
     inputs: Any,
     model: str | os.PathLike[str] = "hits",
-    output: str | None = None,
+    output: str | os.PathLike[str] | None = None,
     *,
     batch_size: int | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
@@ -343,6 +343,7 @@ def classify_dask(
     if chunk_rows < 1:
         raise InputError(f"chunk_rows must be at least 1, got {chunk_rows}")
     check_choice("layout", layout, LAYOUTS)
+    output = None if output is None else os.fsdecode(output)
     t0 = time.perf_counter()
     card, sha, data = _load_model(client, model)
     threshold = resolve_threshold(card, threshold)  # before any task: every worker would fail the same way
@@ -354,7 +355,7 @@ def classify_dask(
         extra: tuple[str, ...] = ()
         n_paths: list[int] = []  # one input
     else:
-        paths = [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+        paths = input_paths(inputs)
         if not paths:
             raise InputError("no input files given")
         groups = open_inputs(paths, card, layout, channels_last, keep_going)

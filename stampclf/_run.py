@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from ._errors import InputError, OutputError, StampclfError, check_choice
 from .classifier import _NO_LABELS, Classifier, _positive_int, _why_no_labels
-from .io import LAYOUTS, open_inputs, open_writer, run_attrs
+from .io import LAYOUTS, input_paths, open_inputs, open_writer, run_attrs
 from .preprocess import OK
 
 __all__ = ["RunSummary", "classify_files", "Progress"]
@@ -130,8 +131,8 @@ def _check_output(output: str | None, paths: list[str]) -> None:
 
 def classify_files(
     clf: Classifier,
-    paths: list[str],
-    output: str | None = None,
+    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    output: str | os.PathLike[str] | None = None,
     batch_size: int | None = None,
     layout: str = "auto",
     channels_last: bool = False,
@@ -146,7 +147,8 @@ def classify_files(
     clf
         The classifier.
     paths
-        HDF5 files, image files or folders of images, classified in this order.
+        HDF5 files, image files or folders of images (or Avro alerts, FITS cut-outs),
+        classified in this order; one path or several.
     output
         ``.csv`` or ``.h5`` path; ``None`` or ``"-"`` for CSV on stdout.
     keep_going
@@ -165,6 +167,8 @@ def classify_files(
     progress
         Show a progress bar (default: when stderr is a terminal).
     """
+    paths = input_paths(paths)
+    output = None if output is None else os.fsdecode(output)
     if not paths:
         raise InputError("no input files given")
     check_choice("layout", layout, LAYOUTS)

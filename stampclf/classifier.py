@@ -17,7 +17,7 @@ from ._card import ModelCard, read_card, resolve_threshold
 from ._errors import DeviceError, InputError, ModelError, check_choice
 from ._registry import resolve_model, shadowing_notice
 from ._session import PRECISIONS, BatchRunner, available_memory, cpu_count, create_session, to_fp16
-from .io import InputBatch, open_inputs
+from .io import InputBatch, input_paths, open_inputs
 from .io._base import DUPLICATE_ID, duplicate_rows
 from .metrics import label_indices
 from .preprocess import (
@@ -823,7 +823,7 @@ class Classifier:
         if labels not in ("auto", "check", "skip"):  # checked now, not when the first batch is asked for
             raise InputError(f"labels={labels!r}: choose 'auto', 'check' or 'skip'")
         size = self.batch_size if batch_size is None else _positive_int("batch_size", batch_size)
-        paths = [os.fspath(p) for p in path] if isinstance(path, (list, tuple)) else [os.fspath(path)]
+        paths = input_paths(path)
         return self._classify_paths(paths, size, layout, channels_last, labels)
 
     def _classify_paths(

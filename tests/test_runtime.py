@@ -632,6 +632,21 @@ def test_a_file_name_that_is_not_utf8_is_written_as_its_bytes(tiny_model_path: P
                 assert h5["file"][:].tolist() == [raw] * 3
 
 
+def test_classify_files_takes_one_path_or_many_as_str_or_pathlike(tiny_model_path: Path, tmp_path: Path) -> None:
+    """As classify_file does: one str or Path, or a list or generator of them; anything else is one InputError."""
+    from stampclf import InputError, classify_files
+
+    a = write_hits_h5(tmp_path / "a.h5", 3)
+    clf = Classifier(tiny_model_path, device="cpu")
+    out = tmp_path / "o.csv"
+    for inputs in (str(a), a, [a], (p for p in [str(a)])):
+        out.unlink(missing_ok=True)
+        assert classify_files(clf, inputs, out, progress=False).rows == 3 and len(_rows(out.read_text())) == 3
+    for bad in (3, [a, None]):
+        with pytest.raises(InputError, match=r"input path (3|None): expected a file name"):
+            classify_files(clf, bad, out, progress=False)
+
+
 def test_concat_keeps_every_parts_extra_columns(tiny_model_path: Path) -> None:
     from stampclf import Predictions
 

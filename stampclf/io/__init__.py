@@ -28,6 +28,7 @@ __all__ = [
     "open_writer",
     "run_attrs",
     "open_inputs",
+    "input_paths",
     "LAYOUTS",
     "OUTPUT_FORMATS",
 ]
@@ -74,6 +75,19 @@ def input_kind(path: str) -> str:
         f"{path}: unknown input type (expected HDF5 stamps, Avro alerts, FITS cut-outs or an image: "
         f"{', '.join(sorted(IMAGE_SUFFIXES))})"
     )
+
+
+def input_paths(inputs: Any) -> list[str]:
+    """*inputs* (one path, or a list or other iterable of paths; ``str``, ``bytes`` or ``os.PathLike``) as str."""
+    items = [inputs] if isinstance(inputs, (str, bytes, os.PathLike)) else inputs
+    try:
+        items = list(items)
+    except TypeError:  # not iterable: refused below, by name
+        items = [inputs]
+    bad = [p for p in items if not isinstance(p, (str, bytes, os.PathLike))]
+    if bad:
+        raise InputError(f"input path {bad[0]!r}: expected a file name (str or os.PathLike), or a list of them")
+    return [os.fsdecode(p) for p in items]
 
 
 def open_inputs(
