@@ -1348,3 +1348,22 @@ def test_a_large_batch_on_cpu_is_run_in_calls_of_bounded_size(tiny_model_path: P
     assert calls == [256, 256, 256]  # the tail padded to a call's rows: one shape
     np.testing.assert_allclose(got.proba, ref.proba, atol=1e-6)
     assert _session.BatchRunner(runner.info, 10**6, (4, 21, 21), 2).cpu_rows == _session._CPU_CALL_BYTES // (4 * 4 * 21 * 21)
+
+
+@pytest.mark.skipif(os.environ.get("HDF5_USE_FILE_LOCKING", "").upper() == "FALSE", reason="HDF5 file locking is off")
+def test_a_file_another_process_is_writing_is_locked_not_corrupt(tmp_path: Path, tiny_model_path: Path) -> None:
+    path = write_hits_h5(tmp_path / "a.h5", 4)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import h5py, sys, time; f = h5py.File({str(path)!r}, 'a'); print('open', flush=True); "
+                               "sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        out = tmp_path / "out.csv"
+        result = run_cli("classify", path, "-o", out, "--model", tiny_model_path, "--device", "cpu")
+        assert result.exit_code == 2 and not out.exists()
+        [line] = error_lines(stderr_of(result))
+        assert line.startswith(f"stampclf: error: {path}: locked by another process that has it open for writing")
+    finally:
+        holder.communicate("")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import InputError
+from .._errors import InputError, open_failure
 from ._base import InputBatch
 from ._cutouts import canonical_channel, card_channels, cutouts_to_input, quiet_astropy
 
@@ -82,10 +82,8 @@ def _read_hdus(path: str) -> list[tuple[str, np.ndarray]]:
                 for hdu in hdul:
                     if hdu.is_image and hdu.data is not None:
                         out.append((str(hdu.header.get("EXTNAME", hdu.name or "")), np.asarray(hdu.data, np.float32)))
-    except FileNotFoundError:
-        raise InputError(f"{path}: file does not exist") from None
-    except PermissionError:
-        raise InputError(f"{path}: no permission to read") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise open_failure(path, exc) or InputError(f"{path}: cannot open") from None
     except Exception as exc:  # noqa: BLE001 - astropy raises many untyped errors on corrupt files
         raise InputError(f"{path}: corrupt FITS ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
     if not out:

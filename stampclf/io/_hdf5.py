@@ -49,6 +49,12 @@ def _open(path: str) -> Any:
         text = str(exc)
         if "signature" in text or "file signature" in text:
             raise InputError(f"{path}: not an HDF5 file") from None
+        if "unable to lock file" in text:  # HDF5's own lock: another process has it open to write
+            raise InputError(
+                f"{path}: locked by another process that has it open for writing (still being written?); "
+                "classify it once it is closed (HDF5_USE_FILE_LOCKING=FALSE reads it anyway, at the risk of "
+                "reading it half-written)"
+            ) from None
         raise InputError(f"{path}: cannot open as HDF5 (truncated or corrupt: {text})") from None
 
 
