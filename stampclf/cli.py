@@ -81,6 +81,15 @@ def _guard(fn: Callable[[], Any], printed: Callable[[], bool] = lambda: False) -
         signal.signal(signal.SIGTERM, previous)
 
 
+def _debug(value: bool) -> None:
+    if value:
+        _state["debug"] = True
+
+
+#: ``--debug`` after the command too (``stampclf classify x.h5 --debug``), as before it
+_Debug = Annotated[bool, typer.Option("--debug", callback=_debug, help="Show tracebacks on errors.")]
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"stampclf {__version__}")
@@ -140,6 +149,7 @@ def classify(
         typer.Option("--files-from", help="Also read input paths from this file, one per line ('-': standard "
                      "input; blank lines and lines starting with # skipped): more files than a command line holds."),
     ] = None,
+    debug: _Debug = False,
 ) -> None:
     """Classify stamps, images, Avro alerts or FITS cut-outs; one output row per input row, in input order."""
 
@@ -242,7 +252,7 @@ def _print_metrics(m: dict[str, Any]) -> None:
 
 
 @app.command()
-def models() -> None:
+def models(debug: _Debug = False) -> None:
     """List the shipped models with version, task and classes."""
 
     def run() -> int:
@@ -281,6 +291,7 @@ def info(
     model_opt: Annotated[
         Optional[str], typer.Option("--model", "-m", help="The same, as an option (as in classify and bench).")
     ] = None,
+    debug: _Debug = False,
 ) -> None:
     """Print a model's card (JSON)."""
 
@@ -313,6 +324,7 @@ def bench(
     prep: Annotated[
         str, typer.Option("--prep", help=_PREP_HELP)
     ] = "auto",
+    debug: _Debug = False,
 ) -> None:
     """Print rows/s: the model alone, classify in memory, and classify of an HDF5 file to CSV."""
 

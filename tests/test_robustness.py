@@ -476,11 +476,14 @@ def test_malformed_input_subprocess(name: str, tmp_path: Path, models: dict[str,
     assert leftovers(tmp_path, "out.csv") == []
 
 
-def test_debug_shows_traceback(tmp_path: Path, tiny_model_path: Path) -> None:
+@pytest.mark.parametrize("where", ["before the command", "after it"])
+def test_debug_shows_traceback(tmp_path: Path, tiny_model_path: Path, where: str) -> None:
     (tmp_path / "x.h5").write_text("not hdf5")
-    result = run_cli("--debug", "classify", str(tmp_path / "x.h5"), "--model", str(tiny_model_path), "--device", "cpu")
+    args = ["classify", str(tmp_path / "x.h5"), "--model", str(tiny_model_path), "--device", "cpu"]
+    result = run_cli(*(["--debug", *args] if where == "before the command" else [*args, "--debug"]))
     assert result.exit_code == 2
     assert "Traceback" in stderr_of(result)
+    assert "Traceback" not in stderr_of(run_cli(*args))  # and the next run without it has none
 
 
 def test_internal_error_is_exit_1_one_line(
