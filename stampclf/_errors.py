@@ -21,7 +21,7 @@ class InputError(StampclfError, ValueError):
 
 
 class OutputError(StampclfError):
-    """The output cannot be written: disk full, read-only file system (exit code 2)."""
+    """The output cannot be written: no such folder, no permission, disk full, read-only file system (exit code 2)."""
 
     exit_code = 2
 

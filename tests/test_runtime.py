@@ -192,7 +192,7 @@ def test_output_that_cannot_be_created_leaves_no_part_file(
 ) -> None:
     import builtins
 
-    from stampclf import InputError
+    from stampclf import OutputError
     from stampclf.io._writers import ResultWriter
 
     def refuse(*_a: object, **_k: object) -> None:
@@ -201,7 +201,7 @@ def test_output_that_cannot_be_created_leaves_no_part_file(
     monkeypatch.setattr(h5py, "File", refuse)
     monkeypatch.setattr(builtins, "open", refuse)
     out = tmp_path / f"o{suffix}"
-    with pytest.raises(InputError, match=rf"o\{suffix}: cannot create the output \(No locks available\)"):
+    with pytest.raises(OutputError, match=rf"o\{suffix}: cannot create the output \(No locks available\)"):
         ResultWriter(str(out), ["real", "bogus"], "hits", "1.1.0")
     assert list(tmp_path.iterdir()) == []
 

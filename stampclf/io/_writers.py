@@ -132,10 +132,10 @@ def _create_part(path: str, folder: str) -> str:
         except FileExistsError:
             continue
         except PermissionError:
-            raise InputError(f"{path}: no permission to write in {folder}") from None
+            raise OutputError(f"{path}: no permission to write in {folder}") from None
         except OSError as exc:
-            raise InputError(f"{path}: cannot write in {folder} ({_os_reason(exc)})") from None
-    raise InputError(f"{path}: cannot create a temporary file in {folder}")
+            raise OutputError(f"{path}: cannot write in {folder} ({_os_reason(exc)})") from None
+    raise OutputError(f"{path}: cannot create a temporary file in {folder}")
 
 
 def _format_of(path: str | None) -> str:
@@ -176,7 +176,7 @@ class ResultWriter:
         if self.path is not None:
             folder = os.path.dirname(os.path.abspath(self.path))
             if not os.path.isdir(folder):
-                raise InputError(f"{self.path}: output folder {folder} does not exist")
+                raise OutputError(f"{self.path}: output folder {folder} does not exist")
             self._tmp = _create_part(self.path, folder)
         try:
             if self.format == "csv":
@@ -195,7 +195,7 @@ class ResultWriter:
                 self._open_h5()
         except OSError as exc:  # e.g. no file locks on a network file system: no stray .part left
             self.abort()
-            raise InputError(f"{self.path}: cannot create the output ({_os_reason(exc)})") from None
+            raise OutputError(f"{self.path}: cannot create the output ({_os_reason(exc)})") from None
 
     def _write_header(self) -> None:
         global _stdout_writes
