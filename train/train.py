@@ -51,6 +51,9 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `train` and `stampclf` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from train import require_training_extra
+
+    require_training_extra("train.py")
 
 import numpy as np
 import torch
