@@ -428,7 +428,7 @@ class HDF5Reader:
         """`read_block`, or with `salvage` set, the block with its unreadable rows as failed rows.
 
         The block is read again in pieces so that only damaged rows fail: a chunk at a
-        time, or for contiguous stamps, in halves down to the rows that fail. Each
+        time, or for contiguous stamps, in halves down to pieces of `_SALVAGE_ROWS` rows. Each
         damaged range is recorded in `damaged`. Where the ids or labels of those rows
         cannot be read either, the error stands.
         """
@@ -469,9 +469,9 @@ class HDF5Reader:
         return pieces
 
     def _halves(self, start: int, stop: int, error: InputError) -> list[tuple[int, int, InputBatch | InputError]]:
-        """Rows ``start:stop`` (which failed with *error*), read in halves down to single failing rows;
-        failing rows next to each other become one piece, its error naming them all."""
-        if stop - start == 1:
+        """Rows ``start:stop`` (which failed with *error*), read in halves down to failing pieces of
+        `_SALVAGE_ROWS` rows; failing pieces next to each other become one, its error naming them all."""
+        if stop - start <= _SALVAGE_ROWS:
             return [(start, stop, error)]
         pieces: list[tuple[int, int, InputBatch | InputError]] = []
         for a, b in ((start, (start + stop) // 2), ((start + stop) // 2, stop)):
@@ -567,6 +567,12 @@ class HDF5Reader:
             os.close(self._fd)
         self._fd = None
         self._file.close()
+
+
+#: Rows of the smallest piece a contiguous block is halved down to when it fails (`read_rows`):
+#: a disk's bad sector then fails a few dozen rows, and a block that fails whole (its ids
+#: unreadable too) costs ~2 x rows / 16 reads, not ~4 x rows (each may be a slow I/O error)
+_SALVAGE_ROWS = 16
 
 
 def _row_bytes(ds: Any) -> int:
