@@ -861,6 +861,38 @@ def test_keep_going_salvages_a_read_error_of_the_direct_reads(
     np.testing.assert_allclose([float(rows[i]["p_real"]) for i in ok], ref.proba[:, 1], atol=1e-6)
 
 
+def test_salvage_of_a_contiguous_block_that_fails_whole_reads_it_a_few_times(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Halving a block whose every piece fails reads ~log2(rows / 16) times its bytes, not rows / 16 times."""
+    import errno
+
+    from stampclf.io import _hdf5
+
+    n, row = 1024, 21 * 21 * 4
+    path = write_hits_h5(tmp_path / "a.h5", stamps=make_stamps(n, seed=8), ids=np.arange(n))
+    with h5py.File(path) as f:
+        bad = f["diff_images"].id.get_offset()
+    real, asked = os.preadv, []
+
+    def preadv(fd: int, bufs: list[memoryview], offset: int) -> int:
+        size = sum(len(b) for b in bufs)
+        asked.append(size)
+        if offset < bad + n * row and bad < offset + size:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(_hdf5.os, "preadv", preadv)
+    reader = _hdf5.HDF5Reader(str(path), Classifier(tiny_model_path, device="cpu").card.input)
+    reader.salvage = True
+    batch = reader.read_rows(0, n)
+    assert len(batch.ids) == n and all(str(s).startswith("failed: cannot read rows 0-1023") for s in batch.status)
+    assert reader.damaged == [batch.status[0].removeprefix("failed: ").join([f"{path}: ", ""])]
+    # each attempt reads 3 channels (the 3rd fails): ~2 n / 16 attempts, each level of halves the block once
+    levels = (n // _hdf5._SALVAGE_ROWS).bit_length() + 1
+    assert len(asked) <= 3 * 2 * n // _hdf5._SALVAGE_ROWS and sum(asked) <= 3 * levels * n * row
+
+
 @pytest.mark.parametrize("chunk", [6, 0])  # rows printed before the damaged chunk; none
 def test_an_error_after_rows_went_to_stdout_says_the_csv_is_incomplete(
     tmp_path: Path, tiny_model_path: Path, chunk: int

@@ -470,7 +470,19 @@ class HDF5Reader:
 
     def _halves(self, start: int, stop: int, error: InputError) -> list[tuple[int, int, InputBatch | InputError]]:
         """Rows ``start:stop`` (which failed with *error*), read in halves down to failing pieces of
-        `_SALVAGE_ROWS` rows; failing pieces next to each other become one, its error naming them all."""
+        `_SALVAGE_ROWS` rows; failing pieces next to each other become one, its error naming them all
+        (one more read for each such run: never one per merge, which would read a block many times)."""
+        pieces = self._bisect(start, stop, error)
+        merged: list[tuple[int, int, InputBatch | InputError]] = []
+        for failed, run in itertools.groupby(pieces, key=lambda p: isinstance(p[2], InputError)):
+            group = list(run)
+            if failed and len(group) > 1:
+                a, b = group[0][0], group[-1][1]
+                group = [(a, b, self._error_of(a, b))]
+            merged += group
+        return merged
+
+    def _bisect(self, start: int, stop: int, error: InputError) -> list[tuple[int, int, InputBatch | InputError]]:
         if stop - start <= _SALVAGE_ROWS:
             return [(start, stop, error)]
         pieces: list[tuple[int, int, InputBatch | InputError]] = []
@@ -478,11 +490,7 @@ class HDF5Reader:
             try:
                 pieces.append((a, b, self.read_block(a, b)))
             except InputError as exc:
-                for piece in self._halves(a, b, exc):
-                    if pieces and isinstance(pieces[-1][2], InputError) and isinstance(piece[2], InputError):
-                        pieces[-1] = (pieces[-1][0], piece[1], self._error_of(pieces[-1][0], piece[1]))
-                    else:
-                        pieces.append(piece)
+                pieces += self._bisect(a, b, exc)
         return pieces
 
     def _error_of(self, start: int, stop: int) -> InputError:
