@@ -397,7 +397,17 @@ def test_interrupt_while_the_local_cluster_starts_closes_it() -> None:
         time.sleep(0.6)  # the cluster starting; Ctrl-C comes meanwhile
         return Fake()
 
-    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    def ctrl_c() -> None:  # once the workers are spawned (SIGINT ignored, then handled again): no fixed delay
+        seen, t0 = False, time.monotonic()
+        while time.monotonic() - t0 < 10:
+            ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            if not ignored and (seen or time.monotonic() - t0 > 0.15):  # (its short window may be missed)
+                break
+            seen |= ignored
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Thread(target=ctrl_c)
     before = signal.getsignal(signal.SIGINT)
     timer.start()
     with pytest.raises(KeyboardInterrupt):
