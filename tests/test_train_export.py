@@ -183,8 +183,9 @@ def test_card_command_keeps_only_what_changes_the_result() -> None:
 
     argv = ["--model", "hits", "--out", "/tmp/x/run", "--threads", "2", "--set", "cache=/tmp/c", "--seed", "3",
             "--set", "real_sn=none", "--threads=1", "--out=/tmp/y", "--set=decode_threads=8", "--set", "lr=0.1"]
-    assert reproduce_command(argv) == ("python train/train.py --model hits --seed 3 --set real_sn=none "
-                                       "--set lr=0.1")
+    # --threads stays: CPU kernels split their sums by thread, another count gives other weights
+    assert reproduce_command(argv) == ("python train/train.py --model hits --threads 2 --seed 3 --set real_sn=none "
+                                       "--threads=1 --set lr=0.1")
 
 
 def test_default_batch_size_keeps_largest_tensor_under_budget() -> None:
@@ -202,7 +203,7 @@ def test_export_cleans_old_card_commands() -> None:
     from train.export import canonical_command
 
     old = "python train/train.py --model galaxy --out /tmp/s9/run/galaxy --threads 2 --set cache=/x --set lr=0.1"
-    assert canonical_command(old) == "python train/train.py --model galaxy --set lr=0.1"
+    assert canonical_command(old) == "python train/train.py --model galaxy --threads 2 --set lr=0.1"
     assert canonical_command("bash benchmarks/gpu.sh --out x") == "bash benchmarks/gpu.sh --out x"
 
 
@@ -535,8 +536,41 @@ def test_resume_mistakes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
     refused(["--resume", "--epochs", "3"], f"--resume: epochs is 3 here but 2 in {run / 'resume.pt'}")
     refused(["--resume", "--set", "lr=0.01"], "--resume: recipe.lr is 0.01 here but 0.003 in")
     refused(["--resume", "--set", "ema=0.5"], "--resume: recipe.ema is 0.5 here but not set in")
+    threads = torch.get_num_threads()
+    try:  # CPU sums split by thread: another count gives other weights
+        refused(["--resume", "--threads", str(threads + 1)], f"--resume: threads is {threads + 1} here but {threads} in")
+    finally:
+        torch.set_num_threads(threads)
     assert torch.load(run / "resume.pt", weights_only=True)["epoch"] == 1  # left as it was
     assert train_mod.main([*argv, "--resume", "--set", "workers=1"]) == 0  # speed only: the same run
+    assert json.loads((run / "report.json").read_text())["threads"] == threads
+
+
+def test_ctrl_c_right_after_an_epoch_line_keeps_that_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The epoch's state is saved before its line is printed; a Ctrl-C while saving leaves no temporary file."""
+    import builtins
+
+    run = tmp_path / "run"
+    real_print = builtins.print
+
+    def ctrl_c_after_epoch_line(*a: object, **k: object) -> None:
+        real_print(*a, **k)
+        if a and str(a[0]).startswith("[train] epoch 1/"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(builtins, "print", ctrl_c_after_epoch_line)
+    assert train_mod.main([*_resume_argv(tmp_path, 2), "--out", str(run)]) == 130
+    assert "holds epoch 1/2 in resume.pt" in capsys.readouterr().err
+    assert torch.load(run / "resume.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(builtins, "print", real_print)
+    def half_saved(obj: object, f: Path) -> None:  # Ctrl-C half-way through writing the file
+        Path(f).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.torch, "save", half_saved)
+    assert train_mod.main([*_resume_argv(tmp_path, 2), "--out", str(run), "--resume"]) == 130
+    assert sorted(p.name for p in run.iterdir()) == ["resume.pt"]  # no resume.pt.<pid>.tmp left
 
 
 def test_export_under_another_name_from_the_checkpoint_alone(trained: dict[str, Path], tmp_path: Path) -> None:

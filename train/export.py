@@ -238,6 +238,7 @@ def build_card(spec: ModelSpec, report: dict[str, Any], weights_sha: str, versio
             "command": report["command"],
             "seed": report["seed"],
             "device": report.get("device", "cpu"),
+            **({"threads": report["threads"]} if "threads" in report else {}),
             "recipe": report.get("recipe", {}),
             "best_epoch": report.get("best_epoch"),
             "train_seconds": round(float(report.get("train_seconds", 0.0)), 1),

@@ -16,7 +16,7 @@ matrix and ROC curve.
 After every epoch the run's state (weights, optimizer, schedule, EMA, random number
 generators, history, best epoch) is written to ``<out>/resume.pt``, removed when the run
 finishes. ``--resume`` with the interrupted run's command continues from it to the same
-weights as an uninterrupted run; another seed, recipe, epoch count, device type or data is
+weights as an uninterrupted run; another seed, recipe, epoch count, device type, thread count or data is
 refused, naming the first difference.
 
 Recipe keys (the registry's ``recipe``, each overridable with ``--set``): ``epochs``,
@@ -228,6 +228,7 @@ def _fingerprint(spec: ModelSpec, args: argparse.Namespace, epochs: int, recipe:
     """
     skip = {*NO_EFFECT_KEYS, "workers", "epochs", "data", "root"}
     items = {"model": spec.name, "seed": args.seed, "epochs": epochs, "device": torch.device(args.device).type,
+             "threads": torch.get_num_threads(),  # another count gives other weights on the CPU
              **{f"recipe.{k}": v for k, v in sorted(recipe.items()) if k not in skip},
              **{f"data.{k}.rows": len(getattr(data, k)) for k in ("train", "val", "test")},
              **{f"data.{k}.sha256": v for k, v in sorted(_split_digests(data.provenance).items())}}
@@ -246,8 +247,12 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
     """Write *state* to *path* through a temporary file: a killed job leaves the previous epoch's, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk while saving: no stray temporary file
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _rng_states(device: str) -> dict[str, Any]:
@@ -381,19 +386,21 @@ def train(spec: ModelSpec, args: argparse.Namespace, options: dict[str, Any]) ->
         if vloss < best_loss:
             best_loss, best_epoch = vloss, epoch
             best_state = {k: v.detach().clone().cpu() for k, v in evaluated.state_dict().items()}
-        print(f"[train] epoch {epoch + 1}/{epochs} loss {loss_sum / tot:.4f} acc {correct / tot:.4f} "
-              f"val_loss {vloss:.4f} val_acc {vacc:.4f} ({time.time() - t0:.0f} s)", flush=True)
+        # saved before the epoch's line: a Ctrl-C seen after the line never loses the epoch
         _save_state(out / RESUME_FILE, {
             "epoch": epoch + 1, "fingerprint": fingerprint, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "generator": gen.get_state(), **_rng_states(device), "history": history, "best_loss": best_loss,
             "best_epoch": best_epoch, "best_state": best_state, "seconds": before + time.time() - t_start})
         args.saved_epoch = f"{epoch + 1}/{epochs}"
+        print(f"[train] epoch {epoch + 1}/{epochs} loss {loss_sum / tot:.4f} acc {correct / tot:.4f} "
+              f"val_loss {vloss:.4f} val_acc {vacc:.4f} ({time.time() - t0:.0f} s)", flush=True)
     assert best_state is not None
     model.load_state_dict(best_state)
     run = {"history": history, "best_epoch": best_epoch + 1, "command": reproduce_command(_argv(args)),
            "recipe": recipe, "device": device if device == "cpu" else
-           f"{device} ({torch.cuda.get_device_name(0)})", "train_seconds": before + time.time() - t_start}
+           f"{device} ({torch.cuda.get_device_name(0)})", "train_seconds": before + time.time() - t_start,
+           "threads": torch.get_num_threads()}
     report = finish(spec, model, data, run, out, args, options)
     (out / RESUME_FILE).unlink(missing_ok=True)  # the run is complete: nothing left to resume
     return report
@@ -446,6 +453,8 @@ def finish(spec: ModelSpec, model: nn.Module, data: DataBundle, run: dict[str, A
         **({"recipe_ignored": sorted(data.ignored)} if data.ignored else {}),
         "recipe": recipe,
         "device": run["device"],
+        # CPU kernels split their sums by thread: another thread count gives other weights
+        **({"threads": run["threads"]} if "threads" in run else {}),
         "best_epoch": run["best_epoch"],
         "history": history,
         "temperature": temperature,
@@ -799,7 +808,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
 def reproduce_command(argv: list[str]) -> str:
     """The training command for the card, without the options that cannot change the result.
 
-    ``--out`` (the export step reads the default ``runs/<model>``), ``--threads``, ``--force``, ``--resume`` and the
+    ``--out`` (the export step reads the default ``runs/<model>``), ``--force``, ``--resume`` and the
     ``--set`` keys in ``NO_EFFECT_KEYS`` (a scratch cache path means nothing on another
     machine) are left out; the files of ``--set data=``/``root=`` are made absolute (the
     command then works from the repository root, where it starts); everything else is kept
@@ -810,7 +819,7 @@ def reproduce_command(argv: list[str]) -> str:
     while i < len(argv):
         a = argv[i]
         flag, eq, value = a.partition("=")
-        if flag in ("--out", "--threads"):
+        if flag == "--out":
             i += 1 if eq else 2
             continue
         if a in ("--debug", "--force", "--resume"):
