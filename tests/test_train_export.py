@@ -765,3 +765,22 @@ def test_image_folder_run_report_is_strict_json_and_bad_augment_is_named(tmp_pat
 def test_report_json_has_no_nan() -> None:
     safe = train_mod.json_safe({"roc_auc": float("nan"), "x": [np.float32(1.5), np.int64(2)], "inf": np.inf})
     assert json.dumps(safe, allow_nan=False) == '{"roc_auc": null, "x": [1.5, 2], "inf": null}'
+
+
+def test_export_of_a_file_that_is_no_checkpoint_is_one_line(trained: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    for name, write, says in (
+        ("junk.pt", lambda p: p.write_bytes(b"\x80\x04not a torch file"), "not a readable checkpoint"),
+        ("resume.pt", lambda p: torch.save({"epoch": 1, "fingerprint": {}}, p), "an unfinished run's state; finish it"),
+    ):
+        run = tmp_path / name.removesuffix(".pt")
+        run.mkdir()
+        shutil.copy(trained["run"] / "report.json", run / "report.json")
+        write(run / name)
+        capsys.readouterr()
+        rc = export_mod.main(["--model", "hits", "--checkpoint", str(run / name), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"{run / name}: " in err and says in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import pickle  # its UnpicklingError only: what torch.load(weights_only=True) raises
 import platform
 import re
 import shlex
@@ -86,7 +87,13 @@ class Deployable(nn.Module):
 
 def load_trained(spec: ModelSpec, checkpoint: Path) -> Deployable:
     """Build the registered model and load a checkpoint written by ``train.py``."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as exc:  # cut short, or not torch's
+        raise ValueError(f"{checkpoint}: not a readable checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        hint = ": an unfinished run's state; finish it with train.py --resume" if isinstance(state, dict) and "fingerprint" in state else ""
+        raise ValueError(f"{checkpoint}: not a checkpoint written by train.py{hint}")
     net = create_model(spec.name, len(spec.classes))
     try:
         net.load_state_dict(state["state_dict"])
