@@ -255,7 +255,8 @@ class BatchRunner:
         self.output_name = self.session.get_outputs()[0].name
         self.row_shape = tuple(int(d) for d in row_shape)
         row_bytes = 4 * math.prod(self.row_shape)
-        self.cpu_rows = max(_MIN_PIECE, min(self.batch_size, _CPU_CALL_BYTES // max(row_bytes, 1)))  # rows a CPU call
+        # rows a CPU call: never more than a batch (a small batch is not padded up), at least a piece
+        self.cpu_rows = min(self.batch_size, max(_MIN_PIECE, _CPU_CALL_BYTES // max(row_bytes, 1)))
         self.n_out = int(n_out)
         self.device = info.device
         self._ort_device = "cuda" if self.device == "cuda" else "cpu"  # bound buffers live there (tests: the CPU)

@@ -1403,3 +1403,29 @@ def test_a_file_another_process_is_writing_is_locked_not_corrupt(tmp_path: Path,
         assert line.startswith(f"stampclf: error: {path}: locked by another process that has it open for writing")
     finally:
         holder.communicate("")
+
+
+@pytest.mark.parametrize("chunks", [None, (10, 21, 21)])
+def test_keep_going_survives_a_read_error_that_goes_away(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch, chunks: Any
+) -> None:
+    """An I/O error that does not come back when the rows are read again: no internal error, nothing dropped."""
+    import errno
+
+    from stampclf.io import _hdf5
+
+    path = write_hits_h5(tmp_path / "a.h5", stamps=make_stamps(64, seed=9), ids=np.arange(64), chunks=chunks)
+    real, calls = os.preadv, []
+
+    def preadv(fd: int, bufs: list[memoryview], offset: int) -> int:
+        calls.append(offset)
+        if len(calls) <= 4:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(_hdf5.os, "preadv", preadv)
+    out = tmp_path / "out.csv"
+    result = run_cli("classify", path, "-o", out, "--model", tiny_model_path, "--device", "cpu", "--batch-size", "32",
+                     "--keep-going")  # fmt: skip
+    assert result.exit_code in (0, 2) and "internal error" not in stderr_of(result), stderr_of(result)
+    assert [int(r["id"]) for r in read_csv(out)] == list(range(64))

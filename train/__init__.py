@@ -8,7 +8,7 @@ import importlib.util
 import sys
 
 #: what the training side imports beyond the runtime's requirements (the ``train`` extra)
-_EXTRA = ("torch", "onnx", "matplotlib")
+_EXTRA = ("torch", "onnx", "onnxscript", "matplotlib")
 
 
 def require_training_extra(prog: str) -> None:

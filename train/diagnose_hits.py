@@ -20,9 +20,6 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `train` and `stampclf` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from train import require_training_extra
-
-    require_training_extra("diagnose_hits.py")
 
 import numpy as np
 

@@ -34,9 +34,6 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `train` and `stampclf` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from train import require_training_extra
-
-    require_training_extra("evaluate_hits.py")
 
 import numpy as np
 

@@ -465,7 +465,7 @@ class HDF5Reader:
                 pieces.append((a, b, self.read_block(a, b)))
             except InputError as exc:
                 whole = (a - a % step, min(a - a % step + step, self.n_rows))
-                pieces.append((a, b, self._error_of(*whole) if whole != (a, b) else exc))
+                pieces.append((a, b, self._error_of(*whole, exc) if whole != (a, b) else exc))
         return pieces
 
     def _halves(self, start: int, stop: int, error: InputError) -> list[tuple[int, int, InputBatch | InputError]]:
@@ -478,7 +478,7 @@ class HDF5Reader:
             group = list(run)
             if failed and len(group) > 1:
                 a, b = group[0][0], group[-1][1]
-                group = [(a, b, self._error_of(a, b))]
+                group = [(a, b, self._error_of(a, b, group[0][2]))]  # type: ignore[arg-type]
             merged += group
         return merged
 
@@ -493,13 +493,14 @@ class HDF5Reader:
                 pieces += self._bisect(a, b, exc)
         return pieces
 
-    def _error_of(self, start: int, stop: int) -> InputError:
-        """The error of reading rows ``start:stop`` (that failed in part): it names them all."""
+    def _error_of(self, start: int, stop: int, first: InputError) -> InputError:
+        """The error of reading rows ``start:stop`` (that failed in part): it names them all; *first*
+        when they read this time (an error that came and went: its rows stay failed, as first seen)."""
         try:
             self.read_block(start, stop)
         except InputError as exc:
             return exc
-        raise AssertionError(f"rows {start}-{stop - 1} of {self.path} read after failing")  # pragma: no cover
+        return first
 
     def block_rows(self, batch_size: int) -> int:
         """Rows per read: a multiple of the file's chunking, at least *batch_size*.
