@@ -81,12 +81,13 @@ def _guard(fn: Callable[[], Any], printed: Callable[[], bool] = lambda: False) -
         signal.signal(signal.SIGTERM, previous)
 
 
-def _debug(value: bool) -> None:
+def _debug(value: bool) -> bool:
     if value:
         _state["debug"] = True
+    return value  # (a callback's return is the option's value)
 
 
-#: ``--debug`` after the command too (``stampclf classify x.h5 --debug``), as before it
+#: ``--debug``, before the command or after it (``stampclf classify x.h5 --debug``)
 _Debug = Annotated[bool, typer.Option("--debug", callback=_debug, help="Show tracebacks on errors.")]
 
 
@@ -101,9 +102,9 @@ def _root(
     version: Annotated[
         Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    debug: _Debug = False,
 ) -> None:
-    _state["debug"] = debug
+    _state["debug"] = debug  # reset: a run in this process (tests) must not inherit the last one's
 
 
 @app.command()

@@ -213,8 +213,8 @@ def test_the_writer_uses_numpy_for_a_large_batch(tmp_path, monkeypatch: pytest.M
     "case", ["labels", "statuses", "unicode", "numpy str", "many distinct", "not text", "mixed", "empty", "2-D"],
 )  # fmt: skip
 def test_hdf5_text_is_each_value_encoded(case: str) -> None:
-    """The HDF5 writer's text (`_encode`), looked up per distinct value, is ``str(v).encode()`` of every value."""
-    from stampclf.io._writers import _encode
+    """The HDF5 writer's text of labels and statuses (`_encode_few`), looked up per distinct value, is ``str(v).encode()`` of every value."""
+    from stampclf.io._writers import _encode_few
 
     rng = np.random.default_rng(len(case))
     pick = rng.integers(0, 3, 5000)
@@ -229,7 +229,7 @@ def test_hdf5_text_is_each_value_encoded(case: str) -> None:
         "empty": lambda: np.array([], object),
         "2-D": lambda: np.array(["x", "yy", "z"], object)[pick].reshape(50, 100),
     }[case]()
-    got = _encode(values, few=True)
+    got = _encode_few(values)
     expected = np.array([str(v).encode("utf-8") for v in values.ravel().tolist()] or [b""], dtype="S")[: values.size]
     assert got.dtype == expected.dtype and got.shape == values.shape
     assert got.ravel().tolist() == expected.tolist()

@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import os
-import pickle  # its UnpicklingError only: what torch.load(weights_only=True) raises
 import platform
 import re
 import shlex
@@ -52,7 +51,7 @@ import torch.nn as nn
 import stampclf
 from stampclf._card import CARD_KEY, ModelCard, graph_sha256, read_card, read_onnx_parts
 from train.registry import ModelSpec, create_model, get_spec, list_models, with_classes, with_size
-from train.train import DEFAULT_EPOCHS, NO_EFFECT_KEYS, json_safe, reproduce_command
+from train.train import DEFAULT_EPOCHS, NO_EFFECT_KEYS, json_safe, load_weights, reproduce_command
 
 __all__ = ["export", "main", "Deployable", "TOLERANCE", "EXPORTED", "card_version", "recipe_differences"]
 
@@ -87,10 +86,7 @@ class Deployable(nn.Module):
 
 def load_trained(spec: ModelSpec, checkpoint: Path) -> Deployable:
     """Build the registered model and load a checkpoint written by ``train.py``."""
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as exc:  # cut short, or not torch's
-        raise ValueError(f"{checkpoint}: not a readable checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    state = load_weights(checkpoint)
     if not isinstance(state, dict) or "state_dict" not in state:
         hint = ": an unfinished run's state; finish it with train.py --resume" if isinstance(state, dict) and "fingerprint" in state else ""
         raise ValueError(f"{checkpoint}: not a checkpoint written by train.py{hint}")

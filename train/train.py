@@ -68,7 +68,7 @@ from train.registry import SIZE_RANGE, ModelSpec, create_model, get_spec, list_m
 
 __all__ = ["train", "main", "predict_logits", "fit_temperature", "reproduce_command", "check_options", "OptionError",
            "parse_options", "one_class_note", "check_device", "json_safe",
-           "valid_keys", "NO_EFFECT_KEYS", "TRAIN_KEYS", "DEFAULT_EPOCHS", "RESUME_FILE"]
+           "valid_keys", "NO_EFFECT_KEYS", "TRAIN_KEYS", "DEFAULT_EPOCHS", "RESUME_FILE", "load_weights"]
 
 #: the state of an unfinished run in its ``--out``, written after every epoch (``--resume``)
 RESUME_FILE = "resume.pt"
@@ -206,10 +206,16 @@ def _resume_state(out: Path, args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     if not path.is_file():
         raise ValueError(f"--resume: {path}: no such file (no interrupted run to continue in --out {out})")
+    return load_weights(path, "--resume: ", "run state")
+
+
+def load_weights(path: Path, prefix: str = "", what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain values only, never general pickle;
+    a file cut short or not torch's is a `ValueError` naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
-        raise ValueError(f"--resume: {path}: not a readable run state ({exc})") from None
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as exc:
+        raise ValueError(f"{prefix}{path}: not a readable {what} ({str(exc).splitlines()[0][:160]})") from None
 
 
 def _split_digests(provenance: dict[str, Any]) -> dict[str, str]:

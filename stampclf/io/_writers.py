@@ -77,18 +77,24 @@ def _utf8(text: str) -> bytes:
     return text.encode(**_TEXT)
 
 
-def _encode(values: Any, few: bool = False) -> np.ndarray:
+def _encode(values: Any) -> np.ndarray:
     """UTF-8 bytes (numpy ``S``) of ``str(v)`` for each value."""
     arr = np.asarray(values)
     if arr.dtype.kind in "iu":
         return arr.astype("S")  # digits: the same text as str(), without a Python loop
-    if arr.dtype.kind in "OU" and few:
-        found = text_codes(arr.ravel())  # labels and statuses: a few distinct texts, each encoded once
-        if found is not None:
-            codes, distinct = found
-            return np.array([_utf8(s) for s in distinct] or [b""], dtype="S")[codes].reshape(arr.shape)
+    if arr.dtype.kind in "OU":
         return np.asarray([_utf8(str(v)) for v in arr.tolist()], dtype="S")
     return np.asarray([_utf8(str(v)) for v in arr], dtype="S")  # numpy's own str(), as in the CSV
+
+
+def _encode_few(values: Any) -> np.ndarray:
+    """`_encode` of labels or statuses (a few distinct texts): each distinct text encoded once."""
+    arr = np.asarray(values)
+    found = text_codes(arr.ravel()) if arr.dtype.kind in "OU" else None
+    if found is None:
+        return _encode(arr)
+    codes, distinct = found
+    return np.array([_utf8(s) for s in distinct] or [b""], dtype="S")[codes].reshape(arr.shape)
 
 
 def _os_reason(exc: BaseException) -> str:
@@ -326,7 +332,7 @@ class ResultWriter:
             const = [np.array(_utf8(v)) for v in (self.model, self.version)]
             per_file = np.array(_utf8(file)) if isinstance(file, str) else _encode(files)
             self._write_ids(ids)
-            texts = [_encode(labels, few=True), _encode(status, few=True), *const, per_file]
+            texts = [_encode_few(labels), _encode_few(status), *const, per_file]
             for name, values in zip(self._text_columns[1:], [*texts, *map(_encode, more)], strict=True):
                 self._write_text(name, np.broadcast_to(values, (n,)))
             for k, ds in enumerate(self._proba):
